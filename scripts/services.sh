@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Starts the local services the watcher talks to, on loopback, if they are not running:
+# libvirtd (qemu:///system), RabbitMQ (127.0.0.1:5672) and a SeaweedFS S3 server
+# (127.0.0.1:8333). There is no systemd here, so daemons are started directly.
+# Prints the S3 credentials it uses as shell assignments on request (--env).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+S3_DIR=${LVW_S3_DIR:-/var/tmp/libvirt-volume-watcher-s3}
+S3_PORT=${LVW_S3_PORT:-8333}
+export AWS_ACCESS_KEY_ID=${LVW_S3_ACCESS_KEY:-watcher}
+export AWS_SECRET_ACCESS_KEY=${LVW_S3_SECRET_KEY:-watcher-secret}
+
+wait_for() {  # wait_for SECONDS WHAT COMMAND...
+  local limit=$1 what=$2; shift 2
+  for _ in $(seq $((limit * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "services: $what did not come up within ${limit}s" >&2; return 1
+}
+
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  echo "services: starting libvirtd"
+  # Debian's unit normally creates these; without systemd we do.
+  mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  # A libvirtd that is still exiting holds its pid file; retry until one stays up.
+  for _ in 1 2 3 4 5; do
+    libvirtd -d 2>/dev/null || true
+    wait_for 6 libvirtd virsh -c qemu:///system version 2>/dev/null && break
+  done
+  wait_for 30 libvirtd virsh -c qemu:///system version
+fi
+
+if ! rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; then
+  if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    echo "services: starting RabbitMQ"
+    rabbitmq-server -detached || true
+    wait_for 60 RabbitMQ bash -c '(exec 3<>/dev/tcp/127.0.0.1/5672)'
+  fi
+fi
+rabbitmqctl await_startup >/dev/null 2>&1 || true
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null; then
+  echo "services: starting the S3 server on 127.0.0.1:$S3_PORT ($S3_DIR)"
+  mkdir -p "$S3_DIR"
+  nohup .venv/bin/weed mini -dir="$S3_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -s3.port="$S3_PORT" -admin.ui=false >"$S3_DIR.log" 2>&1 </dev/null &
+  wait_for 60 "the S3 server" bash -c "(exec 3<>/dev/tcp/127.0.0.1/$S3_PORT)"
+  # The port opens before the filer behind it is ready; wait for a real answer.
+  wait_for 60 "the S3 server" curl -fsS -o /dev/null "http://127.0.0.1:$S3_PORT/healthz" \
+    || wait_for 30 "the S3 server" .venv/bin/python - <<PY
+from minio import Minio
+Minio("127.0.0.1:$S3_PORT", "$AWS_ACCESS_KEY_ID", "$AWS_SECRET_ACCESS_KEY", secure=False).list_buckets()
+PY
+fi
+
+if [ "${1:-}" = "--env" ]; then
+  echo "LVW_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"
+  echo "LVW_S3_ACCESS_KEY=$AWS_ACCESS_KEY_ID"
+  echo "LVW_S3_SECRET_KEY=$AWS_SECRET_ACCESS_KEY"
+fi
+echo "services: libvirtd, RabbitMQ and S3 are up" >&2

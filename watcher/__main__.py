@@ -1,0 +1,5 @@
+"""Lets ``python -m watcher`` behave exactly like the console script."""
+
+from watcher.cli import main
+
+raise SystemExit(main())

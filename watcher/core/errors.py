@@ -1,0 +1,77 @@
+"""Error types shared by every floor.
+
+The split between permanent and temporary errors drives retries: a temporary error
+is retried with backoff, a permanent one is reported once and never retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class WatcherError(Exception):
+    """Base class of every error the watcher raises on purpose."""
+
+
+class PermanentError(WatcherError):
+    """Retrying cannot help: bad input, a corrupt or hostile image, a refused volume."""
+
+
+class TemporaryError(WatcherError):
+    """May succeed later: a network failure, a service that is down, a busy device."""
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem, located in a source file."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(PermanentError):
+    """The daemon config or a policy file is invalid; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems) or "invalid configuration")
+
+
+class MalformedEvent(PermanentError):
+    """A notification that cannot be parsed; it is dead-lettered, never retried."""
+
+
+class ImageRejected(PermanentError):
+    """An image failed verification or inspection and must never be cached or written.
+
+    ``reason`` is a short stable code used as a metrics label
+    (``checksum_mismatch``, ``backing_file``, ``format_mismatch``...).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SidecarUnavailable(WatcherError):
+    """The image's ``.sha256`` sidecar does not exist yet; its own event will retrigger."""
+
+
+class ImageWriteError(WatcherError):
+    """Writing an image onto a volume failed; says where, how and what qemu-img said."""
+
+    def __init__(self, device: str, exit_code: int | None, stderr: str, *, temporary: bool) -> None:
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+        super().__init__(f"writing {device} failed (exit {exit_code}): {detail}")
+        self.device = device
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.temporary = temporary

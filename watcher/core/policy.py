@@ -1,0 +1,95 @@
+"""The policy model: which images exist and which domains get which image.
+
+Policies are declarative YAML files an operator edits; this module holds the validated,
+immutable model and the pure questions asked of it (which rule matches a domain, which
+images an uploaded object belongs to). Parsing with line numbers lives in
+``watcher.core.policy_load``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ImageFormat = Literal["qcow2", "raw"]
+SIDECAR_SUFFIX = ".sha256"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image an operator publishes in a bucket."""
+
+    name: str
+    bucket: str
+    key: str | None
+    """Exact object key; exactly one of ``key`` and ``prefix`` is set."""
+    prefix: str | None
+    """The newest non-sidecar object under this prefix is the current version."""
+    format: ImageFormat
+    """Declared format; verified against the file before it is cached."""
+    checksum_required: bool = True
+    """Without a sidecar the image is refused; when False it is cached under its computed digest."""
+    origin: str = ""
+    """``file:line`` where the image was defined, for messages."""
+
+    def refers_to(self, bucket: str, key: str) -> bool:
+        """True when ``bucket/key`` is this image or one of its versions (sidecars excluded)."""
+        if bucket != self.bucket or key.endswith(SIDECAR_SUFFIX):
+            return False
+        if self.key is not None:
+            return key == self.key
+        assert self.prefix is not None
+        return key.startswith(self.prefix)
+
+    def refers_to_sidecar(self, bucket: str, key: str) -> bool:
+        """True when ``bucket/key`` is the checksum sidecar of a version of this image."""
+        return key.endswith(SIDECAR_SUFFIX) and self.refers_to(bucket, key[: -len(SIDECAR_SUFFIX)])
+
+
+@dataclass(frozen=True)
+class DomainRule:
+    """Maps domains (by name glob) to an image and says how their root disk is handled."""
+
+    match: str
+    image: str
+    root_disk: str | None = None
+    """Target dev (``vda``); None = the first ``<disk device='disk'>``."""
+    grow: bool = False
+    """Grow the volume to the image's virtual size when it is smaller."""
+    start: bool = False
+    """Start the domain after a successful reprovision."""
+    snapshot: int | None = None
+    """Size in bytes of an LVM rollback snapshot taken before writing; None = no snapshot."""
+    origin: str = ""
+
+    def matches(self, domain_name: str) -> bool:
+        return fnmatch.fnmatchcase(domain_name, self.match)
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Every policy file, merged; rules keep file order then in-file order."""
+
+    images: Mapping[str, ImageSpec] = field(default_factory=dict)
+    rules: tuple[DomainRule, ...] = ()
+
+    def rule_for(self, domain_name: str) -> DomainRule | None:
+        """The first rule whose glob matches the domain, or None."""
+        return next((r for r in self.rules if r.matches(domain_name)), None)
+
+    def images_for_object(self, bucket: str, key: str) -> list[ImageSpec]:
+        """Images for which ``bucket/key`` is a version or the sidecar of a version."""
+        return [
+            img for img in self.images.values()
+            if img.refers_to(bucket, key) or img.refers_to_sidecar(bucket, key)
+        ]
+
+    def images_to_keep_warm(self) -> list[ImageSpec]:
+        """Every defined image, in name order.
+
+        An image defined in a policy file is one this host expects to need, whether or not a
+        rule names it yet, so reconcile keeps all of them warm and eviction pins them all.
+        """
+        return [self.images[n] for n in sorted(self.images)]

@@ -1,0 +1,1 @@
+"""The long-running process: supervisor, signals, reconciling, observability."""
