@@ -1,0 +1,292 @@
+"""qemu-img, run safely: inspect images and write them onto volumes.
+
+qemu-img is the only program that parses untrusted image files, so it is never handed a
+file the pure header checks (``watcher.core.inspect``) have not accepted, always runs
+with an explicit ``-f`` (no format probing), with ``LC_ALL=C`` (stable messages), from
+argv lists (no shell), and ``qemu-img info`` runs under address-space and CPU limits so
+a crafted file cannot exhaust the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import resource
+import signal
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcher.core.errors import ImageRejected, ImageWriteError
+from watcher.core.inspect import HEADER_BYTES, ImageFacts, check_header, crosscheck
+from watcher.core.policy import ImageFormat
+
+QEMU_IMG = "qemu-img"
+_STDERR_KEEP = 64 * 1024
+"""Bytes of qemu-img's stderr kept for error messages; the tail holds the reason."""
+
+_TRANSIENT_MESSAGES = (
+    "Device or resource busy",
+    "Resource temporarily unavailable",
+    "EAGAIN",
+    "EBUSY",
+)
+"""qemu-img failures worth retrying: another opener briefly holds the device."""
+
+
+@dataclass(frozen=True)
+class QemuImgLimits:
+    """Resource limits for ``qemu-img info`` on an untrusted file."""
+
+    address_space: int = 1024**3
+    """Bytes of virtual memory (RLIMIT_AS); info on a sane image needs far less than 1 GiB."""
+    cpu_seconds: int = 30
+    """CPU seconds (RLIMIT_CPU) before the kernel stops the process; info takes milliseconds."""
+    wall_seconds: float = 120.0
+    """Wall-clock seconds before the process is killed, e.g. when storage hangs."""
+
+
+def _qemu_env() -> dict[str, str]:
+    return {**os.environ, "LC_ALL": "C"}
+
+
+def _limiter(limits: QemuImgLimits) -> Callable[[], None]:
+    """A pre-exec hook applying ``limits`` in the child; it only makes system calls."""
+    address_space = limits.address_space
+    cpu = limits.cpu_seconds
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+
+    return apply
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not finish"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+async def qemu_img_info(
+    path: Path, fmt: str, limits: QemuImgLimits = QemuImgLimits(),
+) -> dict[str, object]:
+    """Return ``qemu-img info --output=json`` for ``path`` read as ``fmt``.
+
+    A nonzero exit, a resource limit hit, a timeout or output that is not a JSON object
+    raises ``ImageRejected("qemu_img_failed", ...)``.
+    """
+    argv = [QEMU_IMG, "info", "-f", fmt, "--output=json", str(path)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_qemu_env(),
+        preexec_fn=_limiter(limits),
+    )
+    try:
+        async with asyncio.timeout(limits.wall_seconds):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        raise ImageRejected(
+            "qemu_img_failed",
+            f"qemu-img info on {path} did not finish within {limits.wall_seconds:g} s",
+        ) from None
+    finally:
+        await _reap(proc)
+    err = stderr.decode("utf-8", "replace").strip()
+    if proc.returncode != 0:
+        raise ImageRejected(
+            "qemu_img_failed",
+            f"qemu-img info on {path} {_describe_exit(proc.returncode)} "
+            f"(limits: {limits.address_space} bytes of memory, {limits.cpu_seconds} s of CPU): "
+            f"{err or 'no error output'}",
+        )
+    try:
+        info = json.loads(stdout)
+    except ValueError as exc:
+        raise ImageRejected(
+            "qemu_img_failed", f"qemu-img info on {path} printed invalid JSON: {exc}",
+        ) from None
+    if not isinstance(info, dict):
+        raise ImageRejected(
+            "qemu_img_failed", f"qemu-img info on {path} printed JSON that is not an object",
+        )
+    return info
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Make sure ``proc`` is gone: kill it if it still runs, then wait for it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await asyncio.shield(proc.wait())
+
+
+def _read_head(path: Path) -> tuple[bytes, int]:
+    """The first ``HEADER_BYTES`` of a regular file and its size.
+
+    O_NONBLOCK keeps a FIFO planted in place of an image from hanging the thread.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected("not_a_file", f"{path} is not a regular file")
+        return handle.read(HEADER_BYTES), info.st_size
+
+
+async def inspect_image_file(path: Path, declared_format: ImageFormat) -> ImageFacts:
+    """Check ``path``'s header, then ask qemu-img, then make sure both agree.
+
+    Raises ``ImageRejected`` when the image must not be trusted (reason ``not_a_file``
+    for anything but a regular file); qemu-img never sees a file whose header was refused.
+    """
+    head, size = await asyncio.to_thread(_read_head, path)
+    header = check_header(head, declared_format, size)
+    info = await qemu_img_info(path, declared_format)
+    return crosscheck(header, info, declared_format)
+
+
+def convert_argv(
+    source: Path,
+    source_format: str,
+    target: Path,
+    *,
+    target_is_block: bool,
+    direct_io: bool,
+    target_is_zero: bool = False,
+) -> list[str]:
+    """The ``qemu-img convert`` command writing ``source`` raw onto an existing ``target``.
+
+    ``-n`` because the target (a volume) already exists; ``-W`` lets a block device take
+    writes out of order, which is faster and harmless since nothing reads it meanwhile;
+    ``-t none`` bypasses the page cache when the target supports O_DIRECT.
+    """
+    argv = [QEMU_IMG, "convert", "-p", "-f", source_format, "-O", "raw", "-n"]
+    if target_is_block:
+        argv.append("-W")
+    argv += ["-t", "none" if direct_io else "writeback"]
+    if target_is_zero:
+        argv.append("--target-is-zero")
+    argv += [str(source), str(target)]
+    return argv
+
+
+def _probe_target(target: Path) -> tuple[bool, bool]:
+    """Whether ``target`` is a block device and whether it accepts O_DIRECT.
+
+    Opened read-only: closing a block device opened for writing makes udev rescan it.
+    A missing target reports (False, False); qemu-img then explains the failure.
+    """
+    try:
+        is_block = stat.S_ISBLK(os.stat(target).st_mode)
+    except OSError:
+        return False, False
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return is_block, False
+    os.close(fd)
+    return is_block, True
+
+
+def _fsync(target: Path) -> None:
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_transient(stderr: str) -> bool:
+    return any(message in stderr for message in _TRANSIENT_MESSAGES)
+
+
+async def _read_progress(
+    stream: asyncio.StreamReader, on_progress: Callable[[float], None] | None,
+) -> None:
+    """Parse ``-p`` output, ``    (12.34/100%)`` records separated by carriage returns."""
+    last = -1.0
+    buffer = b""
+    while chunk := await stream.read(4096):
+        buffer += chunk
+        *records, buffer = buffer.replace(b"\n", b"\r").split(b"\r")
+        for record in records:
+            text = record.strip().decode("ascii", "replace")
+            if not (text.startswith("(") and text.endswith("/100%)")):
+                continue
+            try:
+                percent = float(text[1:-len("/100%)")])
+            except ValueError:
+                continue
+            if percent > last and on_progress is not None:
+                last = percent
+                on_progress(percent)
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:]
+    return tail
+
+
+async def write_image(
+    source: Path,
+    source_format: str,
+    target: Path,
+    *,
+    target_is_zero: bool = False,
+    on_progress: Callable[[float], None] | None = None,
+) -> None:
+    """Write ``source`` onto the existing file or block device ``target`` as raw data.
+
+    ``on_progress`` receives increasing percentages. The data is flushed to stable
+    storage before returning. On failure raises ``ImageWriteError`` (``temporary`` for a
+    busy device); on cancellation qemu-img is killed and reaped before re-raising.
+    """
+    is_block, direct_io = await asyncio.to_thread(_probe_target, target)
+    argv = convert_argv(
+        source, source_format, target,
+        target_is_block=is_block, direct_io=direct_io, target_is_zero=target_is_zero,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_qemu_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        _, stderr_tail = await asyncio.gather(
+            _read_progress(proc.stdout, on_progress),
+            _read_tail(proc.stderr, _STDERR_KEEP),
+        )
+        await proc.wait()
+    finally:
+        await _reap(proc)
+    stderr = stderr_tail.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise ImageWriteError(
+            str(target), proc.returncode, stderr, temporary=_is_transient(stderr),
+        )
+    try:
+        await asyncio.to_thread(_fsync, target)
+    except OSError as exc:
+        raise ImageWriteError(
+            str(target), None, f"flushing {target} failed: {exc}",
+            temporary=exc.errno in (errno.EBUSY, errno.EAGAIN),
+        ) from exc
