@@ -1,0 +1,379 @@
+"""The bucket-event consumer against the real RabbitMQ: nothing is lost or stuck.
+
+Each test gets its own exchange and queue names and deletes them (with the dead-letter
+pair) afterwards, since other test runs share the broker. Only one test restarts the
+broker, and it restores it in a ``finally`` even when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import pytest
+
+from watcher.adapters.amqp import BucketEventConsumer
+from watcher.config import AmqpSettings
+from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
+
+pytestmark = pytest.mark.integration
+
+WAIT = 10.0
+"""Seconds any single expectation may take before the test fails."""
+
+
+class RecordingLog:
+    """Keeps every log call so tests can read what an operator would see."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.records.append(("info", event, fields))
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.records.append(("warning", event, fields))
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.records.append(("error", event, fields))
+
+    def events(self, level: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(event, fields) for lvl, event, fields in self.records if lvl == level]
+
+
+@dataclass(frozen=True)
+class Broker:
+    """What a test needs to talk to RabbitMQ on its own, beside the consumer."""
+
+    url: str
+    exchange: str
+    queue: str
+
+    @property
+    def settings(self) -> AmqpSettings:
+        return AmqpSettings(url=self.url, exchange=self.exchange, exchange_type="fanout",
+                            routing_key="", queue=self.queue, prefetch=8)
+
+    async def publish(self, body: bytes, *, message_id: str | None = None) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(self.exchange)
+            await exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 message_id=message_id),
+                routing_key="",
+            )
+
+    async def ready_count(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (not counting ones delivered but unacked)."""
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            count = declared.declaration_result.message_count
+            assert count is not None
+            return count
+
+    async def take(self, queue: str) -> tuple[bytes, bool]:
+        """Remove one message from ``queue``, waiting for it; returns (body, redelivered)."""
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                message = await declared.get(no_ack=True, fail=False)
+                if message is not None:
+                    return message.body, bool(message.redelivered)
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"no message arrived in {queue} within {WAIT}s")
+
+
+@pytest.fixture
+async def broker(services_env: dict[str, str], unique_name: str) -> AsyncIterator[Broker]:
+    broker = Broker(url=services_env["LVW_AMQP_URL"], exchange=f"lvw-test-events-{unique_name}",
+                    queue=f"lvw-test-{unique_name}")
+    yield broker
+    # A fresh connection: the test may have restarted the broker under the old ones.
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (broker.queue, f"{broker.queue}.dead"):
+            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+        for exchange in (broker.exchange, f"{broker.queue}.dlx"):
+            await channel.exchange_delete(exchange)
+
+
+Handler = Callable[[bytes, Mapping[str, object]], Awaitable[None]]
+
+
+@asynccontextmanager
+async def running(broker: Broker, handler: Handler, log: RecordingLog | None = None,
+                  ) -> AsyncIterator[BucketEventConsumer]:
+    consumer = BucketEventConsumer(broker.settings, handler, queue_name=broker.queue,
+                                   log=log or RecordingLog(), reconnect_interval=0.3)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop(drain_timeout=1.0)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting until {what}")
+        await asyncio.sleep(0.05)
+
+
+class Recorder:
+    """A handler that remembers bodies; bodies listed in ``fail_with`` raise instead."""
+
+    def __init__(self, fail_with: Mapping[bytes, Exception] | None = None) -> None:
+        self.handled: list[bytes] = []
+        self.fail_with = dict(fail_with or {})
+
+    async def __call__(self, body: bytes, headers: Mapping[str, object]) -> None:
+        if body in self.fail_with:
+            raise self.fail_with[body]
+        self.handled.append(body)
+
+
+# -- the ordinary path ---------------------------------------------------------------
+
+
+async def test_a_message_is_handed_to_the_handler_and_acked(broker: Broker) -> None:
+    recorder = Recorder()
+    async with running(broker, recorder) as consumer:
+        assert consumer.connected and consumer.consuming
+        assert consumer.last_message_at is None
+        await broker.publish(b'{"Records": []}')
+        await wait_until(lambda: recorder.handled == [b'{"Records": []}'], "the message is handled")
+        await wait_until(lambda: consumer.messages_in_flight == 0, "the handler task finishes")
+        assert consumer.last_message_at is not None
+    assert not consumer.consuming
+    # The consumer is closed: an unacked message would be back in the queue by now.
+    assert await broker.ready_count(broker.queue) == 0
+    assert await broker.ready_count(f"{broker.queue}.dead") == 0
+
+
+async def test_a_malformed_event_is_dead_lettered_and_the_next_message_still_handled(
+    broker: Broker,
+) -> None:
+    log = RecordingLog()
+    bad_body = b"not json " + b"x" * 300
+    recorder = Recorder(fail_with={bad_body: MalformedEvent("body is not JSON")})
+    async with running(broker, recorder, log):
+        await broker.publish(bad_body, message_id="bad-1")
+        await broker.publish(b"good")
+        await wait_until(lambda: recorder.handled == [b"good"], "the good message is handled")
+
+    body, _ = await broker.take(f"{broker.queue}.dead")
+    assert body == bad_body
+    assert await broker.ready_count(broker.queue) == 0
+    [(event, fields)] = log.events("error")
+    assert event == "amqp message dead-lettered"
+    assert fields["reason"] == "malformed"
+    assert fields["message_id"] == "bad-1"
+    assert fields["delivery_tag"] is not None
+    assert fields["body"] == bad_body[:200].decode()
+
+
+async def test_temporary_and_unexpected_failures_are_dead_lettered_too(broker: Broker) -> None:
+    log = RecordingLog()
+    recorder = Recorder(fail_with={b"slow s3": TemporaryError("S3 timed out"),
+                                   b"bug": KeyError("oops")})
+    async with running(broker, recorder, log) as consumer:
+        await broker.publish(b"slow s3")
+        await broker.publish(b"bug")
+        await wait_until(lambda: len(log.events("error")) == 2, "both failures are logged")
+        await wait_until(lambda: consumer.messages_in_flight == 0, "both are settled")
+
+    dead = {(await broker.take(f"{broker.queue}.dead"))[0] for _ in range(2)}
+    assert dead == {b"slow s3", b"bug"}
+    assert sorted(fields["reason"] for _, fields in log.events("error")) == [
+        "temporary", "unexpected"]
+
+
+async def test_messages_are_handled_concurrently(broker: Broker) -> None:
+    second_handled = asyncio.Event()
+    order: list[bytes] = []
+
+    async def handler(body: bytes, headers: Mapping[str, object]) -> None:
+        if body == b"first":
+            # Blocks until the second message was handled: proves they overlap.
+            await asyncio.wait_for(second_handled.wait(), WAIT)
+        else:
+            second_handled.set()
+        order.append(body)
+
+    async with running(broker, handler):
+        await broker.publish(b"first")
+        await broker.publish(b"second")
+        await wait_until(lambda: len(order) == 2, "both messages are handled")
+    assert order == [b"second", b"first"]
+
+
+async def test_messages_published_while_the_daemon_is_stopped_are_handled_after_start(
+    broker: Broker,
+) -> None:
+    recorder = Recorder()
+    async with running(broker, recorder):
+        pass  # the first run declares the durable queue
+    await broker.publish(b"while stopped")
+    assert await broker.ready_count(broker.queue) == 1
+    # A second run re-declares the same topology (idempotent) and drains the backlog.
+    async with running(broker, recorder):
+        await wait_until(lambda: recorder.handled == [b"while stopped"], "the backlog is handled")
+
+
+# -- shutdown and start-up -----------------------------------------------------------
+
+
+async def test_stop_requeues_a_message_whose_handler_is_still_running(broker: Broker) -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stuck(body: bytes, headers: Mapping[str, object]) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    consumer = BucketEventConsumer(broker.settings, stuck, queue_name=broker.queue,
+                                   log=RecordingLog())
+    await consumer.start()
+    try:
+        await broker.publish(b"in flight")
+        await asyncio.wait_for(started.wait(), WAIT)
+        assert consumer.messages_in_flight == 1
+    finally:
+        await consumer.stop(drain_timeout=0.2)
+    assert cancelled.is_set()
+    assert consumer.messages_in_flight == 0
+
+    body, redelivered = await broker.take(broker.queue)
+    assert (body, redelivered) == (b"in flight", True)
+
+
+async def test_stop_waits_for_handlers_that_finish_within_the_drain_timeout(
+    broker: Broker,
+) -> None:
+    finished: list[bytes] = []
+    started = asyncio.Event()
+
+    async def slowish(body: bytes, headers: Mapping[str, object]) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(body)
+
+    consumer = BucketEventConsumer(broker.settings, slowish, queue_name=broker.queue,
+                                   log=RecordingLog())
+    await consumer.start()
+    try:
+        await broker.publish(b"short job")
+        await asyncio.wait_for(started.wait(), WAIT)
+    finally:
+        await consumer.stop(drain_timeout=WAIT)
+    assert finished == [b"short job"]
+    assert await broker.ready_count(broker.queue) == 0
+
+
+async def test_start_fails_fast_with_a_temporary_error_when_the_broker_is_unreachable() -> None:
+    settings = AmqpSettings(url="amqp://guest:secret-password@127.0.0.1:1/")
+    consumer = BucketEventConsumer(settings, Recorder(), queue_name="lvw-test-unreachable",
+                                   log=RecordingLog())
+    began = time.monotonic()
+    with pytest.raises(TemporaryError, match=r"cannot connect to the AMQP broker") as raised:
+        await consumer.start()
+    assert time.monotonic() - began < 5
+    assert "secret-password" not in str(raised.value)
+    assert not consumer.connected and not consumer.consuming
+
+
+async def test_start_refuses_an_existing_queue_with_other_arguments_as_permanent(
+    broker: Broker,
+) -> None:
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(broker.queue, durable=True)  # no dead-letter arguments
+    consumer = BucketEventConsumer(broker.settings, Recorder(), queue_name=broker.queue,
+                                   log=RecordingLog())
+    with pytest.raises(PermanentError, match="refused the topology"):
+        await consumer.start()
+    assert not consumer.connected
+
+
+# -- broker restart (disturbs everyone on the broker: keep it to this one test) -------
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+async def wait_for_broker(url: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            connection = await aio_pika.connect(url, timeout=2)
+        except (OSError, aio_pika.exceptions.AMQPError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            await connection.close()
+            return
+
+
+async def test_consumption_resumes_after_a_broker_restart_and_redelivers_the_unsettled(
+    broker: Broker,
+) -> None:
+    log = RecordingLog()
+    calls: list[bytes] = []
+    release_first_attempt = asyncio.Event()
+
+    async def handler(body: bytes, headers: Mapping[str, object]) -> None:
+        calls.append(body)
+        if body == b"in flight during restart" and calls.count(body) == 1:
+            # The first delivery is still being handled when the broker goes away.
+            await asyncio.wait_for(release_first_attempt.wait(), 60)
+
+    async with running(broker, handler, log) as consumer:
+        await broker.publish(b"in flight during restart")
+        await wait_until(lambda: consumer.messages_in_flight == 1, "the handler is blocked")
+
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        try:
+            await wait_until(lambda: not consumer.connected, "the consumer sees the outage")
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+            await wait_for_broker(broker.url)
+
+        await wait_until(lambda: consumer.consuming, "the consumer is consuming again", 30)
+        # The unsettled message survived in the durable queue and comes back.
+        await wait_until(lambda: calls.count(b"in flight during restart") == 2,
+                         "the unsettled message is redelivered")
+        await broker.publish(b"after restart")
+        await wait_until(lambda: b"after restart" in calls, "a new message is handled")
+
+        # The first attempt ends now; its ack has no channel left and is only logged.
+        release_first_attempt.set()
+        await wait_until(lambda: consumer.messages_in_flight == 0, "every handler finished")
+
+    assert await broker.ready_count(broker.queue) == 0
+    assert await broker.ready_count(f"{broker.queue}.dead") == 0
+    warnings = [event for event, _ in log.events("warning")]
+    assert "amqp connection lost; reconnecting" in warnings
+    assert "amqp message not settled; the broker will redeliver it" in warnings
+    assert "amqp connection recovered; consuming again" in [e for e, _ in log.events("info")]
