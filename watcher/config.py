@@ -476,7 +476,8 @@ class _ConfigReader:
         credentials = self.environ.get("CREDENTIALS_DIRECTORY", "")
         if credentials:
             path = Path(credentials) / spec.credential
-            if path.exists():
+            # The unit's SetCredential= fallback is an empty credential: treat it as unset.
+            if path.exists() and path.read_bytes().strip():
                 origin = _Origin(str(path), 0, f"credential {spec.credential}")
                 value = self._read_secret_file(path, origin)
                 return None if value is None else (value, origin)

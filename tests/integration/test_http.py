@@ -1,0 +1,191 @@
+"""The HTTP face on a real socket, queried by a real HTTP client (the standard library's)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from watcher import telemetry
+from watcher.http import HttpServer, parse_listen
+
+pytestmark = pytest.mark.integration
+
+
+class Checks:
+    """Readiness the test flips, as the daemon would when a dependency comes and goes."""
+
+    def __init__(self) -> None:
+        self.state = {"libvirt": True, "amqp": False, "policies": True}
+
+    def __call__(self) -> dict[str, bool]:
+        return dict(self.state)
+
+
+@pytest.fixture
+def checks() -> Checks:
+    return Checks()
+
+
+@pytest.fixture
+async def server(checks: Checks) -> AsyncIterator[HttpServer]:
+    srv = HttpServer("127.0.0.1:0", checks, read_timeout=0.5, max_header_bytes=1024)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def _get(
+    port: int, path: str, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    def request() -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(request)
+
+
+async def _raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _sample(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_metrics_serves_the_registry_and_reflects_a_new_count(server: HttpServer) -> None:
+    status, headers, body = await _get(server.port, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    assert b"\nvolume_watcher_" in body
+    before = _sample(body.decode(), "volume_watcher_cache_hits_total")
+
+    telemetry.cache_hits.inc(3)
+    _, _, body = await _get(server.port, "/metrics")
+    assert _sample(body.decode(), "volume_watcher_cache_hits_total") == before + 3
+
+
+async def test_readyz_is_503_naming_the_failing_check_until_all_checks_pass(
+    server: HttpServer, checks: Checks,
+) -> None:
+    status, headers, body = await _get(server.port, "/readyz")
+    assert status == 503
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {
+        "ready": False,
+        "checks": {"libvirt": True, "amqp": False, "policies": True},
+        "failing": ["amqp"],
+    }
+
+    checks.state["amqp"] = True
+    status, _, body = await _get(server.port, "/readyz")
+    assert status == 200
+    assert json.loads(body)["ready"] is True and json.loads(body)["failing"] == []
+
+
+async def test_readyz_is_503_when_the_readiness_callable_raises() -> None:
+    def broken() -> dict[str, bool]:
+        raise RuntimeError("supervisor not started")
+
+    srv = HttpServer("127.0.0.1:0", broken)
+    await srv.start()
+    try:
+        status, _, body = await _get(srv.port, "/readyz")
+    finally:
+        await srv.stop()
+    assert status == 503
+    assert json.loads(body)["error"] == "supervisor not started"
+
+
+async def test_healthz_answers_ok_while_the_loop_runs(server: HttpServer) -> None:
+    status, _, body = await _get(server.port, "/healthz?verbose=1")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+
+async def test_head_gets_the_headers_without_a_body(server: HttpServer) -> None:
+    status, headers, body = await _get(server.port, "/healthz", method="HEAD")
+    assert status == 200 and body == b""
+    assert int(headers["Content-Length"]) > 0
+
+
+async def test_unknown_paths_are_404_and_other_methods_405(server: HttpServer) -> None:
+    assert (await _get(server.port, "/admin"))[0] == 404
+    status, headers, _ = await _get(server.port, "/metrics", method="POST")
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+
+
+async def test_garbage_gets_400_and_the_server_keeps_serving(server: HttpServer) -> None:
+    reply = await _raw(server.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert await _raw(server.port, b"") == b""  # connect and hang up at once
+    assert (await _get(server.port, "/healthz"))[0] == 200
+
+
+async def test_an_oversized_request_head_is_refused_with_431(server: HttpServer) -> None:
+    reply = await _raw(server.port, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert (await _get(server.port, "/healthz"))[0] == 200
+
+
+async def test_a_client_that_never_finishes_its_request_is_disconnected(
+    server: HttpServer,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line, ever
+        await writer.drain()
+        # The server's read deadline is 0.5 s: it hangs up without answering.
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert (await _get(server.port, "/healthz"))[0] == 200
+
+
+async def test_stop_closes_the_listening_socket(checks: Checks) -> None:
+    srv = HttpServer("127.0.0.1:0", checks)
+    await srv.start()
+    port = srv.port
+    await srv.stop()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    with pytest.raises(RuntimeError):
+        _ = srv.port
+
+
+@pytest.mark.parametrize(("listen", "parsed"), [
+    ("127.0.0.1:9700", ("127.0.0.1", 9700)),
+    ("[::1]:9700", ("::1", 9700)),
+    (":9700", (None, 9700)),
+])
+def test_listen_addresses_parse_into_host_and_port(
+    listen: str, parsed: tuple[str | None, int],
+) -> None:
+    assert parse_listen(listen) == parsed
+
+
+@pytest.mark.parametrize("listen", ["9700", "localhost:http", "127.0.0.1:70000"])
+def test_a_bad_listen_address_is_refused(listen: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_listen(listen)

@@ -1,0 +1,79 @@
+"""Metrics, tracer and logger handles shared by every floor above the core.
+
+Defined once, here, so jobs and adapters record what happened without knowing how it is
+exported: ``watcher.runtime.observability`` decides where logs and spans go and
+``watcher.http`` serves ``REGISTRY`` on ``/metrics``. The registry is our own (not the
+process-global default) so tests can read exact values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_P = "volume_watcher_"
+
+events_received = Counter(
+    _P + "events_received", "Events received, by source (amqp, libvirt) and type.",
+    ["source", "type"], registry=REGISTRY)
+events_dead_lettered = Counter(
+    _P + "events_dead_lettered", "AMQP messages sent to the dead-letter queue, by reason.",
+    ["reason"], registry=REGISTRY)
+downloads = Counter(
+    _P + "downloads", "Image downloads finished, by result (ok, failed).",
+    ["result"], registry=REGISTRY)
+download_bytes = Counter(
+    _P + "download_bytes", "Bytes received from S3 for image downloads.", registry=REGISTRY)
+cache_hits = Counter(
+    _P + "cache_hits", "Image requests answered from the cache.", registry=REGISTRY)
+cache_misses = Counter(
+    _P + "cache_misses", "Image requests that needed a download.", registry=REGISTRY)
+cache_evictions = Counter(
+    _P + "cache_evictions", "Cache entries removed by eviction or prune.", registry=REGISTRY)
+cache_bytes = Gauge(
+    _P + "cache_bytes", "Bytes used by cache entries.", registry=REGISTRY)
+cache_entries = Gauge(
+    _P + "cache_entries", "Number of cache entries.", registry=REGISTRY)
+images_rejected = Counter(
+    _P + "images_rejected", "Images refused by verification or inspection, by reason.",
+    ["reason"], registry=REGISTRY)
+reprovisions = Counter(
+    _P + "reprovisions", "Reprovision jobs finished, by result (provisioned, failed, retry).",
+    ["result"], registry=REGISTRY)
+reprovision_seconds = Histogram(
+    _P + "reprovision_duration_seconds", "Wall time of reprovision jobs, request to result.",
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
+bytes_written = Counter(
+    _P + "bytes_written", "Virtual bytes written onto root volumes.", registry=REGISTRY)
+jobs_in_progress = Gauge(
+    _P + "jobs_in_progress", "Jobs running now, by kind (download, reprovision).",
+    ["kind"], registry=REGISTRY)
+write_progress = Gauge(
+    _P + "write_progress_ratio", "Progress of the volume write running for a domain (0..1).",
+    ["domain"], registry=REGISTRY)
+domains_outdated = Gauge(
+    _P + "domains_outdated",
+    "Domains whose provisioned digest is older than the cached current version of their image.",
+    registry=REGISTRY)
+last_amqp_message = Gauge(
+    _P + "last_amqp_message_timestamp_seconds",
+    "Unix time of the last AMQP message (alert on time() minus this).", registry=REGISTRY)
+connection_up = Gauge(
+    _P + "connection_up", "1 when the connection to a service is up, by service (libvirt, amqp).",
+    ["service"], registry=REGISTRY)
+policy_reloads = Counter(
+    _P + "policy_reloads", "Policy loads and reloads, by result (ok, failed).",
+    ["result"], registry=REGISTRY)
+policy_images = Gauge(
+    _P + "policy_images", "Images defined by the loaded policies.", registry=REGISTRY)
+
+tracer = trace.get_tracer("libvirt-volume-watcher")
+
+
+def get_logger(**context: Any) -> Any:
+    """A structlog logger bound to ``context``; output format is set up by the runtime."""
+    return structlog.get_logger("watcher", **context)
