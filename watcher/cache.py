@@ -1,0 +1,492 @@
+"""The content-addressed image cache: verified, inspected images named by their SHA-256.
+
+Why it exists: every host keeps the images its policies name ready on local disk, so a
+reprovision never waits on the network, and an image is trusted only once.
+
+Layout under ``cache.dir``::
+
+    objects/<sha256>.<format>   the image as uploaded (qcow2 stays compressed)
+    objects/<sha256>.json       its record: sources (bucket/key/ETag), sizes, times
+    refs/<image name>.json      the digest of the image's current version
+    tmp/                        downloads in progress; emptied at start-up
+
+An entry exists when its record exists. Both files appear by atomic rename after the
+download was hashed, compared with the sidecar and inspected, so a crash leaves at most
+a temp file. Records are small JSON files so an operator can read them with ``cat``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from watcher import telemetry
+from watcher.adapters.qemu_img import inspect_image_file
+from watcher.adapters.s3 import ObjectInfo, S3Store
+from watcher.core.errors import ImageRejected, PermanentError, SidecarUnavailable, TemporaryError
+from watcher.core.policy import SIDECAR_SUFFIX, ImageFormat, ImageSpec, PolicySet
+from watcher.core.sidecar import parse_sidecar
+
+_T = TypeVar("_T")
+_HEX = frozenset("0123456789abcdef")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a cached file came from; one digest may have several."""
+
+    bucket: str
+    key: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A verified, inspected image file, named by its SHA-256."""
+
+    digest: str
+    path: Path
+    format: ImageFormat
+    virtual_size: int
+    size: int
+    image: str
+    """Policy image name it was last fetched for."""
+    bucket: str
+    key: str
+    etag: str
+    sources: tuple[Source, ...] = ()
+    created_at: str = ""
+    last_used_at: str = ""
+    verified_at: str = ""
+    checksum: str = "sidecar"
+    """``sidecar``: compared with a published checksum; ``computed``: optional-checksum image."""
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = self.path.name
+        data["sources"] = [asdict(s) for s in self.sources]
+        return data
+
+    @classmethod
+    def from_record(cls, directory: Path, data: dict[str, Any]) -> CacheEntry:
+        fields = dict(data)
+        fields["path"] = directory / str(data["path"])
+        fields["sources"] = tuple(Source(**s) for s in data.get("sources", ()))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    digest: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class _SingleFlight:
+    """Concurrent callers asking for the same key share one running task."""
+
+    running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+
+    async def run(self, key: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        task = self.running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self.running[key] = task
+            task.add_done_callback(lambda _t: self.running.pop(key, None))
+        # shield: one caller being cancelled must not cancel the others' download.
+        return await asyncio.shield(task)
+
+
+class ImageCache:
+    """Keeps the current version of every policy image on local disk, verified."""
+
+    def __init__(
+        self,
+        directory: Path,
+        s3: S3Store,
+        *,
+        max_size: int,
+        max_concurrent_downloads: int = 2,
+        pinned: Callable[[], PolicySet] | None = None,
+    ) -> None:
+        self.dir = directory
+        self.objects = directory / "objects"
+        self.refs = directory / "refs"
+        self.tmp = directory / "tmp"
+        self.s3 = s3
+        self.max_size = max_size
+        self._policies = pinned
+        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
+        self._flights = _SingleFlight()
+        self.log = telemetry.get_logger(component="cache")
+        self._pending: dict[tuple[str, str, str], tuple[Path, str, int]] = {}
+
+    # ---- start-up -------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create the layout and remove what a crash left behind; returns files removed."""
+        for d in (self.objects, self.refs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        # A data file without its record was never committed (crash between the renames).
+        for data in self.objects.iterdir():
+            if data.suffix != ".json" and not data.with_suffix(".json").exists():
+                data.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            self.log.info("removed leftover temporary files", count=removed)
+        self._update_gauges()
+        return removed
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Every committed entry, oldest use first."""
+        found = []
+        for record in self.objects.glob("*.json"):
+            entry = self._read_entry(record)
+            if entry is not None:
+                found.append(entry)
+        return sorted(found, key=lambda e: (e.last_used_at, e.digest))
+
+    def get(self, digest: str) -> CacheEntry | None:
+        return self._read_entry(self.objects / f"{digest}.json")
+
+    def current(self, image_name: str) -> CacheEntry | None:
+        """The last known current version of an image, without touching the network."""
+        ref = self._read_json(self.refs / f"{image_name}.json")
+        return self.get(str(ref["digest"])) if ref else None
+
+    def find_source(self, source: Source) -> CacheEntry | None:
+        """The entry already holding exactly this object version, if any."""
+        for entry in self.entries():
+            if source in entry.sources:
+                return entry
+        return None
+
+    # ---- warming ----------------------------------------------------------------------
+
+    async def ensure(self, image: ImageSpec) -> CacheEntry:
+        """The current version of ``image``: from the cache, or downloaded, verified, inspected.
+
+        Raises ``SidecarUnavailable`` when the image needs a sidecar that is not there yet,
+        ``ImageRejected`` for a bad image, ``TemporaryError`` when S3 is unreachable.
+        """
+        with telemetry.tracer.start_as_current_span("warm", attributes={"image": image.name}):
+            obj = await self._resolve(image)
+            digest = await self._published_digest(image, obj)
+            source = Source(obj.bucket, obj.key, obj.etag)
+            hit = self._lookup(digest, source)
+            if hit is not None:
+                telemetry.cache_hits.inc()
+                return self._use(hit, image, source)
+            flight_key = digest or f"{obj.bucket}/{obj.key}@{obj.etag}"
+            entry = await self._flights.run(
+                flight_key, lambda: self._fetch(image, obj, source, digest)
+            )
+            entry = self._use(entry, image, source)
+            # Only now is the new version the image's current one, so the old may go.
+            self.evict()
+            return entry
+
+    def _lookup(self, digest: str | None, source: Source) -> CacheEntry | None:
+        if digest is not None:
+            entry = self.get(digest)
+            # Same digest but an unknown object version: the sidecar may be stale, so only a
+            # known ETag counts as proof; otherwise download and hash again.
+            if entry is not None and (source in entry.sources or source.etag in
+                                      {s.etag for s in entry.sources}):
+                return entry
+            return None
+        return self.find_source(source)
+
+    async def _resolve(self, image: ImageSpec) -> ObjectInfo:
+        if image.key is not None:
+            obj = await asyncio.to_thread(self.s3.stat, image.bucket, image.key)
+            if obj is None:
+                raise TemporaryError(
+                    f"image {image.name}: s3://{image.bucket}/{image.key} does not exist")
+            return obj
+        assert image.prefix is not None
+        listed = await asyncio.to_thread(self.s3.list_objects, image.bucket, image.prefix)
+        versions = [o for o in listed if not o.key.endswith(SIDECAR_SUFFIX)]
+        if not versions:
+            raise TemporaryError(
+                f"image {image.name}: nothing under s3://{image.bucket}/{image.prefix}")
+        return max(versions, key=lambda o: (o.last_modified or datetime.min.replace(tzinfo=UTC),
+                                            o.key))
+
+    async def _published_digest(self, image: ImageSpec, obj: ObjectInfo) -> str | None:
+        sidecar_key = obj.key + SIDECAR_SUFFIX
+        content = await asyncio.to_thread(self.s3.read_small, obj.bucket, sidecar_key)
+        if content is None:
+            if image.checksum_required:
+                raise SidecarUnavailable(
+                    f"image {image.name}: waiting for s3://{obj.bucket}/{sidecar_key}")
+            return None
+        return parse_sidecar(content, obj.key.rsplit("/", 1)[-1])
+
+    async def _fetch(self, image: ImageSpec, obj: ObjectInfo, source: Source,
+                     expected: str | None) -> CacheEntry:
+        pending = self._pending.get((source.bucket, source.key, source.etag))
+        if pending is not None and expected is not None and pending[1] == expected:
+            # Downloaded earlier against a stale sidecar; the fresh sidecar now matches.
+            path, digest, size = pending
+            del self._pending[(source.bucket, source.key, source.etag)]
+            self.log.info("sidecar now matches an earlier download", image=image.name,
+                          digest=digest)
+        else:
+            telemetry.cache_misses.inc()
+            path, digest, size = await self._download(image, obj)
+        try:
+            if expected is not None and digest != expected:
+                self._keep_pending(source, path, digest, size)
+                raise ImageRejected(
+                    "checksum_mismatch",
+                    f"image {image.name}: s3://{obj.bucket}/{obj.key} has SHA-256 {digest}, "
+                    f"its sidecar says {expected}; not cached",
+                )
+            with telemetry.tracer.start_as_current_span("inspect", attributes={"digest": digest}):
+                facts = await inspect_image_file(path, image.format)
+            now = _now()
+            entry = CacheEntry(
+                digest=digest, path=self.objects / f"{digest}.{image.format}",
+                format=image.format, virtual_size=facts.virtual_size, size=size,
+                image=image.name, bucket=obj.bucket, key=obj.key, etag=obj.etag,
+                sources=(source,), created_at=now, last_used_at=now, verified_at=now,
+                checksum="sidecar" if expected is not None else "computed",
+            )
+            self._commit(path, entry)
+        except ImageRejected as err:
+            telemetry.images_rejected.labels(reason=err.reason).inc()
+            raise
+        finally:
+            if path.exists() and path.parent == self.tmp and not self._is_pending(path):
+                path.unlink()
+        self.log.info("image cached", image=image.name, digest=digest, size=size,
+                      virtual_size=entry.virtual_size, key=obj.key)
+        return entry
+
+    async def _download(self, image: ImageSpec, obj: ObjectInfo) -> tuple[Path, str, int]:
+        part = self.tmp / f"{uuid.uuid4().hex}.part"
+        started = time.monotonic()
+        async with self._downloads:
+            telemetry.jobs_in_progress.labels(kind="download").inc()
+            try:
+                with telemetry.tracer.start_as_current_span(
+                        "download", attributes={"bucket": obj.bucket, "key": obj.key}):
+                    result = await asyncio.to_thread(
+                        self.s3.download, obj.bucket, obj.key, part,
+                        expected_etag=obj.etag, on_bytes=telemetry.download_bytes.inc)
+            except BaseException:
+                telemetry.downloads.labels(result="failed").inc()
+                part.unlink(missing_ok=True)
+                raise
+            finally:
+                telemetry.jobs_in_progress.labels(kind="download").dec()
+        telemetry.downloads.labels(result="ok").inc()
+        self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
+                      seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
+        return part, result.sha256, result.size
+
+    def _keep_pending(self, source: Source, path: Path, digest: str, size: int) -> None:
+        old = self._pending.pop((source.bucket, source.key, source.etag), None)
+        if old is not None and old[0] != path:
+            old[0].unlink(missing_ok=True)
+        self._pending[(source.bucket, source.key, source.etag)] = (path, digest, size)
+
+    def _is_pending(self, path: Path) -> bool:
+        return any(p == path for p, _, _ in self._pending.values())
+
+    def _commit(self, part: Path, entry: CacheEntry) -> None:
+        """Make the entry visible: data file first, then its record, each by atomic rename."""
+        with self._locked():
+            existing = self.get(entry.digest)
+            if existing is not None:
+                # Same bytes under another key: one file, one more source.
+                merged = replace(existing, sources=_merge(existing.sources, entry.sources))
+                self._write_record(merged)
+                return
+            os.replace(part, entry.path)
+            self._write_record(entry)
+            _fsync_dir(self.objects)
+        self._update_gauges()
+
+    def _use(self, entry: CacheEntry, image: ImageSpec, source: Source) -> CacheEntry:
+        """Record a use: LRU time, the source, and the image's current-version ref."""
+        with self._locked():
+            latest = self.get(entry.digest) or entry
+            updated = replace(latest, last_used_at=_now(), image=image.name,
+                              bucket=source.bucket, key=source.key, etag=source.etag,
+                              sources=_merge(latest.sources, (source,)))
+            self._write_record(updated)
+            self._write_json(self.refs / f"{image.name}.json", {
+                "digest": entry.digest, "bucket": source.bucket, "key": source.key,
+                "etag": source.etag, "resolved_at": _now()})
+        return updated
+
+    # ---- maintenance ------------------------------------------------------------------
+
+    def pinned_digests(self) -> set[str]:
+        """Digests that are the current version of an image the policies define."""
+        if self._policies is None:
+            return set()
+        pinned = set()
+        for image in self._policies().images_to_keep_warm():
+            entry = self.current(image.name)
+            if entry is not None:
+                pinned.add(entry.digest)
+        return pinned
+
+    def evict(self) -> list[str]:
+        """Remove least-recently-used unpinned entries until the cache fits ``max_size``."""
+        return self._remove_unpinned(limit=self.max_size)
+
+    def prune(self) -> list[str]:
+        """Remove every entry that is not the current version of a policy image."""
+        return self._remove_unpinned(limit=0)
+
+    def _remove_unpinned(self, *, limit: int) -> list[str]:
+        removed = []
+        with self._locked():
+            pinned = self.pinned_digests()
+            entries = self.entries()
+            total = sum(e.size for e in entries)
+            for entry in entries:
+                if total <= limit:
+                    break
+                if entry.digest in pinned:
+                    continue
+                self._remove(entry)
+                total -= entry.size
+                removed.append(entry.digest)
+                telemetry.cache_evictions.inc()
+                self.log.info("evicted", digest=entry.digest, image=entry.image, size=entry.size)
+            if total > limit and limit > 0:
+                self.log.warning("cache is over max_size with only pinned images left",
+                                 bytes=total, max_size=limit)
+        self._update_gauges()
+        return removed
+
+    def verify(self) -> list[VerifyResult]:
+        """Re-hash every entry; a corrupt one is removed so it is fetched again."""
+        results = []
+        for entry in self.entries():
+            try:
+                digest = _sha256_file(entry.path)
+            except OSError as err:
+                results.append(VerifyResult(entry.digest, False, f"unreadable: {err}"))
+                continue
+            if digest == entry.digest:
+                with self._locked():
+                    self._write_record(replace(entry, verified_at=_now()))
+                results.append(VerifyResult(entry.digest, True, "ok"))
+            else:
+                with self._locked():
+                    self._remove(entry)
+                results.append(VerifyResult(entry.digest, False,
+                                            f"content hashes to {digest}; entry removed"))
+                self.log.error("cache entry corrupt, removed", digest=entry.digest, actual=digest)
+        self._update_gauges()
+        return results
+
+    # ---- files ------------------------------------------------------------------------
+
+    def _remove(self, entry: CacheEntry) -> None:
+        # Record first: without it the entry no longer exists, even if unlinking data fails.
+        (self.objects / f"{entry.digest}.json").unlink(missing_ok=True)
+        entry.path.unlink(missing_ok=True)
+
+    def _read_entry(self, record: Path) -> CacheEntry | None:
+        data = self._read_json(record)
+        if not data:
+            return None
+        try:
+            entry = CacheEntry.from_record(self.objects, data)
+        except (TypeError, KeyError) as err:
+            self.log.warning("unreadable cache record ignored", record=str(record), error=str(err))
+            return None
+        if not (len(entry.digest) == 64 and set(entry.digest) <= _HEX):
+            return None
+        return entry
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            self.log.warning("unreadable cache file ignored", file=str(path), error=str(err))
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write_record(self, entry: CacheEntry) -> None:
+        self._write_json(self.objects / f"{entry.digest}.json", entry.record())
+
+    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.json"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialises changes with other processes (``cache prune`` while the daemon runs)."""
+        with open(self.dir / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _update_gauges(self) -> None:
+        entries = self.entries()
+        telemetry.cache_entries.set(len(entries))
+        telemetry.cache_bytes.set(sum(e.size for e in entries))
+
+
+def _merge(old: Sequence[Source], new: Sequence[Source]) -> tuple[Source, ...]:
+    return tuple(dict.fromkeys([*old, *new]))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_permanent(err: BaseException) -> bool:
+    """True for errors a retry cannot fix (used by callers deciding to dead-letter)."""
+    return isinstance(err, PermanentError)
