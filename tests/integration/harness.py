@@ -1,0 +1,179 @@
+"""Building blocks for daemon-level integration tests: a config on disk, real uploads
+to S3, MinIO-shaped notifications published to RabbitMQ, and waiting for results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import yaml
+from minio import Minio
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass
+class Env:
+    """One test's world: its bucket, exchange, queue and directories."""
+
+    root: Path
+    bucket: str
+    exchange: str
+    queue: str
+    s3: dict[str, str]
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def policies_dir(self) -> Path:
+        return self.root / "policies"
+
+    def minio(self) -> Minio:
+        return Minio(self.s3["LVW_S3_ENDPOINT"].split("://", 1)[1], self.s3["LVW_S3_ACCESS_KEY"],
+                     self.s3["LVW_S3_SECRET_KEY"], secure=False, region="us-east-1")
+
+    def write_config(self, **overrides: Any) -> Path:
+        config: dict[str, Any] = {
+            "libvirt": {"uri": "qemu:///system"},
+            "s3": {"endpoint": self.s3["LVW_S3_ENDPOINT"],
+                   "access_key": self.s3["LVW_S3_ACCESS_KEY"],
+                   "secret_key": self.s3["LVW_S3_SECRET_KEY"], "region": "us-east-1"},
+            "amqp": {"url": AMQP_URL, "exchange": self.exchange, "exchange_type": "fanout",
+                     "routing_key": "", "queue": self.queue},
+            "cache": {"dir": str(self.cache_dir), "max_size": "10GiB"},
+            "policies": {"dir": str(self.policies_dir)},
+            "http": {"listen": "127.0.0.1:0"},
+            "reconcile_interval": 3600,
+        }
+        for section, values in overrides.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config))
+        return self.config_path
+
+    def write_policy(self, images: dict[str, dict[str, Any]],
+                     domains: list[dict[str, Any]] | None = None,
+                     name: str = "10-test.yaml") -> None:
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        (self.policies_dir / name).write_text(
+            yaml.safe_dump({"images": images, "domains": domains or []}))
+
+    def upload(self, key: str, data: bytes) -> str:
+        """Put an object; returns its ETag."""
+        result = self.minio().put_object(self.bucket, key, io.BytesIO(data), len(data))
+        return str(result.etag).strip('"')
+
+    def upload_file(self, key: str, path: Path) -> str:
+        result = self.minio().fput_object(self.bucket, key, str(path))
+        return str(result.etag).strip('"')
+
+    def upload_with_sidecar(self, key: str, path: Path) -> str:
+        digest = sha256_file(path)
+        self.upload_file(key, path)
+        self.upload(key + ".sha256", f"{digest}  {Path(key).name}\n".encode())
+        return digest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def minio_event(bucket: str, key: str, *, size: int = 0, etag: str = "",
+                event: str = "s3:ObjectCreated:Put") -> bytes:
+    """A notification body exactly as MinIO publishes it (keys URL-encoded in Records)."""
+    return json.dumps({
+        "EventName": event,
+        "Key": f"{bucket}/{key}",
+        "Records": [{
+            "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
+            "eventTime": "2026-11-25T08:00:00.000Z", "eventName": event,
+            "userIdentity": {"principalId": "minioadmin"},
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+                   "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                   "object": {"key": urllib.parse.quote_plus(key), "size": size,
+                              "eTag": etag, "sequencer": "1"}},
+        }],
+    }).encode()
+
+
+async def publish(exchange: str, body: bytes, *, headers: dict[str, Any] | None = None) -> None:
+    """Publish persistently, as MinIO does with a durable AMQP target."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        await ex.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                          headers=headers or {}), routing_key="")
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0,
+                   interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_qcow2(path: Path, size: str = "16M", *, fill_mib: int = 2, seed: int = 1,
+               extra: list[str] | None = None) -> Path:
+    """A small qcow2 with ``fill_mib`` MiB of pseudo-random data at its start."""
+    raw = path.with_suffix(".raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), size], check=True)
+    if fill_mib:
+        block = hashlib.sha256(str(seed).encode()).digest() * (1 << 15)  # 1 MiB
+        with open(raw, "r+b") as fh:
+            for _ in range(fill_mib):
+                fh.write(block)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", *(extra or []),
+                    str(raw), str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+async def delete_amqp(exchange: str, queue: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in (queue, f"{queue}.dead"):
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+        for name in (exchange, f"{queue}.dlx"):
+            await channel.exchange_delete(name)
+
+
+async def queue_messages(queue: str) -> list[bytes]:
+    """Drain and return the bodies waiting in ``queue``."""
+    connection = await aio_pika.connect(AMQP_URL)
+    bodies = []
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        while (message := await q.get(fail=False, no_ack=True)) is not None:
+            bodies.append(message.body)
+    return bodies

@@ -1,0 +1,260 @@
+"""Pre-warming end to end: real S3, real RabbitMQ, real qemu-img, the real daemon.
+
+Each test uploads objects to its own bucket, publishes notifications exactly as MinIO
+does to its own exchange, and watches the cache directory and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    Env,
+    delete_amqp,
+    make_qcow2,
+    minio_event,
+    publish,
+    queue_messages,
+    sha256_file,
+    wait_for,
+)
+from watcher import telemetry
+from watcher.config import load_config
+from watcher.runtime.supervisor import Daemon
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
+        tmp_path: Path) -> Iterator[Env]:
+    world = Env(root=tmp_path, bucket=s3_bucket, exchange=f"minio-events-{unique_name}",
+                queue=f"lvw-test-{unique_name}", s3=services_env)
+    world.write_config()
+    yield world
+    asyncio.run(delete_amqp(world.exchange, world.queue))
+
+
+class RunningDaemon:
+    def __init__(self, daemon: Daemon, task: asyncio.Task[int]) -> None:
+        self.daemon = daemon
+        self.task = task
+
+    def entries(self) -> list[str]:
+        return [e.digest for e in self.daemon.cache.entries()]
+
+
+@pytest.fixture
+async def daemon(env: Env) -> AsyncIterator[RunningDaemon]:
+    """The daemon, in this test's loop, without libvirt (pre-warming needs none)."""
+    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    await wait_for(lambda: daemon.consumer.consuming or task.done(), what="consumer")
+    assert not task.done(), task.result()
+    yield RunningDaemon(daemon, task)
+    daemon.stop_requested.set()
+    assert await asyncio.wait_for(task, 30) == 0
+
+
+def counter(metric: telemetry.Counter, **labels: str) -> float:
+    child = metric.labels(**labels) if labels else metric
+    return float(child._value.get())
+
+
+def image_policy(env: Env, key: str, **extra: object) -> None:
+    env.write_policy({"base": {"bucket": env.bucket, "key": key, "format": "qcow2", **extra}},
+                     [{"match": "*", "image": "base"}])
+
+
+# Policies must exist before the daemon starts; each test writes them first.
+@pytest.fixture
+def base_policy(env: Env) -> str:
+    key = "images/base image.qcow2"  # a space: URL-encoded as '+' in the event
+    image_policy(env, key)
+    return key
+
+
+async def test_uploaded_image_appears_verified_in_the_cache(
+        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
+    image = make_qcow2(tmp_path / "v1.qcow2", extra=["-c"])
+    digest = env.upload_with_sidecar(base_policy, image)
+    await publish(env.exchange, minio_event(env.bucket, base_policy))
+
+    await wait_for(lambda: digest in daemon.entries(), what="cache entry")
+    entry = daemon.daemon.cache.get(digest)
+    assert entry is not None
+    assert sha256_file(entry.path) == digest
+    assert entry.format == "qcow2" and entry.virtual_size == 16 * 1024 * 1024
+    assert entry.size == image.stat().st_size  # kept compressed, as uploaded
+    record = json.loads(entry.path.with_suffix(".json").read_text())
+    assert record["bucket"] == env.bucket and record["key"] == base_policy and record["etag"]
+    assert daemon.daemon.cache.current("base") == daemon.daemon.cache.get(digest)
+
+
+async def test_sidecar_arriving_after_the_image_triggers_one_download(
+        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
+    image = make_qcow2(tmp_path / "v1.qcow2")
+    env.upload_file(base_policy, image)
+    before = counter(telemetry.downloads, result="ok")
+    await publish(env.exchange, minio_event(env.bucket, base_policy))
+    await asyncio.sleep(1.0)
+    assert daemon.entries() == []
+
+    digest = sha256_file(image)
+    env.upload(base_policy + ".sha256", f"{digest}\n".encode())
+    await publish(env.exchange, minio_event(env.bucket, base_policy + ".sha256"))
+    await wait_for(lambda: digest in daemon.entries(), what="cache entry")
+
+    # Duplicates and redeliveries: no second download.
+    for _ in range(3):
+        await publish(env.exchange, minio_event(env.bucket, base_policy))
+    await asyncio.sleep(1.0)
+    assert counter(telemetry.downloads, result="ok") - before == 1
+
+
+async def test_checksum_mismatch_is_not_cached_and_is_reported(
+        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    image = make_qcow2(tmp_path / "v1.qcow2")
+    env.upload_file(base_policy, image)
+    env.upload(base_policy + ".sha256", b"0" * 64 + b"\n")
+    before = counter(telemetry.images_rejected, reason="checksum_mismatch")
+    await publish(env.exchange, minio_event(env.bucket, base_policy))
+    await wait_for(lambda: counter(telemetry.images_rejected, reason="checksum_mismatch") > before,
+                   what="rejection")
+    assert daemon.entries() == []
+    assert not list((env.cache_dir / "objects").iterdir())
+    # The consumer carries on: a fixed sidecar is picked up without a second download.
+    downloads = counter(telemetry.downloads, result="ok")
+    env.upload(base_policy + ".sha256", f"{sha256_file(image)}\n".encode())
+    await publish(env.exchange, minio_event(env.bucket, base_policy + ".sha256"))
+    await wait_for(lambda: daemon.entries(), what="cache entry after the sidecar was fixed")
+    assert counter(telemetry.downloads, result="ok") == downloads
+
+
+@pytest.mark.parametrize("hostile", ["backing_file", "data_file", "raw_posing"])
+async def test_hostile_images_are_rejected_and_never_cached(
+        env: Env, tmp_path: Path, hostile: str) -> None:
+    key = f"images/{hostile}.qcow2"
+    base = make_qcow2(tmp_path / "base.qcow2")
+    bad = tmp_path / "bad.qcow2"
+    declared = "qcow2"
+    if hostile == "backing_file":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                        str(bad)], check=True)
+    elif hostile == "data_file":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                        f"data_file={tmp_path / 'data.raw'}", str(bad), "16M"], check=True)
+    else:
+        bad = base  # a qcow2 declared raw
+        declared = "raw"
+    env.write_policy({"bad": {"bucket": env.bucket, "key": key, "format": declared}},
+                     [{"match": "*", "image": "bad"}])
+    env.upload_with_sidecar(key, bad)
+    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        reason = {"raw_posing": "format_mismatch"}.get(hostile, hostile)
+        before = counter(telemetry.images_rejected, reason=reason)
+        await wait_for(lambda: daemon.consumer.consuming, what="consumer")
+        await publish(env.exchange, minio_event(env.bucket, key))
+        await wait_for(lambda: counter(telemetry.images_rejected, reason=reason) > before,
+                       what=f"rejection {reason}")
+        assert daemon.cache.entries() == []
+        assert not [p for p in (env.cache_dir / "tmp").iterdir() if p.suffix == ".part"]
+    finally:
+        daemon.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_malformed_message_is_dead_lettered_and_the_next_event_is_handled(
+        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
+    await publish(env.exchange, b"{not json")
+    await publish(env.exchange, b'{"Records": [{"s3": {}}]}')
+    image = make_qcow2(tmp_path / "v1.qcow2")
+    digest = env.upload_with_sidecar(base_policy, image)
+    await publish(env.exchange, minio_event(env.bucket, base_policy))
+    await wait_for(lambda: digest in daemon.entries(), what="cache entry")
+    bodies = await queue_messages(f"{env.queue}.dead")
+    assert bodies == [b"{not json", b'{"Records": [{"s3": {}}]}']
+
+
+async def test_event_published_across_a_broker_restart_is_handled(
+        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
+    image = make_qcow2(tmp_path / "v1.qcow2")
+    digest = env.upload_with_sidecar(base_policy, image)
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    try:
+        await wait_for(lambda: not daemon.daemon.consumer.consuming, what="consumer to notice")
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    await wait_for(lambda: daemon.daemon.consumer.consuming, timeout=60, what="reconnect")
+    await publish(env.exchange, minio_event(env.bucket, base_policy))
+    await wait_for(lambda: digest in daemon.entries(), what="cache entry after restart")
+
+
+async def test_eviction_keeps_the_current_version_of_policy_images(
+        env: Env, tmp_path: Path) -> None:
+    pinned_key, other_key = "images/pinned.qcow2", "images/other.qcow2"
+    env.write_policy({"pinned": {"bucket": env.bucket, "key": pinned_key, "format": "qcow2"},
+                      "other": {"bucket": env.bucket, "key": other_key, "format": "qcow2"}},
+                     [{"match": "*", "image": "pinned"}])
+    pinned = env.upload_with_sidecar(pinned_key, make_qcow2(tmp_path / "p.qcow2", seed=1))
+    old_other = env.upload_with_sidecar(other_key, make_qcow2(tmp_path / "o1.qcow2", seed=2))
+    # Room for about two entries only.
+    size = (tmp_path / "p.qcow2").stat().st_size
+    env.write_config(cache={"max_size": int(size * 2.5)})
+    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        await wait_for(lambda: {pinned, old_other} <= {e.digest for e in daemon.cache.entries()},
+                       what="initial reconcile")
+        new_other = env.upload_with_sidecar(other_key, make_qcow2(tmp_path / "o2.qcow2", seed=3))
+        await publish(env.exchange, minio_event(env.bucket, other_key))
+        await wait_for(lambda: new_other in {e.digest for e in daemon.cache.entries()},
+                       what="new version cached")
+        digests = {e.digest for e in daemon.cache.entries()}
+        assert pinned in digests and new_other in digests and old_other not in digests
+    finally:
+        daemon.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+
+def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) -> None:
+    key = "images/big.qcow2"
+    # A large uncompressible image so the download is still running when we kill.
+    image = make_qcow2(tmp_path / "big.qcow2", size="512M", fill_mib=400)
+    digest = env.upload_with_sidecar(key, image)
+    image_policy(env, key)
+    cmd = [sys.executable, "-m", "watcher", "run", "--config", str(env.config_path)]
+    tmp = env.cache_dir / "tmp"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        asyncio.run(wait_for(lambda: tmp.exists() and any(p.suffix == ".part"
+                                                          for p in tmp.iterdir()),
+                             timeout=60, interval=0.02, what="download to start"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert not list((env.cache_dir / "objects").glob("*.json"))
+
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        objects = env.cache_dir / "objects"
+        asyncio.run(wait_for(lambda: (objects / f"{digest}.json").exists(), timeout=120,
+                             what="entry after restart"))
+        assert sha256_file(objects / f"{digest}.qcow2") == digest
+        assert not [p for p in tmp.iterdir() if p.suffix == ".part"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,203 @@
+"""The command line: ``libvirt-volume-watcher`` (also ``python -m watcher``).
+
+Commands follow the contract in the README: ``run``, ``check``, ``reprovision``,
+``status`` and ``cache list|warm|verify|prune``. Exit codes: 0 success, 1 a problem
+the command reports (invalid config, failed verification...), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
+from watcher.core.errors import ConfigError, SidecarUnavailable, WatcherError
+from watcher.core.units import format_size
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="libvirt-volume-watcher",
+        description="Pre-warms VM images from S3 and reprovisions libvirt root volumes on request.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                       help=f"daemon config (default {DEFAULT_CONFIG_PATH})")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the daemon in the foreground"))
+    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    run.add_argument("--log-level", default="info")
+    with_config(sub.add_parser("check", help="validate the config and every policy file"))
+
+    rep = sub.add_parser("reprovision", help="tag a domain for reprovisioning")
+    rep.add_argument("domain")
+    rep.add_argument("--image", help="image name to write instead of the policy's")
+    rep.add_argument("--connect", help="libvirt URI (default: the config's, else qemu:///system)")
+    rep.add_argument("--config", type=Path, default=None)
+
+    status = with_config(sub.add_parser("status", help="domains, images and the cache"))
+    status.add_argument("--json", action="store_true")
+
+    cache = sub.add_parser("cache", help="operate on the image cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    with_config(cache_sub.add_parser("list", help="list cache entries")).add_argument(
+        "--json", action="store_true")
+    warm = with_config(cache_sub.add_parser("warm", help="download and verify an image now"))
+    warm.add_argument("image")
+    with_config(cache_sub.add_parser("verify", help="re-hash every entry"))
+    with_config(cache_sub.add_parser(
+        "prune", help="remove entries that are not the current version of a policy image"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "reprovision":
+            return _reprovision(args)
+        config = load_config(args.config)
+        if args.command == "run":
+            return _run(config, args.log_format, args.log_level)
+        if args.command == "status":
+            return _status(config, as_json=args.json)
+        return _cache(config, args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except WatcherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _check(path: Path) -> int:
+    problems = check_all(path)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{path}: ok")
+    return 1 if problems else 0
+
+
+def _run(config: Config, log_format: str, log_level: str) -> int:
+    from watcher.runtime.observability import configure_logging, configure_tracing
+    from watcher.runtime.supervisor import Daemon
+
+    configure_logging(json=None if log_format == "auto" else log_format == "json",
+                      level=log_level)
+    provider = configure_tracing(config.tracing)
+
+    async def main_loop() -> int:
+        return await Daemon(config).run()
+
+    try:
+        return asyncio.run(main_loop())
+    finally:
+        provider.shutdown()
+
+
+def _reprovision(args: argparse.Namespace) -> int:
+    from watcher.adapters.hypervisor import request_reprovision
+
+    uri = args.connect
+    if uri is None:
+        uri = load_config(args.config).libvirt.uri if args.config else "qemu:///system"
+    request_reprovision(uri, args.domain, args.image)
+    print(f"{args.domain}: reprovision requested; it is rewritten when it is shut off")
+    return 0
+
+
+def _cache_for(config: Config) -> Any:
+    from watcher.adapters.s3 import S3Store
+    from watcher.cache import ImageCache
+
+    policies = load_policy_dir(config.policies.dir)
+    cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
+                       pinned=lambda: policies)
+    cache.open()
+    return cache, policies
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    from watcher.adapters.hypervisor import domain_overview
+
+    cache, policies = _cache_for(config)
+    domains = domain_overview(config.libvirt.uri, policies)
+    for row in domains:
+        current = cache.current(str(row.get("image") or ""))
+        provisioned = row.get("provisioned_sha256")
+        row["current_sha256"] = current.digest if current else None
+        row["outdated"] = bool(current and provisioned and provisioned != current.digest)
+    entries = [_entry_row(e, cache.pinned_digests()) for e in cache.entries()]
+    if as_json:
+        print(json.dumps({"domains": domains, "cache": entries}, indent=2, default=str))
+        return 0
+    print(f"{'DOMAIN':<20} {'POLICY':<13} {'IMAGE':<16} {'STATE':<14} {'PROVISIONED':<13} OUTDATED")
+    for row in domains:
+        print(f"{row['domain']:<20} {row.get('match') or '-':<13} {row.get('image') or '-':<16} "
+              f"{row.get('state') or '-':<14} {str(row.get('provisioned_sha256') or '-')[:12]:<13} "
+              f"{'yes' if row['outdated'] else 'no'}")
+    print()
+    _print_entries(entries)
+    return 0
+
+
+def _entry_row(entry: Any, pinned: set[str]) -> dict[str, Any]:
+    return {"digest": entry.digest, "image": entry.image, "format": entry.format,
+            "size": entry.size, "virtual_size": entry.virtual_size,
+            "source": f"s3://{entry.bucket}/{entry.key}", "etag": entry.etag,
+            "last_used_at": entry.last_used_at, "verified_at": entry.verified_at,
+            "pinned": entry.digest in pinned}
+
+
+def _print_entries(entries: list[dict[str, Any]]) -> None:
+    print("DIGEST        IMAGE            FORMAT  SIZE       VIRTUAL    PINNED  SOURCE")
+    for e in entries:
+        print(f"{e['digest'][:12]:<13} {e['image']:<16} {e['format']:<7} "
+              f"{format_size(e['size']):<10} {format_size(e['virtual_size']):<10} "
+              f"{'yes' if e['pinned'] else 'no':<7} {e['source']}")
+
+
+def _cache(config: Config, args: argparse.Namespace) -> int:
+    cache, policies = _cache_for(config)
+    if args.cache_command == "list":
+        rows = [_entry_row(e, cache.pinned_digests()) for e in cache.entries()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_entries(rows)
+        return 0
+    if args.cache_command == "warm":
+        image = policies.images.get(args.image)
+        if image is None:
+            print(f"error: no policy defines an image named {args.image!r}", file=sys.stderr)
+            return 1
+        try:
+            entry = asyncio.run(cache.ensure(image))
+        except SidecarUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{image.name}: {entry.digest} cached ({format_size(entry.size)}, "
+              f"virtual {format_size(entry.virtual_size)})")
+        return 0
+    if args.cache_command == "verify":
+        results = cache.verify()
+        for r in results:
+            print(f"{r.digest}: {r.detail}")
+        bad = [r for r in results if not r.ok]
+        print(f"{len(results)} entries verified, {len(bad)} bad")
+        return 1 if bad else 0
+    removed = cache.prune()
+    for digest in removed:
+        print(f"removed {digest}")
+    print(f"{len(removed)} entries removed")
+    return 0

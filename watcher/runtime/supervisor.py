@@ -1,0 +1,287 @@
+"""The daemon: one supervisor owning every long-running task.
+
+Why it exists: the watcher is a handful of loops (AMQP consumer, libvirt watcher,
+reconcile timer, HTTP server, watchdog) that must start in order, stop in order, and
+never leave a half-written volume behind. Signal handlers only set flags; the
+supervisor reacts to them:
+
+- SIGTERM/SIGINT: stop taking work, drain running jobs for ``drain_timeout`` seconds
+  (shorter than systemd's ``TimeoutStopSec``), cancel what is left, exit.
+- SIGHUP: reload policies; a reload that fails keeps the previous policies running.
+
+Any root task that exits unexpectedly stops the daemon (systemd then restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from watcher import telemetry
+from watcher.adapters.amqp import BucketEventConsumer
+from watcher.adapters.s3 import S3Store
+from watcher.cache import ImageCache
+from watcher.config import Config, load_policy_dir
+from watcher.core.decide import plan_warms
+from watcher.core.errors import (
+    ConfigError,
+    ImageRejected,
+    SidecarUnavailable,
+    TemporaryError,
+    WatcherError,
+)
+from watcher.core.events import parse_bucket_notification
+from watcher.core.policy import PolicySet
+from watcher.http import HttpServer
+from watcher.runtime.observability import StateTransitionLog, context_from_amqp_headers
+from watcher.runtime.sdnotify import SystemdNotifier
+
+if TYPE_CHECKING:
+    from watcher.adapters.hypervisor import DomainWatcher
+    from watcher.reprovision import Reprovisioner
+
+log = telemetry.get_logger(component="supervisor")
+
+
+@dataclass
+class PolicyStore:
+    """The policies in force; a failed reload keeps the previous ones."""
+
+    directory: Any
+    current: PolicySet = field(default_factory=PolicySet)
+    loaded: bool = False
+
+    def load(self) -> bool:
+        try:
+            policies = load_policy_dir(self.directory)
+        except ConfigError as err:
+            telemetry.policy_reloads.labels(result="failed").inc()
+            for problem in err.problems:
+                log.error("policy error", problem=str(problem))
+            log.error("policies not loaded; keeping the previous ones" if self.loaded
+                      else "policies not loaded", problems=len(err.problems))
+            return False
+        self.current = policies
+        self.loaded = True
+        telemetry.policy_reloads.labels(result="ok").inc()
+        telemetry.policy_images.set(len(policies.images))
+        log.info("policies loaded", images=len(policies.images), rules=len(policies.rules))
+        return True
+
+    def get(self) -> PolicySet:
+        return self.current
+
+
+class Daemon:
+    """Wires the adapters and jobs together and runs them until told to stop."""
+
+    def __init__(self, config: Config, *, drain_timeout: float = 60.0,
+                 with_libvirt: bool = True) -> None:
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.policies = PolicyStore(config.policies.dir)
+        self.s3 = S3Store(config.s3)
+        self.cache = ImageCache(
+            config.cache.dir, self.s3, max_size=config.cache.max_size,
+            max_concurrent_downloads=config.cache.max_concurrent_downloads,
+            pinned=self.policies.get)
+        self.consumer = BucketEventConsumer(
+            config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
+        self.domains: DomainWatcher | None = None
+        self.reprovisioner: Reprovisioner | None = None
+        if with_libvirt:
+            from watcher.reprovision import Reprovisioner
+
+            self.reprovisioner = Reprovisioner.create(
+                uri=config.libvirt.uri, images=self.cache, policies=self.policies.get,
+                volumes=config.volumes, settings=config.reprovision)
+            self.domains = self.reprovisioner.hypervisor
+        self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
+        self.notifier = SystemdNotifier()
+        self.stop_requested = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.reconcile_requested = asyncio.Event()
+        self.warm_failures = StateTransitionLog(log)
+        self._warm_tasks: set[asyncio.Task[None]] = set()
+
+    # ---- health -----------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {"policies": self.policies.loaded, "amqp": self.consumer.consuming}
+        if self.domains is not None:
+            checks["libvirt"] = self.domains.connected
+        return checks
+
+    def status_line(self) -> str:
+        entries = len(self.cache.entries())
+        jobs = self.reprovisioner.running_jobs if self.reprovisioner else 0
+        return f"{entries} images cached, {jobs} jobs running"
+
+    # ---- bucket events ----------------------------------------------------------------
+
+    async def handle_message(self, body: bytes, headers: Mapping[str, object]) -> None:
+        """Handle one AMQP message; raising sends it to the dead-letter queue."""
+        telemetry.last_amqp_message.set(time.time())
+        parent = context_from_amqp_headers(headers)
+        with telemetry.tracer.start_as_current_span("bucket event", context=parent):
+            events = parse_bucket_notification(body)  # MalformedEvent -> dead-lettered
+            for event in events:
+                telemetry.events_received.labels(source="amqp", type=event.event_name).inc()
+            for request in plan_warms(events, self.policies.get()):
+                image = self.policies.get().images.get(request.image)
+                if image is not None:
+                    await self.warm(image.name, trigger=request.trigger)
+
+    async def warm(self, image_name: str, *, trigger: str) -> None:
+        """Warm one image; bad images are reported, temporary failures raised to the caller."""
+        image = self.policies.get().images.get(image_name)
+        if image is None:
+            return
+        bound = log.bind(image=image.name, trigger=trigger)
+        try:
+            entry = await self.cache.ensure(image)
+        except SidecarUnavailable as err:
+            bound.info("waiting for the checksum sidecar", detail=str(err))
+            return
+        except ImageRejected as err:
+            self.warm_failures.failed(image.name, "image rejected", reason=err.reason,
+                                      error=str(err), image=image.name)
+            return
+        except TemporaryError as err:
+            self.warm_failures.failed(image.name, "image could not be fetched", error=str(err),
+                                      image=image.name)
+            raise
+        self.warm_failures.ok(image.name, "image warm again")
+        bound.debug("image warm", digest=entry.digest)
+
+    async def reconcile(self) -> None:
+        """Warm every policy image; sweep domains. A missed event costs one interval."""
+        started = time.monotonic()
+        images = self.policies.get().images_to_keep_warm()
+        for image in images:
+            with contextlib.suppress(WatcherError):
+                await self.warm(image.name, trigger="reconcile")
+        if self.domains is not None and self.domains.connected:
+            await self.domains.sweep()
+        self.cache.evict()
+        log.info("reconciled", images=len(images),
+                 seconds=round(time.monotonic() - started, 3))
+
+    # ---- loops ------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        interval = self.config.reconcile_interval
+        while not self.stop_requested.is_set():
+            await self.reconcile()
+            self.reconcile_requested.clear()
+            await _wait_any(self.stop_requested, self.reconcile_requested, timeout=interval)
+
+    async def _reload_loop(self) -> None:
+        while not self.stop_requested.is_set():
+            await _wait_any(self.stop_requested, self.reload_requested)
+            if self.stop_requested.is_set():
+                return
+            self.reload_requested.clear()
+            self.notifier.reloading()
+            if self.policies.load():
+                self.reconcile_requested.set()
+            self.notifier.ready()
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval() or 10.0
+        while not self.stop_requested.is_set():
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            await _wait_any(self.stop_requested, timeout=interval)
+
+    async def _ready_when_connected(self) -> None:
+        while not self.stop_requested.is_set():
+            if all(self.readiness().values()):
+                self.notifier.ready()
+                self.notifier.status(self.status_line())
+                log.info("ready", **self.readiness())
+                return
+            await _wait_any(self.stop_requested, timeout=0.2)
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Run until SIGTERM (or ``stop_requested``); returns the process exit code."""
+        if handle_signals:
+            self.install_signal_handlers()
+        removed = self.cache.open()
+        if not self.policies.load():
+            log.warning("starting without policies; fix them and send SIGHUP",
+                        directory=str(self.config.policies.dir))
+        if removed:
+            log.info("start-up cleanup", removed=removed)
+        if self.http is not None:
+            await self.http.start()
+        await self.consumer.start()
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {
+            "reconcile": self._reconcile_loop,
+            "reload": self._reload_loop,
+            "watchdog": self._watchdog_loop,
+            "ready": self._ready_when_connected,
+        }
+        if self.domains is not None and self.reprovisioner is not None:
+            tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
+            tasks["reprovision"] = lambda: self.reprovisioner.run(self.stop_requested)  # type: ignore[union-attr]
+        running = {asyncio.create_task(factory(), name=name): name
+                   for name, factory in tasks.items()}
+        stopper = asyncio.create_task(self.stop_requested.wait(), name="stop")
+        exit_code = 0
+        pending: set[asyncio.Task[Any]] = set(running) | {stopper}
+        while not self.stop_requested.is_set():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                name = running.get(task)
+                if name is None or name == "ready":
+                    continue
+                err = task.exception() if not task.cancelled() else None
+                log.error("task exited; stopping", task=name, error=repr(err))
+                exit_code = 1
+                self.stop_requested.set()
+        await self._shutdown(running)
+        return exit_code
+
+    async def _shutdown(self, running: Mapping[asyncio.Task[Any], str]) -> None:
+        log.info("stopping: draining running jobs", deadline=self.drain_timeout)
+        self.notifier.stopping()
+        await self.consumer.stop(drain_timeout=self.drain_timeout)
+        if self.reprovisioner is not None:
+            await self.reprovisioner.drain(self.drain_timeout)
+        for task in running:
+            if not task.done():
+                task.cancel()
+        results = await asyncio.wait_for(
+            asyncio.gather(*running, return_exceptions=True), timeout=10)
+        for (_task, name), result in zip(running.items(), results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.warning("task ended with an error during shutdown", task=name,
+                            error=repr(result))
+        if self.http is not None:
+            await self.http.stop()
+        log.info("stopped")
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Sleep until one of ``events`` is set or ``timeout`` passes (a sleep that wakes on stop)."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
