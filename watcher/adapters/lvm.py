@@ -1,0 +1,280 @@
+"""The LVM edge: recognise a root disk as a logical volume, grow it, discard it, protect it.
+
+A reprovision overwrites a VM's root LV, so before writing the watcher must know what
+the block device really is (an LV? a snapshot? a thin pool? open by someone?), may have
+to grow it to the image's size, frees a thin LV's blocks before a sparse write, and
+keeps a snapshot while writing so a failed write can be undone instead of leaving a
+half-written disk. Every command runs from an argv list with ``LC_ALL=C``; reports are
+read as ``lvs --reportformat json`` in bytes, never as text meant for people. Nothing
+is logged here: the caller logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import stat
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from watcher.core.errors import PermanentError
+from watcher.core.lvm_rules import LvInfo, refusal_reason
+
+__all__ = [
+    "LvInfo", "LvmError", "discard", "extend", "lv_for_device", "lv_info",
+    "refusal_reason", "rollback_snapshot",
+]
+
+ROLLBACK_SUFFIX = "-vw-rollback"
+"""Appended to an LV's name to name the snapshot that guards a write to it."""
+
+MERGE_TIMEOUT = 3600.0
+"""Seconds to wait for a rollback merge; it copies back only the blocks the write changed."""
+
+_STDERR_KEEP = 16 * 1024
+
+_REPORT_FIELDS = (
+    "vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_size", "lv_attr", "lv_device_open",
+    "lv_role", "lv_merging", "segtype", "pool_lv", "origin", "vg_extent_size", "data_percent",
+    "lv_kernel_major", "lv_kernel_minor",
+)
+
+
+class LvmError(PermanentError):
+    """An LVM (or blkdiscard) command failed; says which, how, and what it printed."""
+
+    def __init__(self, argv: Sequence[str], exit_code: int | None, stderr: str) -> None:
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        detail = lines[-1] if lines else "no error output"
+        super().__init__(f"{' '.join(argv)} failed (exit {exit_code}): {detail}")
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stderr = stderr
+
+
+def _env() -> dict[str, str]:
+    # LVM_SUPPRESS_FD_WARNINGS: an inherited descriptor is not worth a line in stderr.
+    return {**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+
+async def _run(argv: Sequence[str]) -> str:
+    """Run ``argv`` to completion and return its stdout; raise ``LvmError`` on failure.
+
+    A cancelled caller still waits for the command to finish: LVM commands update
+    metadata and device-mapper tables, and killing one halfway leaves worse state than
+    letting it complete.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_env(),
+        )
+    except OSError as exc:
+        raise LvmError(argv, None, str(exc)) from exc
+    communicate = asyncio.ensure_future(proc.communicate())
+    try:
+        stdout, stderr = await asyncio.shield(communicate)
+    except asyncio.CancelledError:
+        await asyncio.wait([communicate])
+        raise
+    if proc.returncode != 0:
+        raise LvmError(argv, proc.returncode, stderr.decode("utf-8", "replace")[-_STDERR_KEEP:])
+    return stdout.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One ``lvs`` row: the public facts plus what is needed to match a device to it."""
+
+    info: LvInfo
+    kernel_device: tuple[int, int] | None
+    paths: tuple[str, ...]
+
+
+def _percent(value: str) -> float | None:
+    return float(value) if value.strip() else None
+
+
+def _parse_row(row: dict[str, Any]) -> _Row:
+    lv = str(row["lv_name"]).strip("[]")
+    dm_path = str(row["lv_dm_path"])
+    roles = set(str(row["lv_role"]).split(","))
+    segtype = str(row["segtype"])
+    major, minor = int(row["lv_kernel_major"]), int(row["lv_kernel_minor"])
+    info = LvInfo(
+        vg=str(row["vg_name"]),
+        lv=lv,
+        path=str(row["lv_path"]) or dm_path,
+        size=int(row["lv_size"]),
+        # The fifth lv_attr character is the state; "a" is the only one fit for I/O.
+        active=len(row["lv_attr"]) > 4 and row["lv_attr"][4] == "a",
+        device_open=row["lv_device_open"] == "1",
+        is_snapshot="snapshot" in roles,
+        is_thin_pool=segtype == "thin-pool",
+        is_thin=segtype == "thin",
+        pool=str(row["pool_lv"]) or None,
+        extent_size=int(row["vg_extent_size"]),
+        data_percent=_percent(str(row["data_percent"])),
+        origin=str(row["origin"]) or None,
+        internal="private" in roles,
+        merging=row["lv_merging"] == "1",
+    )
+    paths = tuple(p for p in (str(row["lv_path"]), dm_path) if p)
+    return _Row(info, (major, minor) if major >= 0 else None, paths)
+
+
+async def _report(selector: str | None = None) -> list[_Row]:
+    """``lvs`` for every LV (hidden ones included), or for one ``VG`` or ``VG/LV``."""
+    argv = [
+        "lvs", "--all", "--reportformat", "json", "--units", "b", "--nosuffix", "--binary",
+        "--options", ",".join(_REPORT_FIELDS),
+    ]
+    if selector is not None:
+        argv.append(selector)
+    output = await _run(argv)
+    try:
+        reports = json.loads(output)["report"]
+        return [_parse_row(row) for report in reports for row in report.get("lv", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LvmError(argv, 0, f"unexpected lvs output: {exc}") from exc
+
+
+async def lv_info(name: str) -> LvInfo:
+    """The current state of the LV ``VG/LV``; ``LvmError`` when it does not exist."""
+    vg, _, lv = name.partition("/")
+    for row in await _report(vg):
+        if row.info.lv == lv:
+            return row.info
+    raise LvmError(["lvs", name], 5, f"Failed to find logical volume \"{name}\"")
+
+
+def _dm_device(path: str) -> tuple[str, tuple[int, int] | None]:
+    """``path`` with symlinks resolved, and its (major, minor) if it is a device-mapper
+    block device (every LV is one), else None."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if not stat.S_ISBLK(st.st_mode):
+        return real, None
+    with open("/proc/devices", encoding="ascii") as devices:
+        block_section = devices.read().partition("Block devices:")[2]
+    dm_majors = {
+        int(fields[0]) for fields in (line.split() for line in block_section.splitlines())
+        if len(fields) == 2 and fields[1] == "device-mapper"
+    }
+    major = os.major(st.st_rdev)
+    return real, ((major, os.minor(st.st_rdev)) if major in dm_majors else None)
+
+
+def _match_by_path(real: str, rows: list[_Row]) -> LvInfo | None:
+    for row in rows:
+        if real in row.paths or real in (os.path.realpath(p) for p in row.paths):
+            return row.info
+    return None
+
+
+async def lv_for_device(path: str) -> LvInfo | None:
+    """The LV behind ``path`` (``/dev/VG/LV``, ``/dev/mapper/VG-LV``, ``/dev/dm-N``, or a
+    symlink to one), or None when ``path`` is not a logical volume.
+
+    Matches the device's major:minor against the kernel devices of every LV, then falls
+    back to LVM's own paths (a thin pool's public node is not its kernel device).
+    Raises ``FileNotFoundError`` when ``path`` does not exist.
+    """
+    real, device = await asyncio.to_thread(_dm_device, path)
+    if device is None:
+        return None
+    rows = await _report()
+    for row in rows:
+        if row.kernel_device == device:
+            return row.info
+    return await asyncio.to_thread(_match_by_path, real, rows)
+
+
+async def extend(info: LvInfo, min_size: int) -> LvInfo:
+    """Grow ``info``'s LV to at least ``min_size`` bytes (rounded up to whole extents).
+
+    Never shrinks: an LV already that big is returned unchanged. Returns the LV's state
+    after the change.
+    """
+    current = await lv_info(info.name)
+    if current.size >= min_size:
+        return current
+    target = math.ceil(min_size / current.extent_size) * current.extent_size
+    await _run(["lvextend", "--size", f"{target}b", current.name])
+    return await lv_info(info.name)
+
+
+async def discard(path: str) -> None:
+    """Discard every block of the device at ``path``.
+
+    On a thin LV this returns the blocks to the pool, so a following write of a sparse
+    image with ``--target-is-zero`` allocates only what the image holds. blkdiscard
+    opens the device exclusively: it fails rather than discard a mounted device.
+    """
+    await _run(["blkdiscard", path])
+
+
+async def _merge_back(origin: LvInfo, snapshot: LvInfo, timeout: float) -> None:
+    """Merge ``snapshot`` into ``origin`` and wait until the merge has completed.
+
+    ``lvconvert --merge`` merges at once and waits when the origin is closed. When it is
+    still open (a writer not yet gone), LVM delays the merge to the origin's next
+    activation: once the origin is closed, it is reactivated so the merge runs now.
+    """
+    await _run(["lvconvert", "--merge", "--interval", "1", snapshot.name])
+    reactivated = False
+    async with asyncio.timeout(timeout):
+        while any(row.info.lv == snapshot.lv for row in await _report(origin.vg)):
+            if not reactivated:
+                current = await lv_info(origin.name)
+                if not current.device_open:
+                    if current.active:
+                        await _run(["lvchange", "--activate", "n", origin.name])
+                    await _run(["lvchange", "--activate", "y", origin.name])
+                    reactivated = True
+                    continue
+            await asyncio.sleep(0.5)
+
+
+@contextlib.asynccontextmanager
+async def rollback_snapshot(
+    info: LvInfo, size: int, *, keep: bool = False, merge_timeout: float = MERGE_TIMEOUT,
+) -> AsyncIterator[LvInfo]:
+    """Keep a snapshot of ``info``'s LV while the body writes it; undo the write on failure.
+
+    Creates ``<lv>-vw-rollback`` (a COW snapshot of ``size`` bytes, a thin snapshot for a
+    thin LV) and yields it. If the body raises (or is cancelled), the snapshot is merged
+    back, so the LV reads exactly as before, and the exception is re-raised; a failed
+    merge raises ``LvmError`` chained to it. On success the snapshot is removed unless
+    ``keep``. A COW snapshot that fills up becomes invalid and cannot be merged: ``size``
+    must cover everything the body may change (the LV's size always does).
+    """
+    name = f"{info.lv}{ROLLBACK_SUFFIX}"
+    argv = ["lvcreate", "--snapshot", "--name", name]
+    if not info.is_thin:
+        rounded = math.ceil(size / info.extent_size) * info.extent_size
+        argv += ["--size", f"{rounded}b"]
+    await _run([*argv, info.name])
+    snapshot = await lv_info(f"{info.vg}/{name}")
+    try:
+        yield snapshot
+    except GeneratorExit:
+        raise
+    except BaseException as failure:
+        try:
+            await _merge_back(info, snapshot, merge_timeout)
+        except (LvmError, TimeoutError) as merge_failure:
+            raise LvmError(
+                ["lvconvert", "--merge", snapshot.name], None,
+                f"rolling {info.name} back failed after {failure!r}: {merge_failure}",
+            ) from failure
+        raise
+    if not keep:
+        await _run(["lvremove", "--yes", snapshot.name])
