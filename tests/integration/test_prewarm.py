@@ -237,7 +237,7 @@ def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) 
     image_policy(env, key)
     cmd = [sys.executable, "-m", "watcher", "run", "--config", str(env.config_path)]
     tmp = env.cache_dir / "tmp"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         asyncio.run(wait_for(lambda: tmp.exists() and any(p.suffix == ".part"
                                                           for p in tmp.iterdir()),
@@ -246,7 +246,7 @@ def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) 
         proc.wait(10)
         assert not list((env.cache_dir / "objects").glob("*.json"))
 
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         objects = env.cache_dir / "objects"
         asyncio.run(wait_for(lambda: (objects / f"{digest}.json").exists(), timeout=120,
                              what="entry after restart"))

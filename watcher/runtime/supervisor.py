@@ -245,6 +245,8 @@ class Daemon:
         pending: set[asyncio.Task[Any]] = set(running) | {stopper}
         while not self.stop_requested.is_set():
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if self.stop_requested.is_set():
+                break  # tasks that end because we are stopping are not failures
             for task in done:
                 name = running.get(task)
                 if name is None or name == "ready":
