@@ -1,0 +1,517 @@
+"""Reprovisioning end to end: real libvirtd, real QEMU guests, real volumes.
+
+Each guest boots a 512-byte boot sector that prints its image's banner on COM1, which
+libvirt logs to a file: a guest that booted v1, was tagged and shut off, and then prints
+v2 was rewritten by the watcher. The watcher runs in the test's event loop (a
+``DomainWatcher`` and a ``Reprovisioner`` with a local image source instead of S3).
+Domains, pools and loop devices get unique names and are removed even when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bootimage import domain_xml, write_qcow2_image
+from watcher.adapters.hypervisor import DomainWatcher
+from watcher.adapters.qemu_img import write_image
+from watcher.cache import CacheEntry
+from watcher.config import ReprovisionSettings, VolumesSettings
+from watcher.core.backoff import Backoff
+from watcher.core.domain import NAMESPACE, DomainState, parse_state
+from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.reprovision import Reprovisioner
+
+pytestmark = pytest.mark.libvirt
+
+ROOT = Path(__file__).resolve().parents[2]
+URI = "qemu:///system"
+MiB = 1024 * 1024
+IMAGE_SIZE = 2 * MiB
+BANNER_V1 = "LVW TEST IMAGE V1"
+BANNER_V2 = "LVW TEST IMAGE V2"
+
+
+# ---- talking to libvirt the way an operator does: virsh ------------------------------------
+
+
+def virsh_sync(*args: str, check: bool = True,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", URI, *args], check=check, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+async def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """virsh off the event loop, so the watcher keeps handling events meanwhile."""
+    return await asyncio.to_thread(virsh_sync, *args, check=check)
+
+
+def run(*argv: str | Path) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def sha256_of(path: str | Path, size: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = size if size is not None else -1
+        while remaining != 0:
+            chunk = handle.read(MiB if remaining < 0 else min(MiB, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining > 0:
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+async def metadata_state(name: str) -> DomainState | None:
+    out = await virsh("metadata", name, "--uri", NAMESPACE, "--config", check=False)
+    return parse_state(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+
+
+async def wait_for_state(name: str, kinds: tuple[str, ...] = ("provisioned", "failed"),
+                         timeout: float = 60) -> DomainState:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = await metadata_state(name)
+        if state is not None and state.kind in kinds:
+            return state
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{name} never reached {kinds}; last state {state}")
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def wait_for_banner(log: Path, banner: str, timeout: float = 30) -> None:
+    def printed() -> bool:
+        return log.exists() and banner in log.read_text(errors="replace")
+
+    await wait_until(printed, f"{banner!r} in {log}", timeout)
+
+
+async def tag(name: str, element: str = "<reprovision/>") -> None:
+    await virsh("metadata", name, "--uri", NAMESPACE, "--key", "vw", "--set", element,
+                "--config")
+
+
+# ---- images, as the cache would hand them out --------------------------------------------
+
+
+def cache_entry(path: Path, image: str) -> CacheEntry:
+    info = json.loads(run("qemu-img", "info", "-f", "qcow2", "--output=json", path))
+    return CacheEntry(digest=sha256_of(path), path=path, format="qcow2",
+                      virtual_size=int(info["virtual-size"]), size=path.stat().st_size,
+                      image=image, bucket="local", key=path.name, etag="-")
+
+
+@dataclass
+class LocalImages:
+    """An ``ImageSource`` serving files the test built."""
+
+    entries: dict[str, CacheEntry]
+    ensured: list[str] = field(default_factory=list)
+
+    async def ensure(self, image: ImageSpec) -> CacheEntry:
+        self.ensured.append(image.name)
+        return self.entries[image.name]
+
+    def current(self, image_name: str) -> CacheEntry | None:
+        return self.entries.get(image_name)
+
+
+@dataclass
+class World:
+    """One test's directory, names, images and cleanup list."""
+
+    dir: Path
+    prefix: str
+    images: LocalImages
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}-{suffix}"
+
+    def policies(self, *, grow: bool = False, start: bool = False) -> PolicySet:
+        specs = {n: ImageSpec(n, "local", n, None, "qcow2") for n in self.images.entries}
+        return PolicySet(images=specs, rules=(
+            DomainRule(f"{self.prefix}-*", "v2", grow=grow, start=start),))
+
+    def allow_own_files(self) -> VolumesSettings:
+        """Volume settings allowing this test's directory (as the watcher sees it, resolved)."""
+        return VolumesSettings(allow=(os.path.realpath(self.dir) + "/*",))
+
+    def write_v1(self, target: str | Path) -> None:
+        run("qemu-img", "convert", "-q", "-n", "-f", "qcow2", "-O", "raw",
+            self.images.entries["v1"].path, target)
+
+    def dir_pool(self, suffix: str = "pool") -> tuple[str, Path]:
+        """A transient ``dir`` pool in the test directory."""
+        name = self.name(suffix)
+        path = self.dir / suffix
+        path.mkdir(mode=0o755)
+        virsh_sync("pool-create-as", name, "dir", "--target", str(path))
+        self.cleanups.append(lambda: virsh_sync("pool-destroy", name, check=False))
+        return name, path
+
+    def volume(self, pool: str, volume: str, size: int) -> str:
+        virsh_sync("vol-create-as", pool, volume, str(size), "--format", "raw")
+        return virsh_sync("vol-path", volume, "--pool", pool).stdout.strip()
+
+    def loop_device(self, size: int) -> str:
+        backing = self.dir / f"loop-{len(self.cleanups)}.img"
+        with backing.open("wb") as handle:
+            handle.truncate(size)
+        device = run("losetup", "--find", "--show", backing).strip()
+        self.cleanups.append(lambda: run("losetup", "-d", device))
+        return device
+
+    def define(self, suffix: str, source: str, *, disk_type: str = "file") -> tuple[str, Path]:
+        """A persistent, shut-off domain booting from ``source``; returns name and serial log."""
+        name = self.name(suffix)
+        log = self.dir / f"{suffix}.console.log"
+        xml = self.dir / f"{suffix}.xml"
+        xml.write_text(domain_xml(name, source, log, disk_type=disk_type))
+        virsh_sync("define", str(xml))
+        self.cleanups.append(lambda: (
+            virsh_sync("destroy", name, check=False),
+            virsh_sync("undefine", name, "--managed-save", check=False)))
+        return name, log
+
+
+@pytest.fixture(scope="module")
+def hook_installed(services_env: dict[str, str]) -> None:
+    """The start interlock hook; restarts libvirtd only when the hook is new or changed."""
+    subprocess.run([str(ROOT / "scripts" / "install-hook.sh")], check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def world(world_readable_tmp: Path, unique_name: str, hook_installed: None) -> Iterator[World]:
+    v1 = write_qcow2_image(world_readable_tmp / "v1.qcow2", BANNER_V1, IMAGE_SIZE)
+    v2 = write_qcow2_image(world_readable_tmp / "v2.qcow2", BANNER_V2, IMAGE_SIZE)
+    images = LocalImages({"v1": cache_entry(v1, "v1"), "v2": cache_entry(v2, "v2")})
+    w = World(world_readable_tmp, f"lvw-{unique_name}", images)
+    try:
+        yield w
+    finally:
+        # Domains first (they hold volumes and devices), then pools and loop devices.
+        for cleanup in reversed(w.cleanups):
+            with contextlib.suppress(subprocess.SubprocessError):
+                cleanup()
+
+
+@dataclass
+class Watcher:
+    hypervisor: DomainWatcher
+    reprovisioner: Reprovisioner
+
+
+@contextlib.asynccontextmanager
+async def watching(world: World, policies: PolicySet, volumes: VolumesSettings,
+                   *, write: Callable[..., Awaitable[None]] = write_image,
+                   max_concurrent: int = 2) -> AsyncIterator[Watcher]:
+    """The watcher's two tasks running in this loop until the block ends."""
+    stop = asyncio.Event()
+    reprovisioner: Reprovisioner | None = None
+
+    def report(uuid: str) -> None:
+        assert reprovisioner is not None
+        reprovisioner.request(uuid)
+
+    hypervisor = DomainWatcher(URI, report, backoff=Backoff(base=0.2, cap=1.0, attempts=0))
+    settings = ReprovisionSettings(max_concurrent=max_concurrent)
+    reprovisioner = Reprovisioner(hypervisor, world.images, lambda: policies, volumes, settings,
+                                  write_image=write, retry=Backoff(base=0.2, cap=1, attempts=3))
+    tasks = [asyncio.create_task(hypervisor.run(stop), name="libvirt"),
+             asyncio.create_task(reprovisioner.run(stop), name="reprovision")]
+    try:
+        await wait_until(lambda: hypervisor.connected or any(t.done() for t in tasks),
+                         "the watcher to connect")
+        for task in tasks:
+            if task.done():
+                task.result()
+        yield Watcher(hypervisor, reprovisioner)
+    finally:
+        stop.set()
+        await reprovisioner.drain(10)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=15)
+
+
+# ---- the core path -----------------------------------------------------------------------
+
+
+async def test_shut_off_tagged_domain_on_a_dir_pool_volume_boots_the_new_image(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("dir", f"{pool}/root.img", disk_type="volume")
+    volumes = world.allow_own_files()
+
+    async with watching(world, world.policies(), volumes) as watcher:
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V1)
+        await tag(name)
+        await virsh("destroy", name)
+        state = await wait_for_state(name)
+
+        assert state.kind == "provisioned", state
+        assert state.image == "v2"
+        assert state.sha256 == world.images.entries["v2"].digest
+        assert state.time is not None
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V2)
+        assert BANNER_V1 not in log.read_text()
+        # The result is recorded once: our own metadata updates do not start a second write.
+        assert world.images.ensured == ["v2"]
+        assert watcher.reprovisioner.running_jobs == 0
+
+
+async def test_loop_device_block_volume_is_written_and_the_domain_started_by_policy(
+        world: World) -> None:
+    device = world.loop_device(IMAGE_SIZE)
+    world.write_v1(device)
+    name, log = world.define("blk", device, disk_type="block")
+    volumes = VolumesSettings(allow=("/dev/loop*",))
+
+    async with watching(world, world.policies(start=True), volumes):
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V1)
+        await tag(name, '<reprovision image="v2"/>')
+        await virsh("destroy", name)
+        state = await wait_for_state(name)
+
+        assert state.kind == "provisioned", state
+        await wait_for_banner(log, BANNER_V2)  # started by the watcher: rule.start
+        v2_raw = world.dir / "v2.raw"
+        run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw",
+            world.images.entries["v2"].path, v2_raw)
+        assert sha256_of(device) == sha256_of(v2_raw)
+        assert (await virsh("domstate", name)).stdout.strip() == "running"
+
+
+async def test_domain_tagged_while_running_is_untouched_until_it_shuts_off(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("run", path)
+    volumes = world.allow_own_files()
+
+    async with watching(world, world.policies(), volumes):
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V1)
+        before = sha256_of(path)
+        await tag(name)
+        await asyncio.sleep(2)  # the metadata-change event arrives and is set aside
+
+        assert sha256_of(path) == before
+        assert await metadata_state(name) == DomainState("reprovision")
+        assert world.images.ensured == []
+        await virsh("shutdown", name, check=False)  # a halted guest ignores ACPI
+        await virsh("destroy", name)
+        assert (await wait_for_state(name)).kind == "provisioned"
+        assert sha256_of(path) != before
+
+
+async def test_starting_a_domain_while_its_volume_is_written_is_refused_by_the_hook(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("hook", path)
+    volumes = world.allow_own_files()
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def paused_write(*args: Any, **kwargs: Any) -> None:
+        writing.set()
+        await release.wait()
+        await write_image(*args, **kwargs)
+
+    async with watching(world, world.policies(), volumes, write=paused_write):
+        await tag(name)
+        await asyncio.wait_for(writing.wait(), timeout=30)
+        assert (await metadata_state(name) or DomainState("failed")).kind == "provisioning"
+
+        refused = await virsh("start", name, check=False)
+
+        assert refused.returncode != 0
+        assert "libvirt-volume-watcher is writing v2" in refused.stderr
+        assert (await virsh("domstate", name)).stdout.strip() == "shut off"
+        release.set()
+        assert (await wait_for_state(name)).kind == "provisioned"
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V2)
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+async def test_volume_too_small_fails_and_is_left_unchanged(world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE // 2)
+    name, _log = world.define("small", f"{pool}/root.img", disk_type="volume")
+    volumes = world.allow_own_files()
+    before = sha256_of(path)
+
+    async with watching(world, world.policies(grow=False), volumes):
+        await tag(name)
+        state = await wait_for_state(name)
+
+    assert state.kind == "failed"
+    assert state.reason is not None and "grow: false" in state.reason
+    assert state.image == "v2"
+    assert sha256_of(path) == before
+    assert (await asyncio.to_thread(os.stat, path)).st_size == IMAGE_SIZE // 2
+
+
+async def test_volume_too_small_is_grown_through_libvirt_when_the_policy_allows(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    world.volume(pool, "root.img", IMAGE_SIZE // 2)
+    name, log = world.define("grow", f"{pool}/root.img", disk_type="volume")
+    volumes = world.allow_own_files()
+
+    async with watching(world, world.policies(grow=True), volumes):
+        await tag(name)
+        state = await wait_for_state(name)
+        assert state.kind == "provisioned", state
+        capacity = int((await virsh("vol-info", "--bytes", "root.img", "--pool", pool))
+                       .stdout.split("Capacity:")[1].split()[0])
+        assert capacity >= world.images.entries["v2"].virtual_size
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V2)
+
+
+async def test_root_disk_outside_the_allow_list_fails_and_is_left_unchanged(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, _log = world.define("deny", path)
+    before = sha256_of(path)
+    volumes = VolumesSettings(allow=("/dev/mapper/*",))
+
+    async with watching(world, world.policies(), volumes):
+        await tag(name)
+        state = await wait_for_state(name)
+
+    assert state.kind == "failed"
+    assert state.reason is not None and "matches no volumes.allow pattern" in state.reason
+    assert sha256_of(path) == before
+
+
+async def test_empty_allow_list_accepts_only_logical_pool_volumes(world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, _log = world.define("dirpool", path)
+    before = sha256_of(path)
+
+    async with watching(world, world.policies(), VolumesSettings()):
+        await tag(name)
+        state = await wait_for_state(name)
+
+    assert state.kind == "failed"
+    assert state.reason is not None and "in a 'dir' pool" in state.reason
+    assert sha256_of(path) == before
+
+
+async def test_domain_with_a_managed_save_image_fails_found_by_the_start_up_sweep(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("saved", path)
+    volumes = world.allow_own_files()
+    await virsh("start", name)
+    await wait_for_banner(log, BANNER_V1)
+    await virsh("managedsave", name)
+    await tag(name)  # before the watcher runs: only the start-up sweep can see it
+    before = sha256_of(path)
+
+    async with watching(world, world.policies(), volumes):
+        state = await wait_for_state(name)
+
+    assert state.kind == "failed"
+    assert state.reason is not None and "managed-save image" in state.reason
+    assert sha256_of(path) == before
+
+
+async def test_domain_no_policy_matches_fails_with_that_reason(world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    name, _log = world.define("orphan", path)
+    policies = PolicySet(images=world.policies().images,
+                         rules=(DomainRule("someone-else-*", "v2"),))
+
+    async with watching(world, policies, VolumesSettings()):
+        await tag(name)
+        state = await wait_for_state(name)
+
+    assert state == DomainState("failed", None, None, state.time, "no policy matches")
+
+
+# ---- reconnect ---------------------------------------------------------------------------
+
+
+def restart_libvirtd() -> None:
+    """Kill libvirtd and start it again, as a crash and a restart would."""
+    pid = int(Path("/run/libvirtd.pid").read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"libvirtd {pid} did not exit")
+    for _ in range(5):
+        subprocess.run(["libvirtd", "-d"], check=False, capture_output=True, timeout=30)
+        for _ in range(50):
+            if virsh_sync("version", check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+    raise AssertionError("libvirtd did not come back")
+
+
+async def test_watcher_reconnects_after_libvirtd_restarts_and_handles_the_next_tag(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("reconnect", path)
+    volumes = world.allow_own_files()
+
+    async with watching(world, world.policies(), volumes) as watcher:
+        await asyncio.to_thread(restart_libvirtd)
+        await wait_until(lambda: watcher.hypervisor.connects >= 2
+                         and watcher.hypervisor.connected, "the watcher to reconnect", 60)
+        await tag(name)
+        state = await wait_for_state(name)
+
+        assert state.kind == "provisioned", state
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V2)
