@@ -17,6 +17,12 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...
   echo "services: $what did not come up within ${limit}s" >&2; return 1
 }
 
+# Debian's udev rule makes /dev/kvm root:kvm 0660 so QEMU (user libvirt-qemu, group kvm)
+# can use it; without udev it stays root-only and libvirt re-probes QEMU on every call.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   echo "services: starting libvirtd"
   # Debian's unit normally creates these; without systemd we do.

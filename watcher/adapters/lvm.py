@@ -257,12 +257,18 @@ async def rollback_snapshot(
     must cover everything the body may change (the LV's size always does).
     """
     name = f"{info.lv}{ROLLBACK_SUFFIX}"
-    argv = ["lvcreate", "--snapshot", "--name", name]
-    if not info.is_thin:
-        rounded = math.ceil(size / info.extent_size) * info.extent_size
-        argv += ["--size", f"{rounded}b"]
-    await _run([*argv, info.name])
-    snapshot = await lv_info(f"{info.vg}/{name}")
+    leftover = [r for r in await _report(info.vg) if r.info.lv == name]
+    if leftover and leftover[0].info.origin == info.lv:
+        # A write that crashed left its guard behind: it still holds the LV as it was
+        # before that write, so it keeps guarding this one.
+        snapshot = leftover[0].info
+    else:
+        argv = ["lvcreate", "--snapshot", "--name", name]
+        if not info.is_thin:
+            rounded = math.ceil(size / info.extent_size) * info.extent_size
+            argv += ["--size", f"{rounded}b"]
+        await _run([*argv, info.name])
+        snapshot = await lv_info(f"{info.vg}/{name}")
     try:
         yield snapshot
     except GeneratorExit:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -229,7 +229,7 @@ class Daemon:
         if self.http is not None:
             await self.http.start()
         await self.consumer.start()
-        tasks: dict[str, Callable[[], Awaitable[None]]] = {
+        tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "reconcile": self._reconcile_loop,
             "reload": self._reload_loop,
             "watchdog": self._watchdog_loop,
