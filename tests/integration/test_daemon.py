@@ -39,13 +39,6 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""  # not listening (yet)
 
 
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 class Process:
     def __init__(self, env: Env, port: int) -> None:
         self.port = port

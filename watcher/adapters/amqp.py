@@ -38,6 +38,7 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 
+from watcher import telemetry
 from watcher.config import AmqpSettings
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
 
@@ -320,6 +321,7 @@ class BucketEventConsumer:
             reason = "temporary"
         else:
             reason = "unexpected"
+        telemetry.events_dead_lettered.labels(reason=reason).inc()
         self._log.error(
             "amqp message dead-lettered",
             queue=self._queue_name,

@@ -168,9 +168,28 @@ class Daemon:
                 await self.warm(image.name, trigger="reconcile")
         if self.domains is not None and self.domains.connected:
             await self.domains.sweep()
+            await self._count_outdated()
         self.cache.evict()
         log.info("reconciled", images=len(images),
                  seconds=round(time.monotonic() - started, 3))
+
+    async def _count_outdated(self) -> None:
+        """Domains provisioned with an older digest than their image's cached current one."""
+        from watcher.adapters.hypervisor import domain_overview
+
+        try:
+            rows = await asyncio.to_thread(domain_overview, self.config.libvirt.uri,
+                                           self.policies.get())
+        except WatcherError as err:
+            log.warning("could not count outdated domains", error=str(err))
+            return
+        outdated = 0
+        for row in rows:
+            current = self.cache.current(str(row.get("image") or ""))
+            provisioned = row.get("provisioned_sha256")
+            if current is not None and provisioned and provisioned != current.digest:
+                outdated += 1
+        telemetry.domains_outdated.set(outdated)
 
     # ---- loops ------------------------------------------------------------------------
 
@@ -193,10 +212,12 @@ class Daemon:
             self.notifier.ready()
 
     async def _watchdog_loop(self) -> None:
-        interval = self.notifier.watchdog_interval() or 10.0
+        """Watchdog pings, the STATUS= line and connection gauges, every few seconds."""
+        interval = min(self.notifier.watchdog_interval() or 5.0, 5.0)
         while not self.stop_requested.is_set():
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
+            telemetry.connection_up.labels(service="amqp").set(int(self.consumer.connected))
             await _wait_any(self.stop_requested, timeout=interval)
 
     async def _ready_when_connected(self) -> None:
