@@ -14,6 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.util._once import Once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +67,23 @@ def world_readable_tmp() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def reset_global_tracer_provider() -> None:
+    # OpenTelemetry lets a process set its provider once; tests need a fresh one each.
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    """The daemon's tracing set up with an in-memory exporter, reset afterwards."""
+    from watcher.config import TracingSettings
+    from watcher.runtime.observability import configure_tracing
+
+    reset_global_tracer_provider()
+    exporter = InMemorySpanExporter()
+    provider = configure_tracing(TracingSettings(), exporter=exporter)
+    yield provider, exporter
+    provider.shutdown()
+    reset_global_tracer_provider()

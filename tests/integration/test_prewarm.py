@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.integration.harness import (
     Env,
@@ -258,3 +260,25 @@ def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) 
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def test_an_event_traced_upstream_parents_the_warm_download_and_inspect_spans(
+        env: Env, base_policy: str, tmp_path: Path,
+        spans: tuple[TracerProvider, InMemorySpanExporter], daemon: RunningDaemon) -> None:
+    _provider, exporter = spans
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    digest = env.upload_with_sidecar(base_policy, make_qcow2(tmp_path / "v1.qcow2"))
+    await publish(env.exchange, minio_event(env.bucket, base_policy),
+                  headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    await wait_for(lambda: digest in daemon.entries(), what="cache entry")
+
+    finished = {s.name: s for s in exporter.get_finished_spans()
+                if s.context.trace_id == int(trace_id, 16)}
+    assert {"bucket event", "warm", "download", "inspect"} <= set(finished)
+    event, warm = finished["bucket event"], finished["warm"]
+    assert event.parent is not None and event.parent.span_id == int(parent_id, 16)
+    assert warm.parent is not None and warm.parent.span_id == event.context.span_id
+    for child in ("download", "inspect"):
+        parent = finished[child].parent
+        assert parent is not None and parent.span_id == warm.context.span_id
+    assert finished["inspect"].attributes["digest"] == digest

@@ -14,8 +14,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.util._once import Once
 
+from tests.conftest import reset_global_tracer_provider
 from watcher import telemetry
 from watcher.config import TracingSettings
 from watcher.runtime.observability import (
@@ -30,22 +30,7 @@ from watcher.runtime.observability import (
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-
-
-def _reset_global_tracer_provider() -> None:
-    # OpenTelemetry lets a process set its provider once; tests need a fresh one each.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
-
-
-@pytest.fixture
-def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    _reset_global_tracer_provider()
-    exporter = InMemorySpanExporter()
-    provider = configure_tracing(TracingSettings(), exporter=exporter)
-    yield provider, exporter
-    provider.shutdown()
-    _reset_global_tracer_provider()
+# The ``spans`` fixture (a fresh provider with an in-memory exporter) is in tests/conftest.py.
 
 
 @pytest.fixture
@@ -191,7 +176,7 @@ class TestTraceContextFromAmqp:
 
 class TestTracingSetup:
     def test_without_endpoint_or_exporter_spans_have_ids_but_no_processor(self) -> None:
-        _reset_global_tracer_provider()
+        reset_global_tracer_provider()
         provider = configure_tracing(TracingSettings())
         try:
             assert provider._active_span_processor._span_processors == ()
@@ -200,10 +185,10 @@ class TestTracingSetup:
             assert trace.get_tracer_provider() is provider
         finally:
             provider.shutdown()
-            _reset_global_tracer_provider()
+            reset_global_tracer_provider()
 
     def test_an_otlp_endpoint_gets_a_batching_exporter_to_its_traces_url(self) -> None:
-        _reset_global_tracer_provider()
+        reset_global_tracer_provider()
         provider = configure_tracing(TracingSettings(otlp_endpoint="http://127.0.0.1:4318"))
         try:
             [processor] = provider._active_span_processor._span_processors
@@ -212,7 +197,7 @@ class TestTracingSetup:
             assert getattr(exporter, "_endpoint", None) == "http://127.0.0.1:4318/v1/traces"
         finally:
             provider.shutdown()
-            _reset_global_tracer_provider()
+            reset_global_tracer_provider()
 
     @pytest.mark.parametrize(("endpoint", "url"), [
         ("http://tempo:4318", "http://tempo:4318/v1/traces"),
