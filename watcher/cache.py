@@ -136,6 +136,8 @@ class ImageCache:
         self._flights = _SingleFlight()
         self.log = telemetry.get_logger(component="cache")
         self._pending: dict[tuple[str, str, str], tuple[Path, str, int]] = {}
+        # Object versions already rejected: not downloaded again until they change.
+        self._rejected: dict[Source, ImageRejected] = {}
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -195,6 +197,10 @@ class ImageCache:
             obj = await self._resolve(image)
             digest = await self._published_digest(image, obj)
             source = Source(obj.bucket, obj.key, obj.etag)
+            known_bad = self._rejected.get(source)
+            if known_bad is not None and known_bad.reason != "checksum_mismatch":
+                # The same bytes will fail the same way; a new upload has a new ETag.
+                raise known_bad
             hit = self._lookup(digest, source)
             if hit is not None:
                 telemetry.cache_hits.inc()
@@ -278,6 +284,7 @@ class ImageCache:
             self._commit(path, entry)
         except ImageRejected as err:
             telemetry.images_rejected.labels(reason=err.reason).inc()
+            self._rejected[source] = err
             raise
         finally:
             if path.exists() and path.parent == self.tmp and not self._is_pending(path):

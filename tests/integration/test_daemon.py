@@ -118,6 +118,13 @@ def test_a_failed_reload_keeps_the_previous_policies_and_sigterm_exits_cleanly(
         asyncio.run(publish(env.exchange, minio_event(env.bucket, key)))
         asyncio.run(wait_for(lambda: (env.cache_dir / "objects" / f"{digest}.json").exists(),
                              what="image warmed under the previous policies"))
+        metrics = get(daemon.url("/metrics"))[1]
+        for line in ('volume_watcher_events_received_total{source="amqp",'
+                     'type="s3:ObjectCreated:Put"} 1.0',
+                     'volume_watcher_downloads_total{result="ok"} 1.0',
+                     "volume_watcher_cache_entries 1.0",
+                     'volume_watcher_connection_up{service="libvirt"} 1.0'):
+            assert line in metrics, line
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
         code = daemon.proc.wait(60)

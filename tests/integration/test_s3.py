@@ -275,8 +275,9 @@ def test_interrupted_download_resumes_from_where_it_stopped(
     assert result.resumed >= 1
     assert (result.sha256, result.size) == (sha256(data), len(data))
     assert dest.read_bytes() == data
-    # Starting over would send 20 MiB; a resume re-sends at most what was in flight.
-    assert proxy.bytes_to_client < len(data) + 2 * MiB
+    # Starting over would send 20 MiB; a resume re-sends at most what was in flight
+    # (socket buffers on both sides of the proxy: a few MiB on a loaded machine).
+    assert proxy.bytes_to_client < len(data) + 6 * MiB
     assert any("attempt 2/4" in line for line in attempts)
 
 
