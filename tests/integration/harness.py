@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import json
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -92,6 +93,13 @@ class Env:
         self.upload_file(key, path)
         self.upload(key + ".sha256", f"{digest}  {Path(key).name}\n".encode())
         return digest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def sha256_file(path: Path) -> str:

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from watcher.core.policy import ImageSpec
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "watcher"]
-
-
-@pytest.fixture
-def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
-        tmp_path: Path) -> Iterator[Env]:
-    world = Env(root=tmp_path, bucket=s3_bucket, exchange=f"unused-{unique_name}",
-                queue=f"unused-{unique_name}", s3=services_env)
-    world.write_config()
-    yield world
 
 
 def open_cache(env: Env) -> ImageCache:

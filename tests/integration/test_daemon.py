@@ -9,24 +9,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Env, delete_amqp, make_qcow2, minio_event, publish, wait_for
+from tests.integration.harness import Env, free_port, make_qcow2, minio_event, publish, wait_for
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "watcher"]
-
-
-@pytest.fixture
-def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
-        tmp_path: Path) -> Iterator[Env]:
-    world = Env(root=tmp_path, bucket=s3_bucket, exchange=f"minio-events-{unique_name}",
-                queue=f"lvw-test-{unique_name}", s3=services_env)
-    yield world
-    asyncio.run(delete_amqp(world.exchange, world.queue))
 
 
 def get(url: str) -> tuple[int, str]:
@@ -62,12 +52,8 @@ class Process:
 
 
 @pytest.fixture
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def port() -> int:
+    return free_port()
 
 
 def test_check_reports_every_policy_problem_with_file_and_line(env: Env) -> None:
@@ -95,12 +81,12 @@ def test_check_reports_every_policy_problem_with_file_and_line(env: Env) -> None
 
 
 def test_a_failed_reload_keeps_the_previous_policies_and_sigterm_exits_cleanly(
-        env: Env, tmp_path: Path, free_port: int) -> None:
+        env: Env, tmp_path: Path, port: int) -> None:
     key = "images/base.qcow2"
-    env.write_config(http={"listen": f"127.0.0.1:{free_port}"})
+    env.write_config(http={"listen": f"127.0.0.1:{port}"})
     env.write_policy({"base": {"bucket": env.bucket, "key": key, "format": "qcow2"}},
                      [{"match": "*", "image": "base"}])
-    daemon = Process(env, free_port)
+    daemon = Process(env, port)
     try:
         asyncio.run(wait_for(lambda: get(daemon.url("/readyz"))[0] == 200, timeout=60,
                              what="readiness"))

@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from tests.bootimage import domain_xml, write_qcow2_image
-from tests.integration.harness import Env, delete_amqp, minio_event, publish, wait_for
+from tests.integration.harness import (
+    Env,
+    delete_amqp,
+    free_port,
+    minio_event,
+    publish,
+    wait_for,
+)
 from tests.integration.test_reprovision import (
     hook_installed,  # noqa: F401 - fixture
     sha256_of,
@@ -47,14 +54,6 @@ def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
         virsh_sync("destroy", name, check=False)
         virsh_sync("undefine", name, check=False)
     asyncio.run(delete_amqp(world.exchange, world.queue))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Daemon:

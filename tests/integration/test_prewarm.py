@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tests.integration.harness import (
     Env,
-    delete_amqp,
     make_qcow2,
     minio_event,
     publish,
@@ -34,16 +33,6 @@ from watcher.config import load_config
 from watcher.runtime.supervisor import Daemon
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
-        tmp_path: Path) -> Iterator[Env]:
-    world = Env(root=tmp_path, bucket=s3_bucket, exchange=f"minio-events-{unique_name}",
-                queue=f"lvw-test-{unique_name}", s3=services_env)
-    world.write_config()
-    yield world
-    asyncio.run(delete_amqp(world.exchange, world.queue))
 
 
 class RunningDaemon:
