@@ -42,6 +42,17 @@ _T = TypeVar("_T")
 _HEX = frozenset("0123456789abcdef")
 
 
+LRU_RESOLUTION = 300.0
+"""Seconds: a use within this time of the recorded one is not written again."""
+
+
+def _age_seconds(stamp: str) -> float:
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+    except ValueError:
+        return float("inf")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -340,15 +351,22 @@ class ImageCache:
 
     def _use(self, entry: CacheEntry, image: ImageSpec, source: Source) -> CacheEntry:
         """Record a use: LRU time, the source, and the image's current-version ref."""
+        latest = self.get(entry.digest) or entry
+        ref = self._read_json(self.refs / f"{image.name}.json") or {}
+        unchanged = (source in latest.sources and latest.image == image.name
+                     and ref.get("digest") == entry.digest and ref.get("etag") == source.etag)
+        if unchanged and _age_seconds(latest.last_used_at) < LRU_RESOLUTION:
+            # A duplicate notification: nothing to record, so no file write on the loop.
+            return latest
         with self._locked():
-            latest = self.get(entry.digest) or entry
             updated = replace(latest, last_used_at=_now(), image=image.name,
                               bucket=source.bucket, key=source.key, etag=source.etag,
                               sources=_merge(latest.sources, (source,)))
             self._write_record(updated)
-            self._write_json(self.refs / f"{image.name}.json", {
-                "digest": entry.digest, "bucket": source.bucket, "key": source.key,
-                "etag": source.etag, "resolved_at": _now()})
+            if not unchanged:
+                self._write_json(self.refs / f"{image.name}.json", {
+                    "digest": entry.digest, "bucket": source.bucket, "key": source.key,
+                    "etag": source.etag, "resolved_at": _now()})
         return updated
 
     # ---- maintenance ------------------------------------------------------------------

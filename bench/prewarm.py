@@ -1,0 +1,147 @@
+"""Pre-warming: how much a verified cache entry costs over a plain download.
+
+The watcher hashes while downloading, fsyncs, inspects the header and asks ``qemu-img
+info`` before an image may be used; this measures what that safety costs against the
+plainest possible client, ``minio``'s ``fget_object`` of the same object from the same
+server. Three variants, interleaved, each from a cold page cache:
+
+- plain: ``Minio.fget_object`` into a file;
+- cache: ``ImageCache.ensure`` on a fresh cache (stat, sidecar, download + SHA-256,
+  fsync, inspection, atomic rename);
+- daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
+  notification is published and stops when the verified entry's record exists (polled
+  every 5 ms). Every run uses a fresh cache and a new key (a server-side copy of the
+  same bytes, made before the clock starts).
+
+Inspection alone (``inspect_image_file`` on the cached file) is timed after each cache run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from pathlib import Path
+
+import aio_pika
+
+from bench.common import (
+    AMQP_URL,
+    MIB,
+    Options,
+    Stopwatch,
+    Table,
+    drop_caches,
+    median,
+    spread,
+    verdict,
+)
+from bench.world import World, minio_event, running_daemon, wait_for, world
+from bench.writer import prepare_images
+from watcher.adapters.qemu_img import inspect_image_file
+from watcher.adapters.s3 import S3Store
+from watcher.cache import ImageCache
+from watcher.core.policy import ImageSpec
+
+SOURCE_KEY = "images/source.qcow2"
+
+
+def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
+    with Stopwatch() as sw:
+        here.minio().fget_object(here.bucket, SOURCE_KEY, str(dest))
+        if durable:
+            fd = os.open(dest, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    dest.unlink()
+    return sw.seconds
+
+
+async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
+    cache = ImageCache(cache_dir, S3Store(here.s3_settings()), max_size=100 * 1024**3)
+    cache.open()
+    spec = ImageSpec(name="bench", bucket=here.bucket, key=SOURCE_KEY, prefix=None,
+                     format="qcow2")
+    with Stopwatch() as sw:
+        entry = await cache.ensure(spec)
+    with Stopwatch() as inspection:
+        await inspect_image_file(entry.path, "qcow2")
+    shutil.rmtree(cache_dir)
+    return sw.seconds, inspection.seconds
+
+
+async def _daemon(here: World, run: int, digest: str) -> float:
+    key = f"images/run-{run}.qcow2"
+    cache_dir = here.root / f"daemon-cache-{run}"
+    here.write_policy({"bench": {"key": key}})
+    here.write_config(cache_dir)
+    async with running_daemon(here.config_path) as daemon:
+        await asyncio.sleep(1.0)  # the start-up reconcile finds nothing yet and finishes
+        await asyncio.to_thread(here.copy_with_sidecar, SOURCE_KEY, key, digest)
+        drop_caches()
+        body = minio_event(here.bucket, key)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(here.exchange)
+            started = time.perf_counter()
+            await exchange.publish(aio_pika.Message(
+                body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key="")
+        await wait_for(lambda: daemon.cache.get(digest) is not None, timeout=600,
+                       what="the cache entry")
+        seconds = time.perf_counter() - started
+    shutil.rmtree(cache_dir)
+    return seconds
+
+
+def bench(options: Options) -> list[Table]:
+    images = prepare_images(options, options.image_size)
+    image = next(i for i in images if i.label.startswith("(c)")).qcow2
+    size = image.stat().st_size
+    plain: list[float] = []
+    durable: list[float] = []
+    cached: list[float] = []
+    inspection: list[float] = []
+    daemon: list[float] = []
+    with world(options.scratch, "prewarm") as here:
+        print(f"  uploading {size / MIB:.0f} MiB", flush=True)
+        digest = here.upload_with_sidecar(SOURCE_KEY, image)
+        for run in range(options.runs):
+            drop_caches()
+            plain.append(_plain(here, here.root / "plain.qcow2"))
+            drop_caches()
+            durable.append(_plain(here, here.root / "plain.qcow2", durable=True))
+            drop_caches()
+            seconds, inspect_seconds = asyncio.run(_cache(here, here.root / "cache"))
+            cached.append(seconds)
+            inspection.append(inspect_seconds)
+            daemon.append(asyncio.run(_daemon(here, run, digest)))
+            print(f"  run {run + 1}: plain {plain[-1]:.2f} s, cache {cached[-1]:.2f} s, "
+                  f"daemon {daemon[-1]:.2f} s", flush=True)
+    t_plain = median(plain)
+    table = Table(
+        f"Pre-warming a {size / MIB:.0f} MiB qcow2 (median of {options.runs}, min-max s)",
+        ["variant", "seconds", "MB/s", "/ plain download", "target", "verdict"])
+    table.add("plain `fget_object`", f"{t_plain:.2f} [{spread(plain)}]",
+              f"{size / t_plain / 1e6:.0f}", "1.00", "", "")
+    for name, times, target in (
+        ("plain `fget_object` + fsync (durable, like the cache)", durable, None),
+        ("`ImageCache.ensure` (download, hash, fsync, inspect)", cached, None),
+        ("daemon: publish -> verified entry", daemon, 1.15),
+    ):
+        t = median(times)
+        table.add(name, f"{t:.2f} [{spread(times)}]", f"{size / t / 1e6:.0f}",
+                  f"{t / t_plain:.2f}", f"<= {target}x plain" if target else "",
+                  verdict(t / t_plain <= target) if target else "")
+    t_inspect = median(inspection)
+    table.add("inspection alone (header check + `qemu-img info`)",
+              f"{t_inspect:.3f} [{spread(inspection)}]", "",
+              f"{t_inspect / t_plain:.3f}", "", "")
+    table.notes += [
+        "page cache dropped before every plain and cache run and after the daemon's "
+        "server-side copy, so S3 serves from disk each time",
+        "daemon: in this process, `Daemon(config, with_libvirt=False).run(handle_signals=False)`"
+        ", logging JSON at info level to a file",
+    ]
+    return [table]

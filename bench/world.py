@@ -1,0 +1,192 @@
+"""A benchmark's own corner of the shared services: a bucket, an exchange, a queue, files.
+
+Other work uses the same S3 server and broker at the same time, so every name is unique
+and everything is removed afterwards, also when the benchmark fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import yaml
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
+
+from bench.common import AMQP_URL, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
+from watcher.config import S3Settings, load_config
+from watcher.runtime.supervisor import Daemon
+
+
+@dataclass
+class World:
+    root: Path
+    bucket: str
+    exchange: str
+    queue: str
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def policies_dir(self) -> Path:
+        return self.root / "policies"
+
+    def s3_settings(self) -> S3Settings:
+        return S3Settings(endpoint=S3_ENDPOINT, access_key=S3_ACCESS_KEY,
+                          secret_key=S3_SECRET_KEY, region="us-east-1")
+
+    def minio(self) -> Minio:
+        return Minio(S3_ENDPOINT.split("://", 1)[1], S3_ACCESS_KEY, S3_SECRET_KEY,
+                     secure=False, region="us-east-1")
+
+    def write_config(self, cache_dir: Path, **overrides: Any) -> Path:
+        config: dict[str, Any] = {
+            "libvirt": {"uri": "qemu:///system"},
+            "s3": {"endpoint": S3_ENDPOINT, "access_key": S3_ACCESS_KEY,
+                   "secret_key": S3_SECRET_KEY, "region": "us-east-1"},
+            "amqp": {"url": AMQP_URL, "exchange": self.exchange, "exchange_type": "fanout",
+                     "routing_key": "", "queue": self.queue},
+            "cache": {"dir": str(cache_dir), "max_size": "100GiB"},
+            "policies": {"dir": str(self.policies_dir)},
+            "http": {"listen": "127.0.0.1:0"},
+            "reconcile_interval": 3600,
+        }
+        for section, values in overrides.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config))
+        return self.config_path
+
+    def write_policy(self, images: dict[str, dict[str, Any]]) -> None:
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.policies_dir.glob("*.yaml"):
+            old.unlink()
+        (self.policies_dir / "10-bench.yaml").write_text(yaml.safe_dump({
+            "images": {name: {"bucket": self.bucket, "format": "qcow2", **spec}
+                       for name, spec in images.items()},
+            "domains": []}))
+
+    def upload(self, key: str, data: bytes) -> None:
+        self.minio().put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def upload_with_sidecar(self, key: str, path: Path) -> str:
+        digest = sha256_file(path)
+        self.minio().fput_object(self.bucket, key, str(path))
+        self.upload(key + ".sha256", f"{digest}  {Path(key).name}\n".encode())
+        return digest
+
+    def copy_with_sidecar(self, source_key: str, key: str, digest: str) -> None:
+        """A new key holding the same bytes, by server-side copy (no upload)."""
+        self.minio().copy_object(self.bucket, key, CopySource(self.bucket, source_key))
+        self.upload(key + ".sha256", f"{digest}  {Path(key).name}\n".encode())
+
+    def upload_many(self, items: list[tuple[str, bytes]], threads: int = 8) -> None:
+        client = self.minio()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda kv: client.put_object(
+                self.bucket, kv[0], io.BytesIO(kv[1]), len(kv[1])), items))
+
+
+@contextlib.contextmanager
+def world(scratch: Path, name: str) -> Iterator[World]:
+    """A fresh bucket, exchange and queue named after ``name``; all removed afterwards."""
+    suffix = uuid.uuid4().hex[:8]
+    here = World(root=scratch / f"{name}-{suffix}", bucket=f"lvw-bench-{name}-{suffix}",
+                 exchange=f"lvw-bench-{name}-{suffix}", queue=f"lvw-bench-{name}-{suffix}")
+    here.root.mkdir(parents=True)
+    client = here.minio()
+    client.make_bucket(here.bucket)
+    try:
+        yield here
+    finally:
+        errors = client.remove_objects(here.bucket, (
+            DeleteObject(o.object_name) for o in
+            client.list_objects(here.bucket, recursive=True)))
+        for error in errors:
+            print(f"  could not delete {error}")
+        with contextlib.suppress(Exception):
+            client.remove_bucket(here.bucket)
+        asyncio.run(_delete_amqp(here.exchange, here.queue))
+        shutil.rmtree(here.root, ignore_errors=True)
+
+
+async def _delete_amqp(exchange: str, queue: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in (queue, f"{queue}.dead"):
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+        for name in (exchange, f"{queue}.dlx"):
+            await channel.exchange_delete(name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def minio_event(bucket: str, key: str) -> bytes:
+    """A notification body in MinIO's shape (the key URL-encoded in Records)."""
+    return json.dumps({
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": f"{bucket}/{key}",
+        "Records": [{
+            "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
+            "eventTime": "2026-11-25T08:00:00.000Z", "eventName": "s3:ObjectCreated:Put",
+            "userIdentity": {"principalId": "minioadmin"},
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+                   "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                   "object": {"key": urllib.parse.quote_plus(key), "size": 0,
+                              "eTag": "", "sequencer": "1"}},
+        }],
+    }).encode()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.005,
+                   what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon,
+                         ) -> AsyncIterator[Daemon]:
+    """The daemon in this loop, without libvirt, consuming; stopped afterwards."""
+    daemon = daemon_class(load_config(config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        await wait_for(lambda: daemon.consumer.consuming or task.done(), timeout=30,
+                       what="the consumer")
+        if task.done():
+            raise RuntimeError(f"daemon exited early: {task.result()}")
+        yield daemon
+    finally:
+        daemon.stop_requested.set()
+        await asyncio.wait_for(task, 60)

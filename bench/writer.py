@@ -1,0 +1,272 @@
+"""Writing a volume: the watcher's writer against the predecessor's command and raw ``dd``.
+
+A reprovision is dominated by this write, so it has to beat what it replaces and stay
+close to what the disk can take. Three commands write the same image onto the same
+volume, interleaved, each from a cold page cache onto a volume in the same state:
+
+- writer: ``watcher.adapters.qemu_img.write_image`` (its ``convert_argv`` plus fsync);
+- predecessor: ``qemu-img convert -f qcow2 -O raw SRC DST``, untuned, plus fsync;
+- reference: ``dd`` of the already-expanded raw image, ``bs=4M oflag=direct conv=fsync``;
+- candidate: the writer's command with a change this benchmark proposes (``candidate_argv``),
+  measured alongside so the proposal is backed by numbers; not what the watcher ships.
+
+Volumes: a loop block device (``losetup --direct-io=on`` on a file under the scratch
+directory, so writes reach the disk once, as on an LV) and a file volume (a raw file, as
+in a ``dir`` pool). Before every run the volume is overwritten end to end with non-zero
+bytes and flushed: the state of a volume that held a VM, and the same for every command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import mmap
+import os
+import stat
+import subprocess
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import MIB, Options, Stopwatch, Table, drop_caches, median, run, spread, verdict
+from watcher.adapters.qemu_img import convert_argv, write_image
+
+FILL_BYTE = 0x5A
+"""What a volume holds before each run: non-zero, so nothing can pass it off as empty."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """One test image and the raw file it expands to (the ``dd`` reference's input)."""
+
+    label: str
+    qcow2: Path
+    expanded: Path
+
+
+def _pattern_block(index: int) -> bytes:
+    """1 MiB that compresses well but is not zero: text that varies per block."""
+    line = f"block {index:08d} of a benchmark image; compressible, never zero.\n".encode()
+    return (line * (MIB // len(line) + 1))[:MIB]
+
+
+def _random_block(index: int) -> bytes:
+    """1 MiB of incompressible bytes, reproducible so cached images stay valid."""
+    seed = hashlib.sha256(f"bench-{index}".encode()).digest()
+    return hashlib.shake_256(seed).digest(MIB)
+
+
+def prepare_images(options: Options, size: int) -> list[Image]:
+    """Build (once per size; reused by later runs) the three images of the issue."""
+    where = options.scratch / f"images-{size // MIB}M-v1"
+    ready = where / "ready"
+    data, sparse = where / "data.raw", where / "sparse.raw"
+    a, b, c = where / "a-compressed.qcow2", where / "b-sparse.qcow2", where / "c-plain.qcow2"
+    if not ready.exists():
+        where.mkdir(parents=True, exist_ok=True)
+        print(f"  preparing images in {where} (once)", flush=True)
+        with open(data, "wb") as fh:
+            for i in range(size // MIB):
+                fh.write(_random_block(i) if i % 2 == 0 else _pattern_block(i))
+        with open(sparse, "wb") as fh:
+            fh.truncate(size)
+            for i in range(0, size // MIB, 10):  # every tenth MiB: about 10% allocated
+                fh.seek(i * MIB)
+                fh.write(_random_block(i))
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(data), str(a)])
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(sparse), str(b)])
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(data), str(c)])
+        ready.touch()
+    return [
+        Image("(a) compressed qcow2, half random", a, data),
+        Image("(b) sparse qcow2, ~10% allocated", b, sparse),
+        Image("(c) uncompressed qcow2, fully allocated", c, data),
+    ]
+
+
+def fill(target: Path, size: int) -> None:
+    """Overwrite ``target`` end to end with non-zero bytes, bypassing the page cache."""
+    block = mmap.mmap(-1, 4 * MIB)  # page-aligned, as O_DIRECT requires
+    block.write(bytes([FILL_BYTE]) * len(block))
+    fd = os.open(target, os.O_WRONLY | os.O_DIRECT | os.O_CREAT, 0o644)
+    try:
+        written = 0
+        while written < size:
+            written += os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        block.close()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_with_watcher(image: Image, target: Path) -> None:
+    asyncio.run(write_image(image.qcow2, "qcow2", target))
+
+
+def candidate_argv(source: Path, source_format: str, target: Path, *, is_block: bool) -> list[str]:
+    """The writer's command with the two changes this benchmark proposes:
+
+    - the target is opened with ``discard=ignore``, so zero ranges become one cheap
+      ``FALLOC_FL_ZERO_RANGE`` (file) or ``BLKZEROOUT`` (block device) each instead of a
+      hole punch, which frees blocks and, on a ``discard`` mount, discards them;
+    - ``-W`` on file volumes too (nothing reads the volume while it is written).
+    """
+    driver = "host_device" if is_block else "file"
+    filename = str(target).replace(",", ",,")  # QemuOpts escaping
+    return ["qemu-img", "convert", "-p", "-f", source_format, "-n", "-W",
+            "-t", "none", "--target-image-opts", str(source),
+            f"driver=raw,file.driver={driver},file.filename={filename},file.discard=ignore"]
+
+
+def write_with_candidate(image: Image, target: Path) -> None:
+    is_block = stat.S_ISBLK(os.stat(target).st_mode)
+    run(candidate_argv(image.qcow2, "qcow2", target, is_block=is_block))
+    _fsync(target)
+
+
+def write_like_predecessor(image: Image, target: Path) -> None:
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image.qcow2), str(target)])
+    _fsync(target)
+
+
+def write_with_dd(image: Image, target: Path) -> None:
+    run(["dd", f"if={image.expanded}", f"of={target}", "bs=4M", "oflag=direct",
+         "conv=notrunc,fsync", "status=none"])
+
+
+@contextmanager
+def loop_device(backing: Path, size: int) -> Iterator[Path]:
+    """A loop block device over ``backing``; always detached afterwards."""
+    with open(backing, "wb") as fh:
+        fh.truncate(size)
+    device = Path(run(["losetup", "--find", "--show", "--direct-io=on", str(backing)]).strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=False)
+        backing.unlink(missing_ok=True)
+
+
+Command = Callable[[Image, Path], None]
+
+
+def _measure(
+    images: list[Image], target: Path, options: Options,
+) -> dict[tuple[str, str], list[float]]:
+    """Seconds per (command, key), key = image label, or the expanded file for ``dd``.
+
+    Variants are interleaved within each round so background load hits all of them alike.
+    """
+    variants: list[tuple[str, str, Image, Command]] = []
+    for image in images:
+        variants.append(("writer", image.label, image, write_with_watcher))
+        variants.append(("predecessor", image.label, image, write_like_predecessor))
+        if options.candidate:
+            variants.append(("candidate", image.label, image, write_with_candidate))
+    for expanded in dict.fromkeys(image.expanded for image in images):
+        image = next(i for i in images if i.expanded == expanded)
+        variants.append(("dd", str(expanded), image, write_with_dd))
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for _ in range(options.runs):
+        for name, key, image, command in variants:
+            fill(target, options.writer_size)
+            drop_caches()
+            with Stopwatch() as sw:
+                command(image, target)
+            times[(name, key)].append(sw.seconds)
+    return times
+
+
+def _check_written(image: Image, target: Path, size: int) -> None:
+    """The writer really wrote the image: compare the volume with the source."""
+    fill(target, size)
+    write_with_watcher(image, target)
+    run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(image.qcow2), str(target)])
+
+
+def bench(options: Options) -> list[Table]:
+    size = options.writer_size
+    images = prepare_images(options, size)
+    dropped = drop_caches()
+    table = Table(
+        f"Writing a volume: {size // MIB} MiB virtual, MB/s of virtual size "
+        f"(median of {options.runs}, min-max seconds in brackets)",
+        ["volume", "image", "writer MB/s", "predecessor MB/s", "dd MB/s",
+         *(["candidate MB/s"] if options.candidate else []),
+         "writer / predecessor (speed)", "writer / dd (time)", "target", "verdict"],
+    )
+    volumes: list[tuple[str, AbstractContextManager[Path]]] = [
+        ("loop block device", loop_device(options.scratch / "volume-loop.img", size)),
+        ("file volume", _file_volume(options.scratch / "volume-file.raw")),
+    ]
+    for volume_name, volume in volumes:
+        with volume as target:
+            print(f"  writer: {volume_name} {target}", flush=True)
+            for image in images:
+                _check_written(image, target, size)
+            times = _measure(images, target, options)
+            for image in images:
+                t_writer = median(times[("writer", image.label)])
+                t_pred = median(times[("predecessor", image.label)])
+                dd_times = times[("dd", str(image.expanded))]
+                t_dd = median(dd_times)
+                speedup = t_pred / t_writer
+                vs_dd = t_writer / t_dd
+                if image.label.startswith("(b)"):
+                    target_text, ok = ">= 1.3x predecessor", speedup >= 1.3
+                elif image.label.startswith("(c)"):
+                    target_text = ">= 1.0x predecessor, <= 1.2x dd time"
+                    ok = speedup >= 1.0 and vs_dd <= 1.2
+                else:
+                    target_text, ok = ">= 1.0x predecessor", speedup >= 1.0
+                table.add(
+                    volume_name, image.label,
+                    f"{size / t_writer / 1e6:.0f} [{spread(times[('writer', image.label)])}]",
+                    f"{size / t_pred / 1e6:.0f} [{spread(times[('predecessor', image.label)])}]",
+                    f"{size / t_dd / 1e6:.0f} [{spread(dd_times)}]",
+                    *([_candidate_cell(times[("candidate", image.label)], size, t_pred)]
+                      if options.candidate else []),
+                    f"{speedup:.2f}x", f"{vs_dd:.2f}", target_text, verdict(ok),
+                )
+    sample = convert_argv(Path("SRC"), "qcow2", Path("DST"), target_is_block=True, direct_io=True)
+    table.notes += [
+        "writer argv on a block device: `" + " ".join(sample) + "` (then fsync); on a file "
+        "volume the same without `-W`",
+        "predecessor: `qemu-img convert -f qcow2 -O raw SRC DST` (then fsync; on a file volume "
+        "it re-creates the file, as the predecessor did)",
+        "reference: `dd if=EXPANDED.raw of=DST bs=4M oflag=direct conv=notrunc,fsync`; (a) and "
+        "(c) expand to the same bytes, so they share one reference measurement",
+        "before every run: volume overwritten with 0x5A bytes (O_DIRECT, fsync), then "
+        + ("page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`)" if dropped
+           else "page cache NOT dropped (not root)"),
+        "loop device: `losetup --direct-io=on` on a file in the scratch directory",
+        "each image was checked once per volume with `qemu-img compare` after a writer run",
+    ]
+    if options.candidate:
+        table.notes.append(
+            "candidate (not the shipped writer; a proposed change measured alongside): `"
+            + " ".join(candidate_argv(Path("SRC"), "qcow2", Path("DST"), is_block=True)) + "`")
+    return [table]
+
+
+def _candidate_cell(times: list[float], size: int, t_pred: float) -> str:
+    t = median(times)
+    return f"{size / t / 1e6:.0f} [{spread(times)}] ({t_pred / t:.2f}x pred.)"
+
+
+@contextmanager
+def _file_volume(path: Path) -> Iterator[Path]:
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
