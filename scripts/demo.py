@@ -12,6 +12,7 @@ up at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -129,20 +130,16 @@ def console() -> str:
 
 def cleanup(conn: libvirt.virConnect) -> None:
     """Remove what this demo creates; safe when nothing exists."""
-    for getter, undo in ((conn.lookupByName, ("destroy", "undefine")),
-                         (conn.storagePoolLookupByName, ("destroy", "undefine"))):
-        try:
-            obj = getter(NAME)
-        except libvirt.libvirtError:
-            continue
-        for action in undo:
-            try:
-                if action == "undefine" and hasattr(obj, "listAllVolumes"):
-                    for vol in obj.listAllVolumes():
-                        vol.delete()
-                getattr(obj, action)()
-            except libvirt.libvirtError:
-                pass
+    steps: list[Callable[[], object]] = [
+        lambda: conn.lookupByName(NAME).destroy(),
+        lambda: conn.lookupByName(NAME).undefine(),
+        lambda: [v.delete() for v in conn.storagePoolLookupByName(NAME).listAllVolumes()],
+        lambda: conn.storagePoolLookupByName(NAME).destroy(),
+        lambda: conn.storagePoolLookupByName(NAME).undefine(),
+    ]
+    for undo in steps:  # each independently: any of them may have nothing to undo
+        with contextlib.suppress(libvirt.libvirtError):
+            undo()
     client = s3()
     if client.bucket_exists(BUCKET):
         for obj in client.list_objects(BUCKET, recursive=True):
