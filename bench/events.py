@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from bench.common import Options, Table, median, percentile, run, verdict
-from bench.world import World, running_daemon, sha256_file, wait_for, world
+from bench.world import World, running_daemon, wait_for, world
+from tests.integration.harness import sha256_file
 from watcher.runtime.supervisor import Daemon
 
 KNOWN_KEY = "images/known.qcow2"

@@ -37,8 +37,9 @@ from bench.common import (
     spread,
     verdict,
 )
-from bench.world import World, minio_event, running_daemon, wait_for, world
+from bench.world import World, running_daemon, wait_for, world
 from bench.writer import prepare_images
+from tests.integration.harness import minio_event
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
-import json
 import shutil
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import yaml
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.deleteobjects import DeleteObject
 
 from bench.common import AMQP_URL, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
+
+# The tests' MinIO-shaped events, checksums and AMQP clean-up serve the benchmarks too.
+from tests.integration.harness import delete_amqp, sha256_file
 from watcher.config import S3Settings, load_config
 from watcher.runtime.supervisor import Daemon
 
@@ -125,43 +124,8 @@ def world(scratch: Path, name: str) -> Iterator[World]:
             print(f"  could not delete {error}")
         with contextlib.suppress(Exception):
             client.remove_bucket(here.bucket)
-        asyncio.run(_delete_amqp(here.exchange, here.queue))
+        asyncio.run(delete_amqp(here.exchange, here.queue))
         shutil.rmtree(here.root, ignore_errors=True)
-
-
-async def _delete_amqp(exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for name in (queue, f"{queue}.dead"):
-            await channel.queue_delete(name, if_unused=False, if_empty=False)
-        for name in (exchange, f"{queue}.dlx"):
-            await channel.exchange_delete(name)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def minio_event(bucket: str, key: str) -> bytes:
-    """A notification body in MinIO's shape (the key URL-encoded in Records)."""
-    return json.dumps({
-        "EventName": "s3:ObjectCreated:Put",
-        "Key": f"{bucket}/{key}",
-        "Records": [{
-            "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
-            "eventTime": "2026-11-25T08:00:00.000Z", "eventName": "s3:ObjectCreated:Put",
-            "userIdentity": {"principalId": "minioadmin"},
-            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
-                   "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                   "object": {"key": urllib.parse.quote_plus(key), "size": 0,
-                              "eTag": "", "sequencer": "1"}},
-        }],
-    }).encode()
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.005,
