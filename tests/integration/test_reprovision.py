@@ -364,6 +364,34 @@ async def test_starting_a_domain_while_its_volume_is_written_is_refused_by_the_h
         await wait_for_banner(log, BANNER_V2)
 
 
+async def test_no_more_than_max_concurrent_volumes_are_written_at_once(world: World) -> None:
+    pool, _ = world.dir_pool()
+    names = []
+    for suffix in ("c1", "c2", "c3"):
+        path = world.volume(pool, f"{suffix}.img", IMAGE_SIZE)
+        names.append(world.define(suffix, path)[0])
+    running, peak = 0, 0
+
+    async def counted_write(*args: Any, **kwargs: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(2.0)  # long enough for the other tags to arrive and wait
+            await write_image(*args, **kwargs)
+        finally:
+            running -= 1
+
+    async with watching(world, world.policies(), world.allow_own_files(), write=counted_write,
+                        max_concurrent=2):
+        for name in names:
+            await tag(name)
+        states = [await wait_for_state(name) for name in names]
+
+    assert [s.kind for s in states] == ["provisioned"] * 3
+    assert peak == 2
+
+
 # ---- refusals ------------------------------------------------------------------------------
 
 
