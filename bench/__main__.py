@@ -5,7 +5,6 @@ Usage (as root, with ``./scripts/services.sh`` up)::
     .venv/bin/python -m bench                 # the full suite (about 15 minutes as root)
     .venv/bin/python -m bench --quick         # smaller images, a few minutes
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
-    .venv/bin/python -m bench --only writer --candidate   # with the proposed writer change
 
 Benchmarks: writer, prewarm, events, libvirt, memory. Each prints its tables as soon as
 it finishes; ``--markdown`` also writes the machine description and every table to a
@@ -44,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for images and volumes (a real disk, not tmpfs)")
     parser.add_argument("--writer-mib", type=int, default=0,
                         help="virtual MiB of the writer's images (default 512; quick 256)")
-    parser.add_argument("--candidate", action="store_true",
-                        help="writer: also time the proposed qemu-img change")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
     args.scratch.mkdir(parents=True, exist_ok=True)
     options = Options(quick=args.quick, runs=max(args.runs, 5), scratch=args.scratch,
-                      writer_mib=args.writer_mib, candidate=args.candidate)
+                      writer_mib=args.writer_mib)
 
     # The in-process daemon logs as in production (JSON, info) but to a file, not the tables.
     from watcher.runtime.observability import configure_logging

@@ -36,8 +36,6 @@ class Options:
     """Directory for images and volumes; must sit on a real disk (not tmpfs)."""
     writer_mib: int = 0
     """Virtual MiB of the writer's images; 0 = 256 (quick) or 512 (full)."""
-    candidate: bool = False
-    """Also time the writer change the benchmark proposes (adds a third of the writer's time)."""
 
     @property
     def image_size(self) -> int:

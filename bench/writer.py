@@ -6,9 +6,7 @@ volume, interleaved, each from a cold page cache onto a volume in the same state
 
 - writer: ``watcher.adapters.qemu_img.write_image`` (its ``convert_argv`` plus fsync);
 - predecessor: ``qemu-img convert -f qcow2 -O raw SRC DST``, untuned, plus fsync;
-- reference: ``dd`` of the already-expanded raw image, ``bs=4M oflag=direct conv=fsync``;
-- candidate: the writer's command with a change this benchmark proposes (``candidate_argv``),
-  measured alongside so the proposal is backed by numbers; not what the watcher ships.
+- reference: ``dd`` of the already-expanded raw image, ``bs=4M oflag=direct conv=fsync``.
 
 Volumes: a loop block device (``losetup --direct-io=on`` on a file under the scratch
 directory, so writes reach the disk once, as on an LV) and a file volume (a raw file, as
@@ -22,7 +20,6 @@ import asyncio
 import hashlib
 import mmap
 import os
-import stat
 import subprocess
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -113,27 +110,6 @@ def write_with_watcher(image: Image, target: Path) -> None:
     asyncio.run(write_image(image.qcow2, "qcow2", target))
 
 
-def candidate_argv(source: Path, source_format: str, target: Path, *, is_block: bool) -> list[str]:
-    """The writer's command with the two changes this benchmark proposes:
-
-    - the target is opened with ``discard=ignore``, so zero ranges become one cheap
-      ``FALLOC_FL_ZERO_RANGE`` (file) or ``BLKZEROOUT`` (block device) each instead of a
-      hole punch, which frees blocks and, on a ``discard`` mount, discards them;
-    - ``-W`` on file volumes too (nothing reads the volume while it is written).
-    """
-    driver = "host_device" if is_block else "file"
-    filename = str(target).replace(",", ",,")  # QemuOpts escaping
-    return ["qemu-img", "convert", "-p", "-f", source_format, "-n", "-W",
-            "-t", "none", "--target-image-opts", str(source),
-            f"driver=raw,file.driver={driver},file.filename={filename},file.discard=ignore"]
-
-
-def write_with_candidate(image: Image, target: Path) -> None:
-    is_block = stat.S_ISBLK(os.stat(target).st_mode)
-    run(candidate_argv(image.qcow2, "qcow2", target, is_block=is_block))
-    _fsync(target)
-
-
 def write_like_predecessor(image: Image, target: Path) -> None:
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image.qcow2), str(target)])
     _fsync(target)
@@ -171,8 +147,6 @@ def _measure(
     for image in images:
         variants.append(("writer", image.label, image, write_with_watcher))
         variants.append(("predecessor", image.label, image, write_like_predecessor))
-        if options.candidate:
-            variants.append(("candidate", image.label, image, write_with_candidate))
     for expanded in dict.fromkeys(image.expanded for image in images):
         image = next(i for i in images if i.expanded == expanded)
         variants.append(("dd", str(expanded), image, write_with_dd))
@@ -202,7 +176,6 @@ def bench(options: Options) -> list[Table]:
         f"Writing a volume: {size // MIB} MiB virtual, MB/s of virtual size "
         f"(median of {options.runs}, min-max seconds in brackets)",
         ["volume", "image", "writer MB/s", "predecessor MB/s", "dd MB/s",
-         *(["candidate MB/s"] if options.candidate else []),
          "writer / predecessor (speed)", "writer / dd (time)", "target", "verdict"],
     )
     volumes: list[tuple[str, AbstractContextManager[Path]]] = [
@@ -234,14 +207,12 @@ def bench(options: Options) -> list[Table]:
                     f"{size / t_writer / 1e6:.0f} [{spread(times[('writer', image.label)])}]",
                     f"{size / t_pred / 1e6:.0f} [{spread(times[('predecessor', image.label)])}]",
                     f"{size / t_dd / 1e6:.0f} [{spread(dd_times)}]",
-                    *([_candidate_cell(times[("candidate", image.label)], size, t_pred)]
-                      if options.candidate else []),
                     f"{speedup:.2f}x", f"{vs_dd:.2f}", target_text, verdict(ok),
                 )
     sample = convert_argv(Path("SRC"), "qcow2", Path("DST"), target_is_block=True, direct_io=True)
     table.notes += [
         "writer argv on a block device: `" + " ".join(sample) + "` (then fsync); on a file "
-        "volume the same without `-W`",
+        "volume `file.driver=file`",
         "predecessor: `qemu-img convert -f qcow2 -O raw SRC DST` (then fsync; on a file volume "
         "it re-creates the file, as the predecessor did)",
         "reference: `dd if=EXPANDED.raw of=DST bs=4M oflag=direct conv=notrunc,fsync`; (a) and "
@@ -252,16 +223,7 @@ def bench(options: Options) -> list[Table]:
         "loop device: `losetup --direct-io=on` on a file in the scratch directory",
         "each image was checked once per volume with `qemu-img compare` after a writer run",
     ]
-    if options.candidate:
-        table.notes.append(
-            "candidate (not the shipped writer; a proposed change measured alongside): `"
-            + " ".join(candidate_argv(Path("SRC"), "qcow2", Path("DST"), is_block=True)) + "`")
     return [table]
-
-
-def _candidate_cell(times: list[float], size: int, t_pred: float) -> str:
-    t = median(times)
-    return f"{size / t / 1e6:.0f} [{spread(times)}] ({t_pred / t:.2f}x pred.)"
 
 
 @contextmanager

@@ -236,6 +236,25 @@ class TestWriteImage:
         await write_image(source, "raw", loop_device)
         assert_same_content(source, "raw", loop_device)
 
+    async def test_a_target_path_with_a_comma_is_written(
+        self, qcow2_image: Path, tmp_path: Path,
+    ) -> None:
+        target = tmp_path / "vm,1=root.raw"
+        target.write_bytes(b"\xff" * SIZE)
+        await write_image(qcow2_image, "qcow2", target)
+        assert_same_content(qcow2_image, "qcow2", target)
+
+    async def test_zero_ranges_are_zeroed_in_place_not_punched_out(
+        self, qcow2_image: Path, tmp_path: Path,
+    ) -> None:
+        """A volume that held data keeps its blocks: zero ranges are written, not freed."""
+        target = tmp_path / "volume.raw"
+        target.write_bytes(b"\xff" * SIZE)
+        allocated_before = os.stat(target).st_blocks
+        await write_image(qcow2_image, "qcow2", target)
+        assert_same_content(qcow2_image, "qcow2", target)
+        assert os.stat(target).st_blocks == allocated_before
+
     async def test_writing_onto_a_too_small_target_raises_with_exit_code_and_stderr(
         self, qcow2_image: Path, tmp_path: Path,
     ) -> None:
@@ -281,14 +300,24 @@ class TestConvertArgv:
     def test_file_target_without_direct_io_uses_the_page_cache(self) -> None:
         argv = convert_argv(Path("/c/img"), "qcow2", Path("/v/disk"),
                             target_is_block=False, direct_io=False)
-        assert argv == ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", "raw", "-n",
-                        "-t", "writeback", "/c/img", "/v/disk"]
+        assert argv == ["qemu-img", "convert", "-p", "-f", "qcow2", "-n", "-W",
+                        "-t", "writeback", "--target-image-opts", "/c/img",
+                        "driver=raw,file.driver=file,file.filename=/v/disk,"
+                        "file.discard=ignore"]
 
-    def test_block_target_gets_out_of_order_writes_and_direct_io(self) -> None:
+    def test_block_target_gets_direct_io_and_the_host_device_driver(self) -> None:
         argv = convert_argv(Path("/c/img"), "raw", Path("/dev/vg/root"),
                             target_is_block=True, direct_io=True, target_is_zero=True)
-        assert argv == ["qemu-img", "convert", "-p", "-f", "raw", "-O", "raw", "-n", "-W",
-                        "-t", "none", "--target-is-zero", "/c/img", "/dev/vg/root"]
+        assert argv == ["qemu-img", "convert", "-p", "-f", "raw", "-n", "-W",
+                        "-t", "none", "--target-is-zero", "--target-image-opts", "/c/img",
+                        "driver=raw,file.driver=host_device,file.filename=/dev/vg/root,"
+                        "file.discard=ignore"]
+
+    def test_commas_in_the_target_path_are_escaped(self) -> None:
+        argv = convert_argv(Path("/c/img"), "qcow2", Path("/v/a,b=c"),
+                            target_is_block=False, direct_io=True)
+        assert argv[-1] == ("driver=raw,file.driver=file,file.filename=/v/a,,b=c,"
+                            "file.discard=ignore")
 
     def test_target_is_zero_always_comes_with_no_create(self) -> None:
         argv = convert_argv(Path("a"), "qcow2", Path("b"), target_is_block=False,

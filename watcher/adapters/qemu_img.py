@@ -170,17 +170,27 @@ def convert_argv(
 ) -> list[str]:
     """The ``qemu-img convert`` command writing ``source`` raw onto an existing ``target``.
 
-    ``-n`` because the target (a volume) already exists; ``-W`` lets a block device take
-    writes out of order, which is faster and harmless since nothing reads it meanwhile;
-    ``-t none`` bypasses the page cache when the target supports O_DIRECT.
+    - ``-n``: the target (a volume) already exists.
+    - ``-W``: out-of-order writes are faster and harmless, since nothing reads the volume
+      while it is written.
+    - ``-t none`` bypasses the page cache when the target supports O_DIRECT.
+    - The target is opened through ``--target-image-opts`` with ``discard=ignore``, so a
+      zero range becomes one ``BLKZEROOUT`` or ``FALLOC_FL_ZERO_RANGE`` instead of a hole
+      punch. Punching frees blocks (and discards them on a ``discard`` mount), which made
+      sparse images as slow to write as full ones; see ``bench/RESULTS.md``.
+      qemu-img refuses ``-O`` together with ``--target-image-opts``; ``driver=raw`` says it.
+    - ``--target-is-zero`` (thin volumes that were just discarded) skips zero ranges.
     """
-    argv = [QEMU_IMG, "convert", "-p", "-f", source_format, "-O", "raw", "-n"]
-    if target_is_block:
-        argv.append("-W")
-    argv += ["-t", "none" if direct_io else "writeback"]
+    driver = "host_device" if target_is_block else "file"
+    filename = str(target).replace(",", ",,")  # QemuOpts escaping
+    argv = [QEMU_IMG, "convert", "-p", "-f", source_format, "-n", "-W",
+            "-t", "none" if direct_io else "writeback"]
     if target_is_zero:
         argv.append("--target-is-zero")
-    argv += [str(source), str(target)]
+    argv += [
+        "--target-image-opts", str(source),
+        f"driver=raw,file.driver={driver},file.filename={filename},file.discard=ignore",
+    ]
     return argv
 
 
