@@ -80,8 +80,13 @@ class AmqpSettings:
     """Binding key of this host's queue; MinIO publishes with its configured routing key."""
     queue: str = ""
     """Durable queue of this host; "" = ``libvirt-volume-watcher.<hostname>``."""
-    prefetch: int = 16
-    """Messages in flight at once; each is acked only after it was handled."""
+    prefetch: int = 256
+    """Unacked messages the broker may send ahead; each is acked only after it was handled.
+
+    Large enough that the broker keeps streaming while acks travel back in batches (most
+    notifications name keys no policy knows and take microseconds each); downloads are
+    bounded separately by ``cache.max_concurrent_downloads``.
+    """
 
     def queue_name(self, hostname: str | None = None) -> str:
         return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"

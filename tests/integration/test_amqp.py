@@ -71,6 +71,16 @@ class Broker:
                 routing_key="",
             )
 
+    async def publish_many(self, bodies: list[bytes]) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(self.exchange)
+            for body in bodies:
+                await exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key="")
+
     async def ready_count(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting ones delivered but unacked)."""
         connection = await aio_pika.connect(self.url)
@@ -111,7 +121,7 @@ async def broker(services_env: dict[str, str], unique_name: str) -> AsyncIterato
             await channel.exchange_delete(exchange)
 
 
-Handler = Callable[[bytes, Mapping[str, object]], Awaitable[None]]
+Handler = Callable[[bytes, Mapping[str, object]], Awaitable[None] | None]
 
 
 @asynccontextmanager
@@ -220,6 +230,42 @@ async def test_messages_are_handled_concurrently(broker: Broker) -> None:
         await broker.publish(b"second")
         await wait_until(lambda: len(order) == 2, "both messages are handled")
     assert order == [b"second", b"first"]
+
+
+async def test_batched_acks_settle_every_message_once_around_failures_and_a_slow_one(
+    broker: Broker,
+) -> None:
+    """Prefetch is 8: 300 messages get through only if acks keep flowing past a handler
+    that is still running, and rejected ones are never swept up by a multiple-ack."""
+    release_slow = asyncio.Event()
+    handled: list[bytes] = []
+    failing = {f"m{i}".encode() for i in range(0, 300, 7)}
+
+    async def finish_slowly() -> None:
+        await asyncio.wait_for(release_slow.wait(), WAIT)
+        handled.append(b"slow")
+
+    def handler(body: bytes, headers: Mapping[str, object]) -> Awaitable[None] | None:
+        if body == b"slow":
+            return finish_slowly()
+        if body in failing:
+            raise MalformedEvent(f"{body!r} is broken")
+        handled.append(body)
+        return None  # done without a task: acked with the next batch
+
+    async with running(broker, handler) as consumer:
+        await broker.publish(b"slow")
+        await wait_until(lambda: consumer.messages_in_flight == 1, "the slow one is running")
+        await broker.publish_many([f"m{i}".encode() for i in range(300)])
+        await wait_until(lambda: len(handled) == 300 - len(failing),
+                         "every other message is handled while the slow one runs")
+        release_slow.set()
+        await wait_until(lambda: b"slow" in handled, "the slow one finishes")
+
+    assert await broker.ready_count(broker.queue) == 0
+    assert await broker.ready_count(f"{broker.queue}.dead") == len(failing)
+    assert sorted(handled) == sorted([b"slow"] + [f"m{i}".encode() for i in range(300)
+                                                 if f"m{i}".encode() not in failing])
 
 
 async def test_messages_published_while_the_daemon_is_stopped_are_handled_after_start(

@@ -27,7 +27,7 @@ from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
 from watcher.config import Config, load_policy_dir
-from watcher.core.decide import plan_warms
+from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
     ConfigError,
     ImageRejected,
@@ -38,10 +38,13 @@ from watcher.core.errors import (
 from watcher.core.events import parse_bucket_notification
 from watcher.core.policy import PolicySet
 from watcher.http import HttpServer
+from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.observability import StateTransitionLog, context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from watcher.adapters.hypervisor import DomainWatcher
     from watcher.reprovision import Reprovisioner
 
@@ -107,7 +110,7 @@ class Daemon:
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
         self.warm_failures = StateTransitionLog(log)
-        self._warm_tasks: set[asyncio.Task[None]] = set()
+        self._warms = Coalescer()
 
     # ---- health -----------------------------------------------------------------------
 
@@ -124,21 +127,38 @@ class Daemon:
 
     # ---- bucket events ----------------------------------------------------------------
 
-    async def handle_message(self, body: bytes, headers: Mapping[str, object]) -> None:
-        """Handle one AMQP message; raising sends it to the dead-letter queue."""
+    def handle_message(
+        self, body: bytes, headers: Mapping[str, object],
+    ) -> Coroutine[Any, Any, None] | None:
+        """Triage one AMQP message at once; return the warming to run, or None if there is none.
+
+        Most notifications name objects no policy refers to. They are counted and acked
+        here, without a task or a span. Raising (``MalformedEvent``) dead-letters the message.
+        """
         telemetry.last_amqp_message.set(time.time())
-        parent = context_from_amqp_headers(headers)
+        events = parse_bucket_notification(body)
+        for event in events:
+            telemetry.events_received.labels(source="amqp", type=event.event_name).inc()
+        plan = plan_warms(events, self.policies.get())
+        if not plan:
+            return None
+        return self._warm_planned(plan, context_from_amqp_headers(headers))
+
+    async def _warm_planned(self, plan: list[WarmRequest], parent: Context) -> None:
         with telemetry.tracer.start_as_current_span("bucket event", context=parent):
-            events = parse_bucket_notification(body)  # MalformedEvent -> dead-lettered
-            for event in events:
-                telemetry.events_received.labels(source="amqp", type=event.event_name).inc()
-            for request in plan_warms(events, self.policies.get()):
-                image = self.policies.get().images.get(request.image)
-                if image is not None:
-                    await self.warm(image.name, trigger=request.trigger)
+            for request in plan:
+                await self.warm(request.image, trigger=request.trigger)
 
     async def warm(self, image_name: str, *, trigger: str) -> None:
-        """Warm one image; bad images are reported, temporary failures raised to the caller."""
+        """Warm one image; bad images are reported, temporary failures raised to the caller.
+
+        Calls for an image that is being warmed share one follow-up run, which starts when
+        the current one ends: a burst of duplicate notifications costs two runs, and an
+        upload that raced the current run is still seen by the next.
+        """
+        await self._warms.run(image_name, lambda: self._warm_once(image_name, trigger))
+
+    async def _warm_once(self, image_name: str, trigger: str) -> None:
         image = self.policies.get().images.get(image_name)
         if image is None:
             return
@@ -283,6 +303,7 @@ class Daemon:
         log.info("stopping: draining running jobs", deadline=self.drain_timeout)
         self.notifier.stopping()
         await self.consumer.stop(drain_timeout=self.drain_timeout)
+        await self._warms.close()
         if self.reprovisioner is not None:
             await self.reprovisioner.drain(self.drain_timeout)
         for task in running:
