@@ -36,14 +36,14 @@ ROUNDS = 5
 WORKERS = 8
 
 
-def _domain_xml(name: str) -> str:
+def domain_xml(name: str, metadata: str = "") -> str:
     kind = "kvm" if os.path.exists("/dev/kvm") else "qemu"
     return f"""<domain type='{kind}'>
   <name>{name}</name>
   <memory unit='MiB'>32</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
-  <on_poweroff>destroy</on_poweroff>
+  <on_poweroff>destroy</on_poweroff>{f"<metadata>{metadata}</metadata>" if metadata else ""}
   <devices><memballoon model='none'/></devices>
 </domain>"""
 
@@ -69,7 +69,7 @@ class Tally:
 
 def _cycle(conn: Any, name: str, tally: Tally) -> str:
     """Define, start, destroy, undefine one domain; returns its UUID."""
-    dom = conn.defineXML(_domain_xml(name))
+    dom = conn.defineXML(domain_xml(name))
     domain_uuid = str(dom.UUIDString())
     try:
         dom.create()
@@ -80,7 +80,7 @@ def _cycle(conn: Any, name: str, tally: Tally) -> str:
     return domain_uuid
 
 
-def _cleanup(prefix: str) -> None:
+def remove_domains(prefix: str) -> None:
     conn = libvirt.open(URI)
     try:
         for dom in conn.listAllDomains():
@@ -131,7 +131,7 @@ async def _run(options: Options, prefix: str, count: int) -> tuple[Tally, list[f
                 if callback_id is not None:
                     counter_conn.domainEventDeregisterAny(callback_id)
                 counter_conn.close()
-        await asyncio.to_thread(_cleanup, prefix)
+        await asyncio.to_thread(remove_domains, prefix)
         stop.set()
         await asyncio.wait_for(watcher_task, 30)
         impl = libvirtaio.getCurrentImpl()

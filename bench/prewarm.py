@@ -3,9 +3,12 @@
 The watcher hashes while downloading, fsyncs, inspects the header and asks ``qemu-img
 info`` before an image may be used; this measures what that safety costs against the
 plainest possible client, ``minio``'s ``fget_object`` of the same object from the same
-server. Three variants, interleaved, each from a cold page cache:
+server. The variants take turns in a shuffled order each round, each from a cold page cache:
 
-- plain: ``Minio.fget_object`` into a file;
+- plain: ``Minio.fget_object`` into a file, and the same followed by an fsync;
+- one thread: ``get_object`` streamed into a file in 1 MiB chunks, hashed in the same
+  thread, then fsync: the straightforward verified download, and what ``S3Store.download``
+  did before it handed writing, hashing and writeback to a second thread (``filesink``);
 - cache: ``ImageCache.ensure`` on a fresh cache (stat, sidecar, download + SHA-256,
   fsync, inspection, atomic rename);
 - daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
@@ -19,9 +22,13 @@ Inspection alone (``inspect_image_file`` on the cached file) is timed after each
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import random
 import shutil
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import aio_pika
@@ -46,6 +53,24 @@ from watcher.cache import ImageCache
 from watcher.core.policy import ImageSpec
 
 SOURCE_KEY = "images/source.qcow2"
+
+
+def _one_thread(here: World, dest: Path) -> float:
+    with Stopwatch() as sw:
+        response = here.minio().get_object(here.bucket, SOURCE_KEY)
+        digest = hashlib.sha256()
+        try:
+            with open(dest, "wb") as out:
+                for chunk in response.stream(MIB):
+                    out.write(chunk)
+                    digest.update(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            response.close()
+            response.release_conn()
+    dest.unlink()
+    return sw.seconds
 
 
 def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
@@ -96,12 +121,23 @@ async def _daemon(here: World, run: int, digest: str) -> float:
     return seconds
 
 
+def _daemon_run(here: World, run: int, digest: str, daemon: list[float]) -> None:
+    daemon.append(asyncio.run(_daemon(here, run, digest)))
+
+
+def _note_cache(result: tuple[float, float], cached: list[float],
+                inspection: list[float]) -> None:
+    cached.append(result[0])
+    inspection.append(result[1])
+
+
 def bench(options: Options) -> list[Table]:
     images = prepare_images(options, options.image_size)
     image = next(i for i in images if i.label.startswith("(c)")).qcow2
     size = image.stat().st_size
     plain: list[float] = []
     durable: list[float] = []
+    one_thread: list[float] = []
     cached: list[float] = []
     inspection: list[float] = []
     daemon: list[float] = []
@@ -109,17 +145,22 @@ def bench(options: Options) -> list[Table]:
         print(f"  uploading {size / MIB:.0f} MiB", flush=True)
         digest = here.upload_with_sidecar(SOURCE_KEY, image)
         for run in range(options.runs):
-            drop_caches()
-            plain.append(_plain(here, here.root / "plain.qcow2"))
-            drop_caches()
-            durable.append(_plain(here, here.root / "plain.qcow2", durable=True))
-            drop_caches()
-            seconds, inspect_seconds = asyncio.run(_cache(here, here.root / "cache"))
-            cached.append(seconds)
-            inspection.append(inspect_seconds)
-            daemon.append(asyncio.run(_daemon(here, run, digest)))
-            print(f"  run {run + 1}: plain {plain[-1]:.2f} s, cache {cached[-1]:.2f} s, "
-                  f"daemon {daemon[-1]:.2f} s", flush=True)
+            variants: list[tuple[str, Callable[[], None]]] = [
+                ("plain", lambda: plain.append(_plain(here, here.root / "plain.qcow2"))),
+                ("plain+fsync", lambda: durable.append(
+                    _plain(here, here.root / "plain.qcow2", durable=True))),
+                ("one thread", lambda: one_thread.append(
+                    _one_thread(here, here.root / "one.qcow2"))),
+                ("cache", lambda: _note_cache(
+                    asyncio.run(_cache(here, here.root / "cache")), cached, inspection)),
+                ("daemon", partial(_daemon_run, here, run, digest, daemon)),
+            ]
+            random.Random(run).shuffle(variants)
+            for _name, measure in variants:
+                drop_caches()
+                measure()
+            print(f"  run {run + 1}: plain {plain[-1]:.2f} s, one thread {one_thread[-1]:.2f} s, "
+                  f"cache {cached[-1]:.2f} s, daemon {daemon[-1]:.2f} s", flush=True)
     t_plain = median(plain)
     table = Table(
         f"Pre-warming a {size / MIB:.0f} MiB qcow2 (median of {options.runs}, min-max s)",
@@ -128,6 +169,7 @@ def bench(options: Options) -> list[Table]:
               f"{size / t_plain / 1e6:.0f}", "1.00", "", "")
     for name, times, target in (
         ("plain `fget_object` + fsync (durable, like the cache)", durable, None),
+        ("one thread: `get_object`, SHA-256 and write in turn, fsync", one_thread, None),
         ("`ImageCache.ensure` (download, hash, fsync, inspect)", cached, None),
         ("daemon: publish -> verified entry", daemon, 1.15),
     ):
@@ -140,8 +182,8 @@ def bench(options: Options) -> list[Table]:
               f"{t_inspect:.3f} [{spread(inspection)}]", "",
               f"{t_inspect / t_plain:.3f}", "", "")
     table.notes += [
-        "page cache dropped before every plain and cache run and after the daemon's "
-        "server-side copy, so S3 serves from disk each time",
+        "page cache dropped before every variant and after the daemon's server-side copy, "
+        "so S3 serves from disk each time; variants run in a shuffled order each round",
         "daemon: in this process, `Daemon(config, with_libvirt=False).run(handle_signals=False)`"
         ", logging JSON at info level to a file",
     ]

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import mmap
 import os
+import random
 import subprocess
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -141,7 +142,8 @@ def _measure(
 ) -> dict[tuple[str, str], list[float]]:
     """Seconds per (command, key), key = image label, or the expanded file for ``dd``.
 
-    Variants are interleaved within each round so background load hits all of them alike.
+    Variants are interleaved within each round, in a shuffled order, so background load
+    and the after-effects of one command hit all of them alike.
     """
     variants: list[tuple[str, str, Image, Command]] = []
     for image in images:
@@ -151,7 +153,11 @@ def _measure(
         image = next(i for i in images if i.expanded == expanded)
         variants.append(("dd", str(expanded), image, write_with_dd))
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for _ in range(options.runs):
+    for round_number in range(options.runs):
+        # A fresh order each round: a command that frees blocks (the predecessor punches
+        # holes, which this disk discards in the background) must not always slow the same
+        # successor.
+        random.Random(round_number).shuffle(variants)
         for name, key, image, command in variants:
             fill(target, options.writer_size)
             drop_caches()

@@ -291,7 +291,9 @@ class Reprovisioner:
                 return
             except (TemporaryError, ImageWriteError) as exc:
                 if isinstance(exc, ImageWriteError) and not exc.temporary:
-                    reason = f"{exc}; the volume may hold a partial image"
+                    reason = (f"{exc}; the volume was rolled back to its previous content"
+                              if exc.rolled_back else
+                              f"{exc}; the volume may hold a partial image")
                     await self._finish_failed(facts, action.image, reason, began, entry)
                     span.set_attribute("result", "failed")
                     return
@@ -406,13 +408,18 @@ class Reprovisioner:
                  bytes=entry.virtual_size)
         with telemetry.tracer.start_as_current_span("write"):
             # A failure inside the guard rolls an LV with a snapshot back to its old content.
-            async with lvwrite.guarded_write(lv, snapshot if lv else None) as target_is_zero:
-                await self.write_image(Path(entry.path), entry.format, Path(target.path),
-                                       target_is_zero=target_is_zero, on_progress=progress)
-                telemetry.write_progress.labels(domain=facts.name).set(1)
-                if not await self.hypervisor.is_shut_off(uuid):
-                    raise Refused("the domain was started while its volume was being written; "
-                                  "the volume content is undefined")
+            try:
+                async with lvwrite.guarded_write(lv, snapshot if lv else None) as target_is_zero:
+                    await self.write_image(Path(entry.path), entry.format, Path(target.path),
+                                           target_is_zero=target_is_zero, on_progress=progress)
+                    telemetry.write_progress.labels(domain=facts.name).set(1)
+                    if not await self.hypervisor.is_shut_off(uuid):
+                        raise Refused("the domain was started while its volume was being "
+                                      "written; the volume content is undefined")
+            except ImageWriteError as exc:
+                # The guard re-raises only after merging the snapshot back.
+                exc.rolled_back = bool(lv is not None and snapshot)
+                raise
         with telemetry.tracer.start_as_current_span("metadata update"):
             await self.hypervisor.set_state(uuid, DomainState(
                 "provisioned", action.image, entry.digest, _now()))

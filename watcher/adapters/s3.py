@@ -1,16 +1,16 @@
 """The S3 edge: look objects up and download images, verified and resumable.
 
 Images are gigabytes and hosts sit behind flaky links, so a download is hashed while it
-streams to disk (never read back), survives interruptions by resuming with a ranged GET
-from the last byte written, and pins the object's version with ``If-Match`` so an image
-replaced mid-download is caught rather than spliced. Every call here blocks: the caller
-runs it in an executor thread (``asyncio.to_thread``). Nothing is logged here; the caller
-logs, optionally fed attempt messages through ``log``.
+streams to disk (never read back; ``filesink`` overlaps writing, hashing and flushing),
+survives interruptions by resuming with a ranged GET from the last byte written, and pins
+the object's version with ``If-Match`` so an image replaced mid-download is caught rather
+than spliced. Every call here blocks: the caller runs it in an executor thread
+(``asyncio.to_thread``). Nothing is logged here; the caller logs, optionally fed attempt
+messages through ``log``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -27,6 +27,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from watcher.adapters.filesink import HashingFileSink
 from watcher.config import S3Settings
 from watcher.core.backoff import Backoff
 from watcher.core.errors import PermanentError, TemporaryError
@@ -191,44 +192,46 @@ class S3Store:
         transfer = _Transfer(expected_etag.strip('"') if expected_etag else None)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644)
+        sink = HashingFileSink(fd)
         finished = False
         try:
-            with os.fdopen(fd, "wb") as out:
-                delays = self._delays()
-                attempt = 1
-                while True:
-                    if stop.is_set():
-                        raise TemporaryError(f"download cancelled: {where}")
-                    written_before = transfer.offset
-                    try:
-                        self._fetch(bucket, key, transfer, out, on_bytes, stop)
-                        break
-                    except _ObjectChanged as exc:
-                        raise TemporaryError(f"{where} changed while downloading: {exc}") from None
-                    except _Transient as exc:
-                        if transfer.offset > written_before:
-                            delays = self._delays()  # progress was made: a fresh retry budget
-                            attempt = 1
-                        delay = next(delays, None)
-                        if delay is None:
-                            raise TemporaryError(
-                                f"downloading {where} failed after {attempt} attempts "
-                                f"at byte {transfer.offset}: {exc}"
-                            ) from exc.__cause__
-                        attempt += 1
-                        self._note(f"GET {where}", attempt, delay, exc)
-                        if stop.wait(delay):
-                            raise TemporaryError(f"download cancelled: {where}") from None
-                out.flush()
-                os.fsync(out.fileno())
+            delays = self._delays()
+            attempt = 1
+            while True:
+                if stop.is_set():
+                    raise TemporaryError(f"download cancelled: {where}")
+                written_before = transfer.offset
+                try:
+                    self._fetch(bucket, key, transfer, sink, on_bytes, stop)
+                    break
+                except _ObjectChanged as exc:
+                    raise TemporaryError(f"{where} changed while downloading: {exc}") from None
+                except _Transient as exc:
+                    if transfer.offset > written_before:
+                        delays = self._delays()  # progress was made: a fresh retry budget
+                        attempt = 1
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise TemporaryError(
+                            f"downloading {where} failed after {attempt} attempts "
+                            f"at byte {transfer.offset}: {exc}"
+                        ) from exc.__cause__
+                    attempt += 1
+                    self._note(f"GET {where}", attempt, delay, exc)
+                    if stop.wait(delay):
+                        raise TemporaryError(f"download cancelled: {where}") from None
+            sha256 = sink.finish()
             finished = True
         except OSError as exc:
             raise TemporaryError(f"writing {where} to {dest} failed: {exc}") from exc
         finally:
             if not finished:
+                sink.abort()
+            os.close(fd)
+            if not finished:
                 dest.unlink(missing_ok=True)
         return DownloadResult(
-            sha256=transfer.digest.hexdigest(), size=transfer.offset, etag=transfer.etag or "",
+            sha256=sha256, size=transfer.offset, etag=transfer.etag or "",
             resumed=transfer.resumed,
         )
 
@@ -237,7 +240,7 @@ class S3Store:
         bucket: str,
         key: str,
         transfer: _Transfer,
-        out: Any,
+        out: HashingFileSink,
         on_bytes: Callable[[int], None] | None,
         stop: threading.Event,
     ) -> None:
@@ -264,7 +267,6 @@ class S3Store:
             transfer.accept(response)
             for chunk in _chunks(response, self._chunk_size, f"{bucket}/{key}"):
                 out.write(chunk)
-                transfer.digest.update(chunk)
                 transfer.offset += len(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
@@ -317,7 +319,6 @@ class _Transfer:
         self.offset = 0
         self.total: int | None = None
         self.resumed = 0
-        self.digest = hashlib.sha256()
 
     def accept(self, response: Any) -> None:
         """Check that a response continues this download exactly where it stopped."""

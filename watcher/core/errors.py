@@ -75,3 +75,5 @@ class ImageWriteError(WatcherError):
         self.exit_code = exit_code
         self.stderr = stderr
         self.temporary = temporary
+        self.rolled_back = False
+        """Set once a rollback snapshot restored the volume's previous content."""
