@@ -2,7 +2,7 @@
 
 Usage (as root, with ``./scripts/services.sh`` up)::
 
-    .venv/bin/python -m bench                 # the full suite (about 15 minutes as root)
+    .venv/bin/python -m bench                 # the full suite (8-15 minutes as root)
     .venv/bin/python -m bench --quick         # smaller images, a few minutes
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
 
