@@ -13,13 +13,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
+import aio_pika
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.integration.harness import (
+    AMQP_URL,
     Env,
     make_qcow2,
     minio_event,
@@ -110,6 +113,72 @@ async def test_sidecar_arriving_after_the_image_triggers_one_download(
         await publish(env.exchange, minio_event(env.bucket, base_policy))
     await asyncio.sleep(1.0)
     assert counter(telemetry.downloads, result="ok") - before == 1
+
+
+async def publish_burst(exchange: str, body: bytes, count: int) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        ex = await channel.get_exchange(exchange)
+        for _ in range(count):
+            await ex.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             routing_key="")
+
+
+async def ready_messages(queue: str) -> int:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def start_daemon(env: Env) -> RunningDaemon:
+    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    await wait_for(lambda: daemon.consumer.consuming or task.done(), what="consumer")
+    assert not task.done(), task.result()
+    return RunningDaemon(daemon, task)
+
+
+async def stop_daemon(running: RunningDaemon) -> None:
+    running.daemon.stop_requested.set()
+    assert await asyncio.wait_for(running.task, 30) == 0
+
+
+async def test_a_burst_of_duplicates_shares_a_few_lookups_and_every_message_is_acked(
+        env: Env, base_policy: str, tmp_path: Path) -> None:
+    digest = env.upload_with_sidecar(base_policy, make_qcow2(tmp_path / "v1.qcow2"))
+    first = await start_daemon(env)  # declares the queue and warms the image
+    try:
+        await wait_for(lambda: digest in first.entries(), what="cache entry")
+    finally:
+        await stop_daemon(first)
+
+    # Queued while no daemon runs, so they arrive as fast as the broker can send them.
+    await publish_burst(env.exchange, minio_event(env.bucket, base_policy), 200)
+    await publish_burst(env.exchange, minio_event(env.bucket, "elsewhere/other.qcow2"), 300)
+    hits_before = counter(telemetry.cache_hits)
+    received = partial(counter, telemetry.events_received, source="amqp",
+                       type="s3:ObjectCreated:Put")
+    received_before = received()
+    second = await start_daemon(env)
+    try:
+        await wait_for(lambda: received() - received_before == 500, what="every notification")
+        await wait_for(lambda: second.daemon.consumer.messages_in_flight == 0,
+                       what="handlers done")
+    finally:
+        await stop_daemon(second)  # closes the channel: anything unacked is queued again
+
+    # One lookup (a HEAD and a sidecar GET) per run, the start-up reconcile's included.
+    # Runs for one image never overlap, and every request during a run shares the next.
+    hits = counter(telemetry.cache_hits) - hits_before
+    assert 1 <= hits <= 10, f"{hits} lookups for 200 duplicates"
+    queue = load_config(env.config_path).amqp.queue_name()
+    assert await ready_messages(queue) == 0
+    assert await ready_messages(f"{queue}.dead") == 0
 
 
 async def test_checksum_mismatch_is_not_cached_and_is_reported(
