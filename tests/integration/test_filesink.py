@@ -18,9 +18,11 @@ KiB = 1024
 
 def chunks(total: int) -> list[bytes]:
     """Uneven chunk sizes, so writeback ranges never line up with chunk boundaries."""
-    out, index = [], 0
-    while sum(map(len, out)) < total:
+    out: list[bytes] = []
+    size = index = 0
+    while size < total:
         out.append(hashlib.shake_256(str(index).encode()).digest(97 * KiB + index * 13))
+        size += len(out[-1])
         index += 1
     return out
 

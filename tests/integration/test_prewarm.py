@@ -20,6 +20,7 @@ import aio_pika
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import Counter
 
 from tests.integration.harness import (
     AMQP_URL,
@@ -59,7 +60,7 @@ async def daemon(env: Env) -> AsyncIterator[RunningDaemon]:
     assert await asyncio.wait_for(task, 30) == 0
 
 
-def counter(metric: telemetry.Counter, **labels: str) -> float:
+def counter(metric: Counter, **labels: str) -> float:
     child = metric.labels(**labels) if labels else metric
     return float(child._value.get())
 
@@ -339,4 +340,5 @@ async def test_an_event_traced_upstream_parents_the_warm_download_and_inspect_sp
     for child in ("download", "inspect"):
         parent = finished[child].parent
         assert parent is not None and parent.span_id == warm.context.span_id
-    assert finished["inspect"].attributes["digest"] == digest
+    attributes = finished["inspect"].attributes
+    assert attributes is not None and attributes["digest"] == digest
