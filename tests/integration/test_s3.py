@@ -13,6 +13,7 @@ import random
 import select
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -236,6 +237,30 @@ def test_download_writes_the_object_and_its_digest(
     assert result.etag == minio.stat_object(s3_bucket, "img.qcow2").etag
     assert dest.read_bytes() == data
     assert sum(seen) == len(data) and max(seen) <= MiB
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a download bigger than that fails with ENOSPC part-way."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                   check=True, timeout=30)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False, timeout=30)
+
+
+def test_a_full_disk_fails_the_download_cleanly_and_removes_the_partial_file(
+    settings: S3Settings, minio: Minio, s3_bucket: str, small_filesystem: Path
+) -> None:
+    upload(minio, s3_bucket, "big.qcow2", 5 * MiB)
+    dest = small_filesystem / "big.part"
+    with pytest.raises(TemporaryError, match="No space left on device"):
+        S3Store(settings).download(s3_bucket, "big.qcow2", dest)
+    assert list(small_filesystem.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "file-sink" and t.is_alive()]
 
 
 def test_download_of_a_missing_object_is_a_permanent_error_naming_it(
