@@ -18,15 +18,17 @@ of the CPU spent on a notification. A handler that needs no I/O returns None, an
 message is acked without spawning a task.
 
 The connection is ``aio_pika.connect_robust``: the first connection must succeed (a daemon
-started against a wrong URL fails at once), later losses are repaired forever, and the
-robust channel re-declares the exchanges and queues and resumes consuming. Messages that
-were in flight when the connection dropped cannot be settled any more; RabbitMQ redelivers
-them on the new connection (the handler is idempotent: delivery is at-least-once).
+started against a wrong URL fails at once), and later losses are repaired forever, with a
+jittered wait between attempts. The robust channel re-declares the exchanges and queues
+and resumes consuming. Messages that were in flight when the connection dropped cannot be
+settled any more; RabbitMQ redelivers them on the new connection (the handler is
+idempotent: delivery is at-least-once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
@@ -110,6 +112,23 @@ class AckWindow:
             else:
                 singles.append(message)
         return last, singles
+
+
+class JitteredRobustConnection(aio_pika.RobustConnection):
+    """A robust connection whose reconnect attempts are spread out.
+
+    After a broker restart every host of a fleet would otherwise retry in lockstep, all
+    ``reconnect_interval`` seconds apart. Each wait is drawn anew between half and one and
+    a half times the configured interval (aio-pika reads the attribute before each wait).
+    """
+
+    @property
+    def reconnect_interval(self) -> float:
+        return self._base_reconnect_interval * random.uniform(0.5, 1.5)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, seconds: float) -> None:
+        self._base_reconnect_interval = seconds
 
 
 class EventLog(Protocol):
@@ -220,7 +239,7 @@ class BucketEventConsumer:
         self._stopping = False
         # What connect_robust() does, but keeping the object so that a failed first
         # attempt is closed here rather than by a stray task from its finalizer.
-        connection = aio_pika.RobustConnection(
+        connection = JitteredRobustConnection(
             make_url(self._settings.url), reconnect_interval=self._reconnect_interval
         )
         try:

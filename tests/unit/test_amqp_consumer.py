@@ -1,12 +1,13 @@
-"""Which finished deliveries are acknowledged together, and which alone."""
+"""The consumer's pure parts: which deliveries are acked together, and reconnect waits."""
 
 from __future__ import annotations
 
 from typing import cast
 
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.connection import make_url
 
-from watcher.adapters.amqp import AckWindow
+from watcher.adapters.amqp import AckWindow, JitteredRobustConnection
 
 
 def message(tag: int) -> AbstractIncomingMessage:
@@ -58,3 +59,11 @@ def test_finishing_an_unknown_tag_is_ignored() -> None:
     window = window_with(1)
     window.finished(7)
     assert window.take() == (None, [])
+
+
+async def test_reconnect_waits_are_jittered_around_the_configured_interval() -> None:
+    connection = JitteredRobustConnection(make_url("amqp://guest:guest@127.0.0.1:1/"),
+                                          reconnect_interval=2.0)
+    waits = [connection.reconnect_interval for _ in range(200)]
+    assert all(1.0 <= wait <= 3.0 for wait in waits)
+    assert len(set(waits)) > 100, "every wait is drawn anew"
