@@ -133,9 +133,16 @@ class TestInspectRealImages:
 
     async def test_encrypted_qcow2_is_rejected(self, tmp_path: Path) -> None:
         image = tmp_path / "secret.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
-            "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            image, str(SIZE))
+        # qemu-img times its LUKS key derivation from thread CPU usage, and on a busy
+        # virtual machine that sometimes fails ("Unable to get accurate CPU usage").
+        for _attempt in range(10):
+            created = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
+                 "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                 str(image), str(SIZE)], capture_output=True, text=True, timeout=60)
+            if created.returncode == 0:
+                break
+        assert created.returncode == 0, created.stderr
         with pytest.raises(ImageRejected) as caught:
             await inspect_image_file(image, "qcow2")
         assert caught.value.reason == "encrypted"
