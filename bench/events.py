@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bench.common import Options, Table, median, percentile, run, verdict
-from bench.world import World, running_daemon, wait_for, world
-from tests.integration.harness import sha256_file
+from bench.world import World, world
+from tests.integration.harness import running_daemon, sha256_file, wait_for
 from watcher.config import AmqpSettings
 from watcher.runtime.supervisor import Daemon
 
@@ -119,8 +119,9 @@ async def _prepare(here: World) -> None:
     here.write_config(here.root / "cache")
     digest = sha256_file(image)
     # The first start declares the queue and warms the known image.
-    async with running_daemon(here.config_path) as daemon:
-        await wait_for(lambda: daemon.cache.get(digest), timeout=60, what="the known image")
+    async with running_daemon(here.config_path) as running:
+        await wait_for(lambda: running.daemon.cache.get(digest), timeout=60,
+                       what="the known image")
 
 
 def bench(options: Options) -> list[Table]:

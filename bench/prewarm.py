@@ -44,9 +44,10 @@ from bench.common import (
     spread,
     verdict,
 )
-from bench.world import World, running_daemon, wait_for, world
+from bench.world import World, world
 from bench.writer import prepare_images
-from tests.integration.harness import minio_event
+from tests.integration.harness import minio_event, running_daemon, wait_for
+from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
@@ -77,9 +78,7 @@ def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
     with Stopwatch() as sw:
         here.minio().fget_object(here.bucket, SOURCE_KEY, str(dest))
         if durable:
-            fd = os.open(dest, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_path(dest)
     dest.unlink()
     return sw.seconds
 
@@ -102,7 +101,8 @@ async def _daemon(here: World, run: int, digest: str) -> float:
     cache_dir = here.root / f"daemon-cache-{run}"
     here.write_policy({"bench": {"key": key}})
     here.write_config(cache_dir)
-    async with running_daemon(here.config_path) as daemon:
+    async with running_daemon(here.config_path) as running:
+        daemon = running.daemon
         await asyncio.sleep(1.0)  # the start-up reconcile finds nothing yet and finishes
         await asyncio.to_thread(here.copy_with_sidecar, SOURCE_KEY, key, digest)
         drop_caches()
@@ -114,7 +114,7 @@ async def _daemon(here: World, run: int, digest: str) -> float:
             started = time.perf_counter()
             await exchange.publish(aio_pika.Message(
                 body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key="")
-        await wait_for(lambda: daemon.cache.get(digest) is not None, timeout=600,
+        await wait_for(lambda: daemon.cache.get(digest) is not None, timeout=600, interval=0.005,
                        what="the cache entry")
         seconds = time.perf_counter() - started
     shutil.rmtree(cache_dir)

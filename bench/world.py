@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import io
 import shutil
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from minio.deleteobjects import DeleteObject
 
-from bench.common import AMQP_URL, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
+from bench.common import S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
 
-# The tests' MinIO-shaped events, checksums and AMQP clean-up serve the benchmarks too.
-from tests.integration.harness import delete_amqp, sha256_file
-from watcher.config import S3Settings, load_config
-from watcher.runtime.supervisor import Daemon
+# The tests' config writer, checksums and AMQP clean-up serve the benchmarks too.
+from tests.integration.harness import delete_amqp, sha256_file, write_daemon_config
+from watcher.config import S3Settings
 
 
 @dataclass
@@ -55,25 +53,11 @@ class World:
                      secure=False, region="us-east-1")
 
     def write_config(self, cache_dir: Path, **overrides: Any) -> Path:
-        config: dict[str, Any] = {
-            "libvirt": {"uri": "qemu:///system"},
-            "s3": {"endpoint": S3_ENDPOINT, "access_key": S3_ACCESS_KEY,
-                   "secret_key": S3_SECRET_KEY, "region": "us-east-1"},
-            "amqp": {"url": AMQP_URL, "exchange": self.exchange, "exchange_type": "fanout",
-                     "routing_key": "", "queue": self.queue},
-            "cache": {"dir": str(cache_dir), "max_size": "100GiB"},
-            "policies": {"dir": str(self.policies_dir)},
-            "http": {"listen": "127.0.0.1:0"},
-            "reconcile_interval": 3600,
-        }
-        for section, values in overrides.items():
-            if isinstance(values, dict):
-                config.setdefault(section, {}).update(values)
-            else:
-                config[section] = values
-        self.policies_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(config))
-        return self.config_path
+        return write_daemon_config(
+            self.config_path, s3_endpoint=S3_ENDPOINT, s3_access_key=S3_ACCESS_KEY,
+            s3_secret_key=S3_SECRET_KEY, exchange=self.exchange, queue=self.queue,
+            cache_dir=cache_dir, max_size="100GiB", policies_dir=self.policies_dir,
+            overrides=overrides)
 
     def write_policy(self, images: dict[str, dict[str, Any]]) -> None:
         self.policies_dir.mkdir(parents=True, exist_ok=True)
@@ -126,31 +110,3 @@ def world(scratch: Path, name: str) -> Iterator[World]:
             client.remove_bucket(here.bucket)
         asyncio.run(delete_amqp(here.exchange, here.queue))
         shutil.rmtree(here.root, ignore_errors=True)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.005,
-                   what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon,
-                         ) -> AsyncIterator[Daemon]:
-    """The daemon in this loop, without libvirt, consuming; stopped afterwards."""
-    daemon = daemon_class(load_config(config_path), drain_timeout=5, with_libvirt=False)
-    task = asyncio.create_task(daemon.run(handle_signals=False))
-    try:
-        await wait_for(lambda: daemon.consumer.consuming or task.done(), timeout=30,
-                       what="the consumer")
-        if task.done():
-            raise RuntimeError(f"daemon exited early: {task.result()}")
-        yield daemon
-    finally:
-        daemon.stop_requested.set()
-        await asyncio.wait_for(task, 60)

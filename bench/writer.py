@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import MIB, Options, Stopwatch, Table, drop_caches, median, run, spread, verdict
+from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import convert_argv, write_image
 
 FILL_BYTE = 0x5A
@@ -99,21 +100,13 @@ def fill(target: Path, size: int) -> None:
         block.close()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_with_watcher(image: Image, target: Path) -> None:
     asyncio.run(write_image(image.qcow2, "qcow2", target))
 
 
 def write_like_predecessor(image: Image, target: Path) -> None:
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image.qcow2), str(target)])
-    _fsync(target)
+    fsync_path(target)
 
 
 def write_with_dd(image: Image, target: Path) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from watcher import telemetry
+from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import ObjectInfo, S3Store
 from watcher.core.errors import ImageRejected, PermanentError, SidecarUnavailable, TemporaryError
@@ -346,7 +347,7 @@ class ImageCache:
                 return
             os.replace(part, entry.path)
             self._write_record(entry)
-            _fsync_dir(self.objects)
+            fsync_path(self.objects)
         self._update_gauges()
 
     def _use(self, entry: CacheEntry, image: ImageSpec, source: Source) -> CacheEntry:
@@ -502,14 +503,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_permanent(err: BaseException) -> bool:

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 import aio_pika
 import yaml
 from minio import Minio
+
+from watcher.config import load_config
+from watcher.runtime.supervisor import Daemon
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -51,26 +55,11 @@ class Env:
                      self.s3["LVW_S3_SECRET_KEY"], secure=False, region="us-east-1")
 
     def write_config(self, **overrides: Any) -> Path:
-        config: dict[str, Any] = {
-            "libvirt": {"uri": "qemu:///system"},
-            "s3": {"endpoint": self.s3["LVW_S3_ENDPOINT"],
-                   "access_key": self.s3["LVW_S3_ACCESS_KEY"],
-                   "secret_key": self.s3["LVW_S3_SECRET_KEY"], "region": "us-east-1"},
-            "amqp": {"url": AMQP_URL, "exchange": self.exchange, "exchange_type": "fanout",
-                     "routing_key": "", "queue": self.queue},
-            "cache": {"dir": str(self.cache_dir), "max_size": "10GiB"},
-            "policies": {"dir": str(self.policies_dir)},
-            "http": {"listen": "127.0.0.1:0"},
-            "reconcile_interval": 3600,
-        }
-        for section, values in overrides.items():
-            if isinstance(values, dict):
-                config.setdefault(section, {}).update(values)
-            else:
-                config[section] = values
-        self.policies_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(config))
-        return self.config_path
+        return write_daemon_config(
+            self.config_path, s3_endpoint=self.s3["LVW_S3_ENDPOINT"],
+            s3_access_key=self.s3["LVW_S3_ACCESS_KEY"], s3_secret_key=self.s3["LVW_S3_SECRET_KEY"],
+            exchange=self.exchange, queue=self.queue, cache_dir=self.cache_dir,
+            max_size="10GiB", policies_dir=self.policies_dir, overrides=overrides)
 
     def write_policy(self, images: dict[str, dict[str, Any]],
                      domains: list[dict[str, Any]] | None = None,
@@ -93,6 +82,64 @@ class Env:
         self.upload_file(key, path)
         self.upload(key + ".sha256", f"{digest}  {Path(key).name}\n".encode())
         return digest
+
+
+def write_daemon_config(
+    path: Path, *, s3_endpoint: str, s3_access_key: str, s3_secret_key: str, exchange: str,
+    queue: str, cache_dir: Path, max_size: str, policies_dir: Path, overrides: dict[str, Any],
+) -> Path:
+    """The daemon's config for one test or benchmark; ``overrides`` replace or extend sections."""
+    config: dict[str, Any] = {
+        "libvirt": {"uri": "qemu:///system"},
+        "s3": {"endpoint": s3_endpoint, "access_key": s3_access_key,
+               "secret_key": s3_secret_key, "region": "us-east-1"},
+        "amqp": {"url": AMQP_URL, "exchange": exchange, "exchange_type": "fanout",
+                 "routing_key": "", "queue": queue},
+        "cache": {"dir": str(cache_dir), "max_size": max_size},
+        "policies": {"dir": str(policies_dir)},
+        "http": {"listen": "127.0.0.1:0"},
+        "reconcile_interval": 3600,
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    policies_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class RunningDaemon:
+    """A daemon running in the caller's event loop, without libvirt."""
+
+    daemon: Daemon
+    task: asyncio.Task[int]
+
+    def entries(self) -> list[str]:
+        return [e.digest for e in self.daemon.cache.entries()]
+
+    @property
+    def exit_code(self) -> int:
+        """What ``run`` returned; only once the daemon has stopped."""
+        return self.task.result()
+
+
+@asynccontextmanager
+async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon,
+                         ) -> AsyncIterator[RunningDaemon]:
+    """The daemon in this loop, consuming; stopped afterwards (see ``exit_code``)."""
+    daemon = daemon_class(load_config(config_path), drain_timeout=5, with_libvirt=False)
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        await wait_for(lambda: daemon.consumer.consuming or task.done(), interval=0.02,
+                       what="the consumer")
+        assert not task.done(), f"daemon exited early: {task.result()}"
+        yield RunningDaemon(daemon, task)
+    finally:
+        daemon.stop_requested.set()
+        await asyncio.wait_for(task, 60)
 
 
 def free_port() -> int:
@@ -138,6 +185,28 @@ async def publish(exchange: str, body: bytes, *, headers: dict[str, Any] | None 
                                           headers=headers or {}), routing_key="")
 
 
+async def publish_many(exchange: str, bodies: list[bytes], *, url: str = AMQP_URL) -> None:
+    """Publish persistently over one connection to an exchange that already exists."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        ex = await channel.get_exchange(exchange)
+        for body in bodies:
+            await ex.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             routing_key="")
+
+
+async def ready_count(queue: str, *, url: str = AMQP_URL) -> int:
+    """Messages waiting in ``queue`` (not counting ones delivered but unacked)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0,
                    interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
@@ -165,8 +234,9 @@ def make_qcow2(path: Path, size: str = "16M", *, fill_mib: int = 2, seed: int = 
     return path
 
 
-async def delete_amqp(exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
+async def delete_amqp(exchange: str, queue: str, *, url: str = AMQP_URL) -> None:
+    """Remove a test's exchange and queue, and the dead-letter pair the consumer made."""
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         for name in (queue, f"{queue}.dead"):

@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from tests.integration.harness import delete_amqp, publish_many, ready_count
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.config import AmqpSettings
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
@@ -72,24 +73,11 @@ class Broker:
             )
 
     async def publish_many(self, bodies: list[bytes]) -> None:
-        connection = await aio_pika.connect(self.url)
-        async with connection:
-            channel = await connection.channel()
-            exchange = await channel.get_exchange(self.exchange)
-            for body in bodies:
-                await exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key="")
+        await publish_many(self.exchange, bodies, url=self.url)
 
     async def ready_count(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting ones delivered but unacked)."""
-        connection = await aio_pika.connect(self.url)
-        async with connection:
-            channel = await connection.channel()
-            declared = await channel.declare_queue(queue, passive=True)
-            count = declared.declaration_result.message_count
-            assert count is not None
-            return count
+        return await ready_count(queue, url=self.url)
 
     async def take(self, queue: str) -> tuple[bytes, bool]:
         """Remove one message from ``queue``, waiting for it; returns (body, redelivered)."""
@@ -112,13 +100,7 @@ async def broker(services_env: dict[str, str], unique_name: str) -> AsyncIterato
                     queue=f"lvw-test-{unique_name}")
     yield broker
     # A fresh connection: the test may have restarted the broker under the old ones.
-    connection = await aio_pika.connect(broker.url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (broker.queue, f"{broker.queue}.dead"):
-            await channel.queue_delete(queue, if_unused=False, if_empty=False)
-        for exchange in (broker.exchange, f"{broker.queue}.dlx"):
-            await channel.exchange_delete(exchange)
+    await delete_amqp(broker.exchange, broker.queue, url=broker.url)
 
 
 Handler = Callable[[bytes, Mapping[str, object]], Awaitable[None] | None]

@@ -16,48 +16,36 @@ from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
-import aio_pika
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import Counter
 
 from tests.integration.harness import (
-    AMQP_URL,
     Env,
+    RunningDaemon,
     make_qcow2,
     minio_event,
     publish,
+    publish_many,
     queue_messages,
+    ready_count,
+    running_daemon,
     sha256_file,
     wait_for,
 )
 from watcher import telemetry
 from watcher.config import load_config
-from watcher.runtime.supervisor import Daemon
 
 pytestmark = pytest.mark.integration
-
-
-class RunningDaemon:
-    def __init__(self, daemon: Daemon, task: asyncio.Task[int]) -> None:
-        self.daemon = daemon
-        self.task = task
-
-    def entries(self) -> list[str]:
-        return [e.digest for e in self.daemon.cache.entries()]
 
 
 @pytest.fixture
 async def daemon(env: Env) -> AsyncIterator[RunningDaemon]:
     """The daemon, in this test's loop, without libvirt (pre-warming needs none)."""
-    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
-    task = asyncio.create_task(daemon.run(handle_signals=False))
-    await wait_for(lambda: daemon.consumer.consuming or task.done(), what="consumer")
-    assert not task.done(), task.result()
-    yield RunningDaemon(daemon, task)
-    daemon.stop_requested.set()
-    assert await asyncio.wait_for(task, 30) == 0
+    async with running_daemon(env.config_path) as running:
+        yield running
+    assert running.exit_code == 0
 
 
 def counter(metric: Counter, **labels: str) -> float:
@@ -116,70 +104,34 @@ async def test_sidecar_arriving_after_the_image_triggers_one_download(
     assert counter(telemetry.downloads, result="ok") - before == 1
 
 
-async def publish_burst(exchange: str, body: bytes, count: int) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        ex = await channel.get_exchange(exchange)
-        for _ in range(count):
-            await ex.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                             routing_key="")
-
-
-async def ready_messages(queue: str) -> int:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        count = declared.declaration_result.message_count
-        assert count is not None
-        return count
-
-
-async def start_daemon(env: Env) -> RunningDaemon:
-    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
-    task = asyncio.create_task(daemon.run(handle_signals=False))
-    await wait_for(lambda: daemon.consumer.consuming or task.done(), what="consumer")
-    assert not task.done(), task.result()
-    return RunningDaemon(daemon, task)
-
-
-async def stop_daemon(running: RunningDaemon) -> None:
-    running.daemon.stop_requested.set()
-    assert await asyncio.wait_for(running.task, 30) == 0
-
-
 async def test_a_burst_of_duplicates_shares_a_few_lookups_and_every_message_is_acked(
         env: Env, base_policy: str, tmp_path: Path) -> None:
     digest = env.upload_with_sidecar(base_policy, make_qcow2(tmp_path / "v1.qcow2"))
-    first = await start_daemon(env)  # declares the queue and warms the image
-    try:
+    async with running_daemon(env.config_path) as first:  # declares the queue, warms
         await wait_for(lambda: digest in first.entries(), what="cache entry")
-    finally:
-        await stop_daemon(first)
+    assert first.exit_code == 0
 
     # Queued while no daemon runs, so they arrive as fast as the broker can send them.
-    await publish_burst(env.exchange, minio_event(env.bucket, base_policy), 200)
-    await publish_burst(env.exchange, minio_event(env.bucket, "elsewhere/other.qcow2"), 300)
+    await publish_many(env.exchange, [minio_event(env.bucket, base_policy)] * 200)
+    await publish_many(env.exchange, [minio_event(env.bucket, "elsewhere/other.qcow2")] * 300)
     hits_before = counter(telemetry.cache_hits)
     received = partial(counter, telemetry.events_received, source="amqp",
                        type="s3:ObjectCreated:Put")
     received_before = received()
-    second = await start_daemon(env)
-    try:
+    async with running_daemon(env.config_path) as second:
         await wait_for(lambda: received() - received_before == 500, what="every notification")
         await wait_for(lambda: second.daemon.consumer.messages_in_flight == 0,
                        what="handlers done")
-    finally:
-        await stop_daemon(second)  # closes the channel: anything unacked is queued again
+    # Stopping closed the channel: anything unacked is queued again.
+    assert second.exit_code == 0
 
     # One lookup (a HEAD and a sidecar GET) per run, the start-up reconcile's included.
     # Runs for one image never overlap, and every request during a run shares the next.
     hits = counter(telemetry.cache_hits) - hits_before
     assert 1 <= hits <= 10, f"{hits} lookups for 200 duplicates"
     queue = load_config(env.config_path).amqp.queue_name()
-    assert await ready_messages(queue) == 0
-    assert await ready_messages(f"{queue}.dead") == 0
+    assert await ready_count(queue) == 0
+    assert await ready_count(f"{queue}.dead") == 0
 
 
 async def test_checksum_mismatch_is_not_cached_and_is_reported(
@@ -221,20 +173,14 @@ async def test_hostile_images_are_rejected_and_never_cached(
     env.write_policy({"bad": {"bucket": env.bucket, "key": key, "format": declared}},
                      [{"match": "*", "image": "bad"}])
     env.upload_with_sidecar(key, bad)
-    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
-    task = asyncio.create_task(daemon.run(handle_signals=False))
-    try:
-        reason = {"raw_posing": "format_mismatch"}.get(hostile, hostile)
-        before = counter(telemetry.images_rejected, reason=reason)
-        await wait_for(lambda: daemon.consumer.consuming, what="consumer")
+    reason = {"raw_posing": "format_mismatch"}.get(hostile, hostile)
+    before = counter(telemetry.images_rejected, reason=reason)
+    async with running_daemon(env.config_path) as running:
         await publish(env.exchange, minio_event(env.bucket, key))
         await wait_for(lambda: counter(telemetry.images_rejected, reason=reason) > before,
                        what=f"rejection {reason}")
-        assert daemon.cache.entries() == []
+        assert running.daemon.cache.entries() == []
         assert not [p for p in (env.cache_dir / "tmp").iterdir() if p.suffix == ".part"]
-    finally:
-        daemon.stop_requested.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_malformed_message_is_dead_lettered_and_the_next_event_is_handled(
@@ -274,20 +220,14 @@ async def test_eviction_keeps_the_current_version_of_policy_images(
     # Room for about two entries only.
     size = (tmp_path / "p.qcow2").stat().st_size
     env.write_config(cache={"max_size": int(size * 2.5)})
-    daemon = Daemon(load_config(env.config_path), drain_timeout=5, with_libvirt=False)
-    task = asyncio.create_task(daemon.run(handle_signals=False))
-    try:
-        await wait_for(lambda: {pinned, old_other} <= {e.digest for e in daemon.cache.entries()},
+    async with running_daemon(env.config_path) as running:
+        await wait_for(lambda: {pinned, old_other} <= set(running.entries()),
                        what="initial reconcile")
         new_other = env.upload_with_sidecar(other_key, make_qcow2(tmp_path / "o2.qcow2", seed=3))
         await publish(env.exchange, minio_event(env.bucket, other_key))
-        await wait_for(lambda: new_other in {e.digest for e in daemon.cache.entries()},
-                       what="new version cached")
-        digests = {e.digest for e in daemon.cache.entries()}
+        await wait_for(lambda: new_other in running.entries(), what="new version cached")
+        digests = set(running.entries())
         assert pinned in digests and new_other in digests and old_other not in digests
-    finally:
-        daemon.stop_requested.set()
-        await asyncio.wait_for(task, 30)
 
 
 def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 WINDOW = 8 * 1024 * 1024
 """Bytes per writeback range."""
@@ -45,6 +46,15 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, block device or directory (after a rename in it) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _range_sync(fd: int, offset: int, length: int, flags: int) -> None:

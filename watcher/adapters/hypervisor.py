@@ -37,6 +37,7 @@ from watcher.core.domain import (
 )
 from watcher.core.errors import PermanentError, TemporaryError
 from watcher.core.policy import PolicySet
+from watcher.core.waiting import wait_any
 
 T = TypeVar("T")
 
@@ -244,7 +245,7 @@ class DomainWatcher:
                     self.log.warning("libvirt connection failed; retrying", uri=self.uri,
                                      attempt=attempt, delay=round(delay, 2),
                                      error=str(exc.get_error_message() or exc))
-                    await _wait_any(stop, timeout=delay)
+                    await wait_any(stop, timeout=delay)
                     continue
                 self.connects += 1
                 self.log.info("connected to libvirt" if self.connects == 1
@@ -255,13 +256,13 @@ class DomainWatcher:
                 with contextlib.suppress(HypervisorUnavailable):
                     # A failure here means the connection broke again; _lost tells.
                     await self.sweep()
-                await _wait_any(stop, self._lost)
+                await wait_any(stop, self._lost)
                 self._dispatching = False
                 if self._lost.is_set():
                     self.log.warning("libvirt connection lost; reconnecting", uri=self.uri)
                     await self._disconnect()
             while self._leases and not self._lost.is_set():
-                await _wait_any(self._idle, self._lost)
+                await wait_any(self._idle, self._lost)
         finally:
             self._dispatching = False
             await self._disconnect()
@@ -476,16 +477,6 @@ class DomainWatcher:
 
     async def start(self, uuid: str) -> None:
         await self._on_domain(uuid, lambda dom: dom.create())
-
-
-async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Return when any event is set or ``timeout`` passed."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 # ---- one-shot helpers for the command line -------------------------------------------------

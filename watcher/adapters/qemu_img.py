@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from watcher.adapters.filesink import fsync_path
 from watcher.core.errors import ImageRejected, ImageWriteError
 from watcher.core.inspect import HEADER_BYTES, ImageFacts, check_header, crosscheck
 from watcher.core.policy import ImageFormat
@@ -212,14 +213,6 @@ def _probe_target(target: Path) -> tuple[bool, bool]:
     return is_block, True
 
 
-def _fsync(target: Path) -> None:
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_transient(stderr: str) -> bool:
     return any(message in stderr for message in _TRANSIENT_MESSAGES)
 
@@ -294,7 +287,7 @@ async def write_image(
             str(target), proc.returncode, stderr, temporary=_is_transient(stderr),
         )
     try:
-        await asyncio.to_thread(_fsync, target)
+        await asyncio.to_thread(fsync_path, target)
     except OSError as exc:
         raise ImageWriteError(
             str(target), None, f"flushing {target} failed: {exc}",

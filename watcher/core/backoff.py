@@ -1,7 +1,9 @@
 """Retry delays: capped exponential backoff with full jitter.
 
-Every retry loop in the watcher (S3, AMQP, libvirt, qemu-img) draws its delays here so
-that many hosts recovering from one outage do not hammer a service in lockstep.
+The watcher's own retry loops (S3, libvirt, reprovision jobs) draw their delays here so
+that many hosts recovering from one outage do not hammer a service in lockstep. AMQP
+reconnects run in aio-pika's loop, which jitters its fixed interval instead
+(``adapters/amqp.py``).
 """
 
 from __future__ import annotations

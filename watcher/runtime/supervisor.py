@@ -37,6 +37,7 @@ from watcher.core.errors import (
 )
 from watcher.core.events import parse_bucket_notification
 from watcher.core.policy import PolicySet
+from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.observability import StateTransitionLog, context_from_amqp_headers
@@ -218,11 +219,11 @@ class Daemon:
         while not self.stop_requested.is_set():
             await self.reconcile()
             self.reconcile_requested.clear()
-            await _wait_any(self.stop_requested, self.reconcile_requested, timeout=interval)
+            await wait_any(self.stop_requested, self.reconcile_requested, timeout=interval)
 
     async def _reload_loop(self) -> None:
         while not self.stop_requested.is_set():
-            await _wait_any(self.stop_requested, self.reload_requested)
+            await wait_any(self.stop_requested, self.reload_requested)
             if self.stop_requested.is_set():
                 return
             self.reload_requested.clear()
@@ -238,7 +239,7 @@ class Daemon:
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
             telemetry.connection_up.labels(service="amqp").set(int(self.consumer.connected))
-            await _wait_any(self.stop_requested, timeout=interval)
+            await wait_any(self.stop_requested, timeout=interval)
 
     async def _ready_when_connected(self) -> None:
         while not self.stop_requested.is_set():
@@ -247,7 +248,7 @@ class Daemon:
                 self.notifier.status(self.status_line())
                 log.info("ready", **self.readiness())
                 return
-            await _wait_any(self.stop_requested, timeout=0.2)
+            await wait_any(self.stop_requested, timeout=0.2)
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -318,14 +319,3 @@ class Daemon:
         if self.http is not None:
             await self.http.stop()
         log.info("stopped")
-
-
-async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Sleep until one of ``events`` is set or ``timeout`` passes (a sleep that wakes on stop)."""
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
