@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,12 +36,20 @@ from watcher import telemetry
 from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import ObjectInfo, S3Store
-from watcher.core.errors import ImageRejected, PermanentError, SidecarUnavailable, TemporaryError
+from watcher.core.errors import (
+    ImageRejected,
+    ObjectUnavailable,
+    PermanentError,
+    SidecarUnavailable,
+    TemporaryError,
+    UnsafeName,
+)
+from watcher.core.paths import digest_file, image_file, is_digest
 from watcher.core.policy import SIDECAR_SUFFIX, ImageFormat, ImageSpec, PolicySet
+from watcher.core.repeats import RepeatFilter
 from watcher.core.sidecar import parse_sidecar
 
 _T = TypeVar("_T")
-_HEX = frozenset("0123456789abcdef")
 
 
 LRU_RESOLUTION = 300.0
@@ -96,8 +105,12 @@ class CacheEntry:
 
     @classmethod
     def from_record(cls, directory: Path, data: dict[str, Any]) -> CacheEntry:
+        """The entry a record describes; ``ValueError`` unless it names its own data file."""
         fields = dict(data)
-        fields["path"] = directory / str(data["path"])
+        digest, fmt = str(data["digest"]), str(data["format"])
+        if fmt not in ("qcow2", "raw") or str(data["path"]) != f"{digest}.{fmt}":
+            raise ValueError(f"record names data file {data['path']!r}, not {digest}.{fmt}")
+        fields["path"] = digest_file(directory, digest, f".{fmt}")
         fields["sources"] = tuple(Source(**s) for s in data.get("sources", ()))
         return cls(**fields)
 
@@ -150,6 +163,7 @@ class ImageCache:
         self._pending: dict[tuple[str, str, str], tuple[Path, str, int]] = {}
         # Object versions already rejected: not downloaded again until they change.
         self._rejected: dict[Source, ImageRejected] = {}
+        self._problems = RepeatFilter()
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -183,12 +197,20 @@ class ImageCache:
         return sorted(found, key=lambda e: (e.last_used_at, e.digest))
 
     def get(self, digest: str) -> CacheEntry | None:
-        return self._read_entry(self.objects / f"{digest}.json")
+        if not is_digest(digest):
+            return None  # no file is named by anything else
+        return self._read_entry(digest_file(self.objects, digest, ".json"))
 
     def current(self, image_name: str) -> CacheEntry | None:
         """The last known current version of an image, without touching the network."""
-        ref = self._read_json(self.refs / f"{image_name}.json")
+        try:
+            ref = self._read_json(self._ref_path(image_name))
+        except UnsafeName:
+            return None  # such an image cannot have been cached
         return self.get(str(ref["digest"])) if ref else None
+
+    def _ref_path(self, image_name: str) -> Path:
+        return image_file(self.refs, image_name, ".json")
 
     def find_source(self, source: Source) -> CacheEntry | None:
         """The entry already holding exactly this object version, if any."""
@@ -202,9 +224,13 @@ class ImageCache:
     async def ensure(self, image: ImageSpec) -> CacheEntry:
         """The current version of ``image``: from the cache, or downloaded, verified, inspected.
 
-        Raises ``SidecarUnavailable`` when the image needs a sidecar that is not there yet,
-        ``ImageRejected`` for a bad image, ``TemporaryError`` when S3 is unreachable.
+        Raises ``ObjectUnavailable`` or ``SidecarUnavailable`` while the image or the
+        sidecar it needs is not uploaded yet, ``ImageRejected`` for a bad image,
+        ``UnsafeName`` for an image name that cannot be a file name, ``TemporaryError``
+        when S3 is unreachable.
         """
+        # Refused before any download: the name becomes a file name once the image is cached.
+        self._ref_path(image.name)
         with telemetry.tracer.start_as_current_span("warm", attributes={"image": image.name}):
             obj = await self._resolve(image)
             digest = await self._published_digest(image, obj)
@@ -212,6 +238,7 @@ class ImageCache:
             known_bad = self._rejected.get(source)
             if known_bad is not None and known_bad.reason != "checksum_mismatch":
                 # The same bytes will fail the same way; a new upload has a new ETag.
+                self._report_rejection(image, source, digest, known_bad)
                 raise known_bad
             hit = self._lookup(digest, source)
             if hit is not None:
@@ -241,15 +268,16 @@ class ImageCache:
         if image.key is not None:
             obj = await asyncio.to_thread(self.s3.stat, image.bucket, image.key)
             if obj is None:
-                raise TemporaryError(
-                    f"image {image.name}: s3://{image.bucket}/{image.key} does not exist")
+                raise ObjectUnavailable(
+                    f"image {image.name}: waiting for s3://{image.bucket}/{image.key}")
             return obj
         assert image.prefix is not None
         listed = await asyncio.to_thread(self.s3.list_objects, image.bucket, image.prefix)
         versions = [o for o in listed if not o.key.endswith(SIDECAR_SUFFIX)]
         if not versions:
-            raise TemporaryError(
-                f"image {image.name}: nothing under s3://{image.bucket}/{image.prefix}")
+            raise ObjectUnavailable(
+                f"image {image.name}: waiting for an object under "
+                f"s3://{image.bucket}/{image.prefix}")
         return max(versions, key=lambda o: (o.last_modified or datetime.min.replace(tzinfo=UTC),
                                             o.key))
 
@@ -287,7 +315,7 @@ class ImageCache:
                 facts = await inspect_image_file(path, image.format)
             now = _now()
             entry = CacheEntry(
-                digest=digest, path=self.objects / f"{digest}.{image.format}",
+                digest=digest, path=digest_file(self.objects, digest, f".{image.format}"),
                 format=image.format, virtual_size=facts.virtual_size, size=size,
                 image=image.name, bucket=obj.bucket, key=obj.key, etag=obj.etag,
                 sources=(source,), created_at=now, last_used_at=now, verified_at=now,
@@ -297,6 +325,7 @@ class ImageCache:
         except ImageRejected as err:
             telemetry.images_rejected.labels(reason=err.reason).inc()
             self._rejected[source] = err
+            self._report_rejection(image, source, digest, err)
             raise
         finally:
             if path.exists() and path.parent == self.tmp and not self._is_pending(path):
@@ -316,9 +345,11 @@ class ImageCache:
                     result = await asyncio.to_thread(
                         self.s3.download, obj.bucket, obj.key, part,
                         expected_etag=obj.etag, on_bytes=telemetry.download_bytes.inc)
-            except BaseException:
+            except BaseException as err:
                 telemetry.downloads.labels(result="failed").inc()
                 part.unlink(missing_ok=True)
+                if isinstance(err, Exception):
+                    self._report_download_failure(image, obj, err)
                 raise
             finally:
                 telemetry.jobs_in_progress.labels(kind="download").dec()
@@ -326,6 +357,25 @@ class ImageCache:
         self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
                       seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
         return part, result.sha256, result.size
+
+    def _report_rejection(self, image: ImageSpec, source: Source, digest: str | None,
+                          err: ImageRejected) -> None:
+        """A warning per (object version, reason); repeats of one are rate-limited."""
+        repeats = self._problems.admit((source, err.reason), time.monotonic())
+        if repeats is not None:
+            self.log.warning("image rejected", image=image.name, bucket=source.bucket,
+                             key=source.key, version=source.etag, digest=digest,
+                             reason=err.reason, error=str(err), repeats_unlogged=repeats)
+
+    def _report_download_failure(self, image: ImageSpec, obj: ObjectInfo,
+                                 err: Exception) -> None:
+        reason = _failure_reason(err)
+        source = Source(obj.bucket, obj.key, obj.etag)
+        repeats = self._problems.admit((source, reason), time.monotonic())
+        if repeats is not None:
+            self.log.warning("image download failed", image=image.name, bucket=obj.bucket,
+                             key=obj.key, version=obj.etag, reason=reason,
+                             error=f"{type(err).__name__}: {err}", repeats_unlogged=repeats)
 
     def _keep_pending(self, source: Source, path: Path, digest: str, size: int) -> None:
         old = self._pending.pop((source.bucket, source.key, source.etag), None)
@@ -353,7 +403,7 @@ class ImageCache:
     def _use(self, entry: CacheEntry, image: ImageSpec, source: Source) -> CacheEntry:
         """Record a use: LRU time, the source, and the image's current-version ref."""
         latest = self.get(entry.digest) or entry
-        ref = self._read_json(self.refs / f"{image.name}.json") or {}
+        ref = self._read_json(self._ref_path(image.name)) or {}
         unchanged = (source in latest.sources and latest.image == image.name
                      and ref.get("digest") == entry.digest and ref.get("etag") == source.etag)
         if unchanged and _age_seconds(latest.last_used_at) < LRU_RESOLUTION:
@@ -365,7 +415,7 @@ class ImageCache:
                               sources=_merge(latest.sources, (source,)))
             self._write_record(updated)
             if not unchanged:
-                self._write_json(self.refs / f"{image.name}.json", {
+                self._write_json(self._ref_path(image.name), {
                     "digest": entry.digest, "bucket": source.bucket, "key": source.key,
                     "etag": source.etag, "resolved_at": _now()})
         return updated
@@ -439,7 +489,7 @@ class ImageCache:
 
     def _remove(self, entry: CacheEntry) -> None:
         # Record first: without it the entry no longer exists, even if unlinking data fails.
-        (self.objects / f"{entry.digest}.json").unlink(missing_ok=True)
+        digest_file(self.objects, entry.digest, ".json").unlink(missing_ok=True)
         entry.path.unlink(missing_ok=True)
 
     def _read_entry(self, record: Path) -> CacheEntry | None:
@@ -448,10 +498,8 @@ class ImageCache:
             return None
         try:
             entry = CacheEntry.from_record(self.objects, data)
-        except (TypeError, KeyError) as err:
+        except (TypeError, KeyError, ValueError, UnsafeName) as err:
             self.log.warning("unreadable cache record ignored", record=str(record), error=str(err))
-            return None
-        if not (len(entry.digest) == 64 and set(entry.digest) <= _HEX):
             return None
         return entry
 
@@ -466,7 +514,7 @@ class ImageCache:
         return data if isinstance(data, dict) else None
 
     def _write_record(self, entry: CacheEntry) -> None:
-        self._write_json(self.objects / f"{entry.digest}.json", entry.record())
+        self._write_json(digest_file(self.objects, entry.digest, ".json"), entry.record())
 
     def _write_json(self, path: Path, data: dict[str, Any]) -> None:
         tmp = self.tmp / f"{uuid.uuid4().hex}.json"
@@ -491,6 +539,19 @@ class ImageCache:
         entries = self.entries()
         telemetry.cache_entries.set(len(entries))
         telemetry.cache_bytes.set(sum(e.size for e in entries))
+
+
+def _failure_reason(err: BaseException) -> str:
+    """A short stable word for a failed download: the errno name (``ENOSPC``) when the
+    cause was an OS error, else whether it was temporary or permanent."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return errno.errorcode.get(cause.errno, f"errno {cause.errno}")
+        cause = cause.__cause__
+    if isinstance(err, TemporaryError):
+        return "temporary"
+    return "permanent" if isinstance(err, PermanentError) else type(err).__name__
 
 
 def _merge(old: Sequence[Source], new: Sequence[Source]) -> tuple[Source, ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
-from watcher.core.errors import ConfigError, SidecarUnavailable, WatcherError
+from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.units import format_size
 
 
@@ -183,7 +183,7 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
             return 1
         try:
             entry = asyncio.run(cache.ensure(image))
-        except SidecarUnavailable as err:
+        except NotUploadedYet as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print(f"{image.name}: {entry.digest} cached ({format_size(entry.size)}, "

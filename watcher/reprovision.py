@@ -45,8 +45,8 @@ from watcher.core.domain import (
 )
 from watcher.core.errors import (
     ImageWriteError,
+    NotUploadedYet,
     PermanentError,
-    SidecarUnavailable,
     TemporaryError,
     WatcherError,
 )
@@ -231,7 +231,7 @@ class Reprovisioner:
                             await asyncio.wait_for(self._closing.wait(), timeout=delay)
                         self._again.add(uuid)
                 except Exception:
-                    self.log.exception("reprovision check crashed", uuid=uuid)
+                    telemetry.report_unexpected(self.log, "reprovision", uuid=uuid)
                 if uuid not in self._again or self._closing.is_set():
                     return
         finally:
@@ -277,7 +277,7 @@ class Reprovisioner:
             try:
                 try:
                     entry = await self.images.ensure(policies.images[action.image])
-                except SidecarUnavailable as exc:
+                except NotUploadedYet as exc:
                     raise TemporaryError(f"image not available yet: {exc}") from exc
                 span.set_attribute("digest", entry.digest)
                 with telemetry.tracer.start_as_current_span("resolve volume"):

@@ -71,7 +71,28 @@ policy_reloads = Counter(
 policy_images = Gauge(
     _P + "policy_images", "Images defined by the loaded policies.", registry=REGISTRY)
 
+unexpected_errors = Counter(
+    _P + "unexpected_errors",
+    "Unexpected exceptions in one unit of background work, by unit (warm, reconcile, sweep, "
+    "reprovision, watchdog, reload); each is logged with its traceback and retried at the "
+    "next event or interval.",
+    ["unit"], registry=REGISTRY)
+UNITS = ("warm", "reconcile", "sweep", "reprovision", "watchdog", "reload")
+for _unit in UNITS:
+    unexpected_errors.labels(unit=_unit)  # present from the start, so increase() sees the first
+
 tracer = trace.get_tracer("libvirt-volume-watcher")
+
+
+def report_unexpected(log: Any, unit: str, **context: Any) -> None:
+    """Log the exception being handled with its traceback, once, and count it by ``unit``.
+
+    For ``except Exception`` blocks around one unit of background work: the unit fails,
+    the daemon goes on, and the next event or interval tries the work again.
+    """
+    unexpected_errors.labels(unit=unit).inc()
+    log.exception("unexpected error; the daemon carries on and retries at the next event "
+                  "or interval", unit=unit, **context)
 
 
 def get_logger(**context: Any) -> Any:

@@ -184,6 +184,19 @@ ERROR_CASES = [
                  [("p.yaml:2", "an image name must be a non-empty string, got the number "
                                "24.04 (quote it)")],
                  id="image-name-not-a-string"),
+    pytest.param([("p.yaml", "images:\n  ../../x: {bucket: b, key: k, format: raw}\n")],
+                 [("p.yaml:2", "images: image name '../../x' is not valid: use letters, "
+                               "digits")],
+                 id="image-name-climbing-out-of-the-cache"),
+    pytest.param([("p.yaml", "images:\n  ubuntu/24.04: {bucket: b, key: k, format: raw}\n"
+                             "domains:\n  - {match: '*', image: ubuntu/24.04}\n")],
+                 [("p.yaml:2", "images: image name 'ubuntu/24.04' is not valid")],
+                 id="image-name-with-a-slash-and-a-rule-naming-it"),
+    pytest.param([("p.yaml", "images:\n  .hidden: {bucket: b, key: k, format: raw}\n")],
+                 [("p.yaml:2", "images: image name '.hidden' is not valid")],
+                 id="image-name-starting-with-a-dot"),
+    pytest.param([("p.yaml", "images:\n  " + "a" * 65 + ": {bucket: b, key: k, format: raw}\n")],
+                 [("p.yaml:2", "is not valid")], id="image-name-too-long"),
     pytest.param([("p.yaml", "images: [a]\n")],
                  [("p.yaml:1", "images: expected a mapping, got a list")],
                  id="images-not-a-mapping"),

@@ -253,9 +253,13 @@ class DomainWatcher:
                               failed_attempts=attempt)
                 delays, attempt = self.backoff.delays(), 0
                 self._dispatching = True
-                with contextlib.suppress(HypervisorUnavailable):
-                    # A failure here means the connection broke again; _lost tells.
+                try:
                     await self.sweep()
+                except HypervisorUnavailable:
+                    pass  # the connection broke again; _lost tells
+                except Exception:
+                    # One sweep failed; events still flow and the next reconcile sweeps again.
+                    telemetry.report_unexpected(self.log, "sweep", uri=self.uri)
                 await wait_any(stop, self._lost)
                 self._dispatching = False
                 if self._lost.is_set():

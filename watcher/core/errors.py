@@ -61,8 +61,24 @@ class ImageRejected(PermanentError):
         self.reason = reason
 
 
-class SidecarUnavailable(WatcherError):
+class UnsafeName(PermanentError):
+    """A name from outside data would not stay inside the directory it is meant for."""
+
+
+class NotUploadedYet(WatcherError):
+    """An image's object or sidecar does not exist yet: normal, as either may come first.
+
+    Neither permanent nor temporary: nothing is wrong, and the missing object's own
+    notification (or the next reconcile) starts the work again.
+    """
+
+
+class SidecarUnavailable(NotUploadedYet):
     """The image's ``.sha256`` sidecar does not exist yet; its own event will retrigger."""
+
+
+class ObjectUnavailable(NotUploadedYet):
+    """The image's object (or, for a prefix, any version of it) does not exist yet."""
 
 
 class ImageWriteError(WatcherError):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from watcher.core.errors import ConfigError, Problem
+from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import DomainRule, ImageFormat, ImageSpec, PolicySet
 from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineList, LineMap, describe, parse_yaml
@@ -90,6 +91,12 @@ def _read_images(reader: FieldReader, top: LineMap, images: dict[str, ImageSpec]
             hint = "" if isinstance(name, str) else " (quote it)"
             reader.report(line, f"images: an image name must be a non-empty string, "
                                 f"got {describe(name)}{hint}")
+            continue
+        if not is_image_name(name):
+            # Names become cache file names; one with a '/' or '..' must never get that far.
+            reader.report(line, f"images: image name {name!r} is not valid: use "
+                                f"{IMAGE_NAME_RULE}")
+            defined_at.setdefault(name, f"{reader.file}:{line}")
             continue
         where = f"images.{name}"
         image = None

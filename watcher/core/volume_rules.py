@@ -16,6 +16,9 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from watcher.core.paths import path_inside
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,14 @@ class VolumeIdentity:
 
 
 def lv_paths(vg: str, lv: str) -> tuple[str, ...]:
-    """``/dev/VG/LV`` and the device-mapper name (dashes in names doubled)."""
-    return (f"/dev/{vg}/{lv}", f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}")
+    """``/dev/VG/LV`` and the device-mapper name (dashes in names doubled).
+
+    The names come from LVM's report; ``UnsafeName`` if either is not a plain name.
+    """
+    dev = PurePosixPath("/dev")
+    mapper = f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+    return (str(path_inside(path_inside(dev, vg), lv)),
+            str(path_inside(dev / "mapper", mapper)))
 
 
 def refusal(volume: VolumeIdentity, allow: Sequence[str], lvm_vgs: Sequence[str]) -> str | None:

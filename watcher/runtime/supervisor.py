@@ -9,7 +9,11 @@ supervisor reacts to them:
   (shorter than systemd's ``TimeoutStopSec``), cancel what is left, exit.
 - SIGHUP: reload policies; a reload that fails keeps the previous policies running.
 
-Any root task that exits unexpectedly stops the daemon (systemd then restarts it).
+Each unit of background work (one image warm, one reconcile pass, one domain sweep, one
+reprovision) is isolated: an unexpected exception is logged once with its traceback,
+counted in ``volume_watcher_unexpected_errors_total{unit}``, and the work is tried again
+at the next event or interval. Only a failure of the runtime itself (a root task that
+exits) stops the daemon, and systemd then restarts it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
     ConfigError,
     ImageRejected,
+    NotUploadedYet,
     SidecarUnavailable,
     TemporaryError,
+    UnsafeName,
     WatcherError,
 )
 from watcher.core.events import parse_bucket_notification
@@ -40,7 +46,7 @@ from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
-from watcher.runtime.observability import StateTransitionLog, context_from_amqp_headers
+from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -69,6 +75,10 @@ class PolicyStore:
                 log.error("policy error", problem=str(problem))
             log.error("policies not loaded; keeping the previous ones" if self.loaded
                       else "policies not loaded", problems=len(err.problems))
+            return False
+        except Exception:
+            telemetry.policy_reloads.labels(result="failed").inc()
+            telemetry.report_unexpected(log, "reload", directory=str(self.directory))
             return False
         self.current = policies
         self.loaded = True
@@ -110,7 +120,8 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
-        self.warm_failures = StateTransitionLog(log)
+        self._failing_images: set[str] = set()
+        """Images whose last warm failed; their next success is logged as a recovery."""
         self._warms = Coalescer()
 
     # ---- health -----------------------------------------------------------------------
@@ -166,18 +177,28 @@ class Daemon:
         bound = log.bind(image=image.name, trigger=trigger)
         try:
             entry = await self.cache.ensure(image)
-        except SidecarUnavailable as err:
-            bound.info("waiting for the checksum sidecar", detail=str(err))
+        except NotUploadedYet as err:
+            # Either object may come first; the missing one's own event retriggers.
+            what = "the checksum sidecar" if isinstance(err, SidecarUnavailable) else "the image"
+            bound.info(f"waiting for {what}", detail=str(err))
             return
-        except ImageRejected as err:
-            self.warm_failures.failed(image.name, "image rejected", reason=err.reason,
-                                      error=str(err), image=image.name)
+        except ImageRejected:
+            self._failing_images.add(image.name)  # the cache logged it, with the object
             return
-        except TemporaryError as err:
-            self.warm_failures.failed(image.name, "image could not be fetched", error=str(err),
-                                      image=image.name)
+        except UnsafeName as err:
+            self._failing_images.add(image.name)
+            bound.warning("image refused", reason="unsafe_name", error=str(err))
+            return
+        except TemporaryError:
+            self._failing_images.add(image.name)  # the cache logged the download failure
             raise
-        self.warm_failures.ok(image.name, "image warm again")
+        except Exception:
+            self._failing_images.add(image.name)
+            telemetry.report_unexpected(bound, "warm", trigger=trigger)
+            raise
+        if image.name in self._failing_images:
+            self._failing_images.discard(image.name)
+            bound.info("image warm again", digest=entry.digest, recovered=True)
         bound.debug("image warm", digest=entry.digest)
 
     async def reconcile(self) -> None:
@@ -185,11 +206,17 @@ class Daemon:
         started = time.monotonic()
         images = self.policies.get().images_to_keep_warm()
         for image in images:
-            with contextlib.suppress(WatcherError):
+            # Each warm is its own unit and reports its own failure; the pass goes on.
+            with contextlib.suppress(Exception):
                 await self.warm(image.name, trigger="reconcile")
         if self.domains is not None and self.domains.connected:
-            await self.domains.sweep()
-            await self._count_outdated()
+            try:
+                await self.domains.sweep()
+                await self._count_outdated()
+            except WatcherError as err:
+                log.warning("domain sweep failed; retrying at the next interval", error=str(err))
+            except Exception:
+                telemetry.report_unexpected(log, "sweep")
         self.cache.evict()
         log.info("reconciled", images=len(images),
                  seconds=round(time.monotonic() - started, 3))
@@ -217,7 +244,10 @@ class Daemon:
     async def _reconcile_loop(self) -> None:
         interval = self.config.reconcile_interval
         while not self.stop_requested.is_set():
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:
+                telemetry.report_unexpected(log, "reconcile")
             self.reconcile_requested.clear()
             await wait_any(self.stop_requested, self.reconcile_requested, timeout=interval)
 
@@ -237,7 +267,10 @@ class Daemon:
         interval = min(self.notifier.watchdog_interval() or 5.0, 5.0)
         while not self.stop_requested.is_set():
             self.notifier.watchdog()
-            self.notifier.status(self.status_line())
+            try:
+                self.notifier.status(self.status_line())
+            except Exception:
+                telemetry.report_unexpected(log, "watchdog")
             telemetry.connection_up.labels(service="amqp").set(int(self.consumer.connected))
             await wait_any(self.stop_requested, timeout=interval)
 
