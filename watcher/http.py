@@ -2,9 +2,23 @@
 
 Three read-only endpoints do not justify a web framework, so this is a small HTTP/1.1
 server on ``asyncio.start_server``: one request per connection (answered with
-``Connection: close``), GET and HEAD only. It faces whatever can reach the listen
-address, so it bounds what a client can cost: a deadline for the request head, a limit
-on its size, and a cap on open connections.
+``Connection: close``), GET and HEAD only.
+
+It faces whatever can reach the listen address, and a probe that goes unanswered gets
+the daemon restarted, so no client may keep it from answering. Each connection costs
+at most a bounded time and size:
+
+- the complete request head must arrive within ``header_timeout`` (2 s) of the accept,
+  however it trickles in, in at most ``max_header_bytes``; a real probe or scrape sends
+  its head in one packet;
+- the response must be written and the connection closed within ``write_timeout``
+  (5 s) of starting to answer, or the connection is aborted;
+- at most ``max_connections`` (1024) are open. When that many are, a newcomer is let in
+  by dropping the oldest connection still waiting for its request head (the one that
+  has cost the longest), not refused: holding connections open only evicts the
+  holder's own. The cap is also kept to half the process's descriptor limit, so that
+  HTTP clients cannot take the descriptors that images, volumes and libvirt need (the
+  systemd unit sets ``LimitNOFILE=16384``).
 
 ``/healthz`` answers as long as the event loop runs (a wedged loop is the watchdog's
 business). ``/readyz`` asks the daemon's ``readiness`` callable, which reports one boolean
@@ -14,9 +28,10 @@ per dependency; any false one makes it 503 and names the failing checks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +53,19 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     return (host or None), int(port_text)
 
 
+@dataclass
+class _Connection:
+    writer: asyncio.StreamWriter
+    header_deadline: float
+    """Loop time by which the complete request head must have arrived."""
+    write_deadline: float | None = None
+    """Loop time by which the response must be written and the connection closed."""
+
+    @property
+    def awaiting_head(self) -> bool:
+        return self.write_deadline is None
+
+
 class HttpServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``listen`` ("host:port")."""
 
@@ -46,17 +74,22 @@ class HttpServer:
         listen: str,
         readiness: Readiness,
         *,
-        read_timeout: float = 10.0,
+        header_timeout: float = 2.0,
+        write_timeout: float = 5.0,
         max_header_bytes: int = 8192,
-        max_connections: int = 64,
+        max_connections: int = 1024,
     ) -> None:
         self._host, self._port = parse_listen(listen)
         self._readiness = readiness
-        self._read_timeout = read_timeout
+        self._header_timeout = header_timeout
+        self._write_timeout = write_timeout
         self._max_header_bytes = max_header_bytes
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        # Counted against the cap, in accept order (the oldest first).
+        self._open: dict[asyncio.Task[None], _Connection] = {}
+        # Every handler still running, evicted ones included, for stop() to wait on.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._log = telemetry.get_logger(component="http")
 
     @property
@@ -69,9 +102,18 @@ class HttpServer:
     async def start(self) -> None:
         if self._server is not None:
             return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and self._max_connections > soft // 2:
+            self._log.warning("http connection cap lowered to half the descriptor limit",
+                              wanted=self._max_connections, cap=soft // 2, nofile=soft)
+            self._max_connections = max(1, soft // 2)
+        # A deep accept queue: a burst of connects must not overflow it and leave a probe
+        # waiting a second for its SYN to be retried.
         self._server = await asyncio.start_server(
-            self._handle, self._host, self._port, limit=self._max_header_bytes)
-        self._log.info("http server listening", host=self._host or "*", port=self.port)
+            self._handle, self._host, self._port, limit=self._max_header_bytes,
+            backlog=1024)
+        self._log.info("http server listening", host=self._host or "*", port=self.port,
+                       max_connections=self._max_connections)
 
     async def stop(self) -> None:
         """Stop listening and drop open connections (a scrape in flight is cut short)."""
@@ -79,57 +121,89 @@ class HttpServer:
         if server is None:
             return
         server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        for task in list(self._tasks):
+            self._drop(task)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
+
+    def _drop(self, task: asyncio.Task[None]) -> None:
+        conn = self._open.pop(task, None)
+        if conn is not None:
+            conn.writer.transport.abort()
+        task.cancel()
+
+    def _evict_oldest_awaiting_head(self) -> bool:
+        oldest = next((t for t, c in self._open.items() if c.awaiting_head), None)
+        if oldest is None:
+            return False
+        self._drop(oldest)
+        return True
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self._max_connections:
-            writer.close()
+        loop = asyncio.get_running_loop()
+        if len(self._open) >= self._max_connections and not self._evict_oldest_awaiting_head():
+            writer.transport.abort()  # every slot is answering: they end within write_timeout
             return
-        self._connections.add(task)
+        conn = _Connection(writer, header_deadline=loop.time() + self._header_timeout)
+        self._open[task] = conn
+        self._tasks.add(task)
         try:
-            await self._serve_one(reader, writer)
+            await self._serve_one(reader, conn)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or was too slow: nothing to answer
+        except asyncio.CancelledError:
+            # Evicted or stopping. Not re-raised: nobody awaits this task but stop(), and
+            # asyncio's stream callback would log a cancelled handler as an error.
+            pass
         except Exception:
             self._log.exception("http request failed")
         finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+            self._open.pop(task, None)
+            await self._close(conn)
+            self._tasks.discard(task)
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _close(self, conn: _Connection) -> None:
+        """Close gracefully (sending what is buffered) by the write deadline, else abort."""
+        writer = conn.writer
+        writer.close()
+        deadline = conn.write_deadline
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._write_timeout
         try:
-            async with asyncio.timeout(self._read_timeout):
+            async with asyncio.timeout_at(deadline):
+                await writer.wait_closed()
+        except (Exception, asyncio.CancelledError):
+            writer.transport.abort()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
+        try:
+            async with asyncio.timeout_at(conn.header_deadline):
                 head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.LimitOverrunError, ValueError):
-            await self._respond(writer, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            await self._respond(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                                 b"request head too large\n", _TEXT)
             return
         except asyncio.IncompleteReadError as exc:
             if exc.partial.strip():
-                await self._respond(writer, HTTPStatus.BAD_REQUEST, b"bad request\n", _TEXT)
+                await self._respond(conn, HTTPStatus.BAD_REQUEST, b"bad request\n", _TEXT)
             return
 
         request_line = head.split(b"\r\n", 1)[0]
         parts = request_line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1].startswith(b"/"):
-            await self._respond(writer, HTTPStatus.BAD_REQUEST, b"bad request\n", _TEXT)
+            await self._respond(conn, HTTPStatus.BAD_REQUEST, b"bad request\n", _TEXT)
             return
         method = parts[0].decode("ascii", "replace")
         path = parts[1].decode("ascii", "replace").split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            await self._respond(writer, HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n",
+            await self._respond(conn, HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n",
                                 _TEXT, extra={"Allow": "GET, HEAD"})
             return
         status, body, content_type = self._route(path)
-        await self._respond(writer, status, body, content_type, head_only=method == "HEAD")
+        await self._respond(conn, status, body, content_type, head_only=method == "HEAD")
 
     def _route(self, path: str) -> tuple[HTTPStatus, bytes, str]:
         if path == "/metrics":
@@ -153,7 +227,7 @@ class HttpServer:
 
     async def _respond(
         self,
-        writer: asyncio.StreamWriter,
+        conn: _Connection,
         status: HTTPStatus,
         body: bytes,
         content_type: str,
@@ -170,9 +244,10 @@ class HttpServer:
         }
         head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
-        writer.write(head.encode("ascii") + (b"" if head_only else body))
-        async with asyncio.timeout(self._read_timeout):
-            await writer.drain()
+        conn.write_deadline = asyncio.get_running_loop().time() + self._write_timeout
+        conn.writer.write(head.encode("ascii") + (b"" if head_only else body))
+        async with asyncio.timeout_at(conn.write_deadline):
+            await conn.writer.drain()
 
 
 def _json(value: object) -> bytes:

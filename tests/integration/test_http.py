@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-from collections.abc import AsyncIterator
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.http_attacker import raise_nofile
 from watcher import telemetry
 from watcher.http import HttpServer, parse_listen
 
@@ -33,7 +37,7 @@ def checks() -> Checks:
 
 @pytest.fixture
 async def server(checks: Checks) -> AsyncIterator[HttpServer]:
-    srv = HttpServer("127.0.0.1:0", checks, read_timeout=0.5, max_header_bytes=1024)
+    srv = HttpServer("127.0.0.1:0", checks, header_timeout=0.5, max_header_bytes=1024)
     await srv.start()
     yield srv
     await srv.stop()
@@ -161,6 +165,107 @@ async def test_a_client_that_never_finishes_its_request_is_disconnected(
         writer.close()
         await writer.wait_closed()
     assert (await _get(server.port, "/healthz"))[0] == 200
+
+
+Attack = Callable[..., Awaitable[asyncio.subprocess.Process]]
+_ATTACKER = Path(__file__).with_name("http_attacker.py")
+
+
+@pytest.fixture
+async def attack() -> AsyncIterator[Attack]:
+    """Starts attackers in other processes; stops them at the end of the test."""
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(port: int, *, idle: int, slow: int) -> asyncio.subprocess.Process:
+        raise_nofile(idle + slow + 256)  # their peers on the server side live here
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(_ATTACKER), str(port), f"--idle={idle}", f"--slow={slow}",
+            stdout=asyncio.subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        assert line == b"ready\n", "the attacker did not get all its connections open"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
+async def _timed_get(port: int, path: str) -> tuple[int | str, float]:
+    """(status or the error's name, seconds): a failed probe is a result, not a crash."""
+    started = time.monotonic()
+    try:
+        status = (await _get(port, path))[0]
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__, time.monotonic() - started
+    return status, time.monotonic() - started
+
+
+async def test_probes_are_answered_while_another_process_holds_500_idle_and_slow_connections(
+    checks: Checks, attack: Attack,
+) -> None:
+    srv = HttpServer("127.0.0.1:0", checks)  # the daemon's defaults
+    await srv.start()
+    try:
+        attacker = await attack(srv.port, idle=250, slow=250)
+        # Spread over more than one header deadline, so probes also meet the churn of
+        # attackers being cut off and connecting again.
+        results: dict[str, list[tuple[int | str, float]]] = {"/healthz": [], "/metrics": []}
+        for _ in range(20):
+            for path, seen in results.items():
+                seen.append(await _timed_get(srv.port, path))
+            await asyncio.sleep(0.15)
+        assert attacker.returncode is None, "the attack stopped before the probes did"
+    finally:
+        await srv.stop()
+    for path, seen in results.items():
+        assert all(status == 200 and took < 1.0 for status, took in seen), (path, seen)
+
+
+async def test_a_full_server_admits_a_probe_by_dropping_the_oldest_unfinished_connection(
+    checks: Checks, attack: Attack,
+) -> None:
+    srv = HttpServer("127.0.0.1:0", checks, max_connections=8)
+    await srv.start()
+    try:
+        await attack(srv.port, idle=8, slow=0)  # every slot taken, taken again when freed
+        seen = [await _timed_get(srv.port, "/healthz") for _ in range(10)]
+    finally:
+        await srv.stop()
+    assert all(status == 200 and took < 1.0 for status, took in seen), seen
+
+
+async def test_a_request_head_trickling_in_is_cut_at_the_two_second_deadline(
+    checks: Checks,
+) -> None:
+    srv = HttpServer("127.0.0.1:0", checks)  # the daemon's defaults
+    await srv.start()
+    try:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+
+        async def trickle() -> None:
+            # A valid request, but at this pace it would take 12 s to arrive.
+            for byte in b"GET /healthz HTTP/1.1\r\n\r\n":
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.5)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            reply = await asyncio.wait_for(reader.read(), timeout=3.0)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            writer.close()
+        took = time.monotonic() - started
+    finally:
+        await srv.stop()
+    assert reply == b""
+    assert 1.95 <= took <= 3.0, took
 
 
 async def test_stop_closes_the_listening_socket(checks: Checks) -> None:
