@@ -36,6 +36,7 @@ from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import ObjectInfo, S3Store
 from watcher.core.errors import ImageRejected, PermanentError, SidecarUnavailable, TemporaryError
+from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.policy import SIDECAR_SUFFIX, ImageFormat, ImageSpec, PolicySet
 from watcher.core.sidecar import parse_sidecar
 
@@ -134,6 +135,7 @@ class ImageCache:
         s3: S3Store,
         *,
         max_size: int,
+        max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
         max_concurrent_downloads: int = 2,
         pinned: Callable[[], PolicySet] | None = None,
     ) -> None:
@@ -143,6 +145,7 @@ class ImageCache:
         self.tmp = directory / "tmp"
         self.s3 = s3
         self.max_size = max_size
+        self.max_virtual_size = max_virtual_size
         self._policies = pinned
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._flights = _SingleFlight()
@@ -284,7 +287,8 @@ class ImageCache:
                     f"its sidecar says {expected}; not cached",
                 )
             with telemetry.tracer.start_as_current_span("inspect", attributes={"digest": digest}):
-                facts = await inspect_image_file(path, image.format)
+                facts = await inspect_image_file(
+                    path, image.format, max_virtual_size=self.max_virtual_size)
             now = _now()
             entry = CacheEntry(
                 digest=digest, path=self.objects / f"{digest}.{image.format}",
