@@ -44,6 +44,7 @@ from watcher.core.errors import (
     TemporaryError,
     UnsafeName,
 )
+from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.paths import digest_file, image_file, is_digest
 from watcher.core.policy import SIDECAR_SUFFIX, ImageFormat, ImageSpec, PolicySet
 from watcher.core.repeats import RepeatFilter
@@ -147,6 +148,7 @@ class ImageCache:
         s3: S3Store,
         *,
         max_size: int,
+        max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
         max_concurrent_downloads: int = 2,
         pinned: Callable[[], PolicySet] | None = None,
     ) -> None:
@@ -156,6 +158,7 @@ class ImageCache:
         self.tmp = directory / "tmp"
         self.s3 = s3
         self.max_size = max_size
+        self.max_virtual_size = max_virtual_size
         self._policies = pinned
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._flights = _SingleFlight()
@@ -312,7 +315,8 @@ class ImageCache:
                     f"its sidecar says {expected}; not cached",
                 )
             with telemetry.tracer.start_as_current_span("inspect", attributes={"digest": digest}):
-                facts = await inspect_image_file(path, image.format)
+                facts = await inspect_image_file(
+                    path, image.format, max_virtual_size=self.max_virtual_size)
             now = _now()
             entry = CacheEntry(
                 digest=digest, path=digest_file(self.objects, digest, f".{image.format}"),

@@ -122,7 +122,7 @@ def _cache_for(config: Config) -> Any:
 
     policies = load_policy_dir(config.policies.dir)
     cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
-                       pinned=lambda: policies)
+                       max_virtual_size=config.cache.max_virtual_size, pinned=lambda: policies)
     cache.open()
     return cache, policies
 

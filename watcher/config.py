@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from watcher.core.errors import ConfigError, Problem
+from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
 from watcher.core.units import parse_size
@@ -97,6 +98,9 @@ class CacheSettings:
     dir: Path = Path("/var/lib/libvirt-volume-watcher/cache")
     max_size: int = 100 * 1024**3
     """Bytes; past this, least-recently-used entries no policy pins are evicted."""
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    """Bytes; an image whose virtual size is larger is refused (reason ``virtual_size``).
+    A small file can claim petabytes; 4 TiB is far above any base image."""
     max_concurrent_downloads: int = 2
     """Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."""
 
@@ -159,7 +163,7 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
     "s3": ("endpoint", "access_key", "access_key_file", "secret_key", "secret_key_file",
            "region"),
     "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch"),
-    "cache": ("dir", "max_size", "max_concurrent_downloads"),
+    "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads"),
     "policies": ("dir",),
     "http": ("listen",),
     "volumes": ("allow", "lvm_vgs"),
@@ -387,17 +391,18 @@ class _ConfigReader:
         values: dict[str, Any] = {}
         if (directory := self._path(m, "dir", "cache")) is not None:
             values["dir"] = directory
-        if "max_size" in m:
+        for key in ("max_size", "max_virtual_size"):
+            if key not in m:
+                continue
             try:
-                size = parse_size(m["max_size"])
+                size = parse_size(m[key])
             except ValueError as exc:
-                self.fields.report(m.value_line("max_size"), f"cache.max_size: {exc}")
+                self.fields.report(m.value_line(key), f"cache.{key}: {exc}")
             else:
                 if size > 0:
-                    values["max_size"] = size
+                    values[key] = size
                 else:
-                    self.fields.report(m.value_line("max_size"),
-                                       "cache.max_size: must be larger than 0")
+                    self.fields.report(m.value_line(key), f"cache.{key}: must be larger than 0")
         downloads = self.fields.positive_int(m, "max_concurrent_downloads", "cache")
         if downloads is not None:
             values["max_concurrent_downloads"] = downloads

@@ -16,6 +16,7 @@ from watcher import telemetry
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
 from watcher.config import load_config, load_policy_dir
+from watcher.core.errors import ImageRejected
 from watcher.core.policy import ImageSpec
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,19 @@ async def test_a_prefix_image_is_the_newest_object_under_the_prefix(
 def cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args, "--config", str(env.config_path)], capture_output=True,
                           text=True, timeout=120)
+
+
+async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
+        env: Env, tmp_path: Path) -> None:
+    env.upload_with_sidecar("big.qcow2", make_qcow2(tmp_path / "big.qcow2", size="16M"))
+    config = load_config(env.config_path)
+    cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
+                       max_virtual_size=8 * 1024**2)
+    cache.open()
+    with pytest.raises(ImageRejected) as caught:
+        await cache.ensure(ImageSpec("big", env.bucket, "big.qcow2", None, "qcow2"))
+    assert caught.value.reason == "virtual_size"
+    assert list((env.cache_dir / "objects").iterdir()) == []
 
 
 def test_cache_commands_warm_list_verify_and_prune(env: Env, tmp_path: Path) -> None:

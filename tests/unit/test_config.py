@@ -57,7 +57,8 @@ def test_the_documented_config_is_read_in_full(tmp_path: Path) -> None:
                    region: eu-west-1}
         amqp:     {url: "amqps://u:p@mq:5671/", exchange: uploads, exchange_type: topic,
                    routing_key: "images.#", queue: q1, prefetch: 4}
-        cache:    {dir: /srv/cache, max_size: 20GiB, max_concurrent_downloads: 3}
+        cache:    {dir: /srv/cache, max_size: 20GiB, max_virtual_size: 2TiB,
+                   max_concurrent_downloads: 3}
         policies: {dir: /srv/policies}
         http:     {listen: "0.0.0.0:9700"}
         reconcile_interval: 60
@@ -75,6 +76,7 @@ def test_the_documented_config_is_read_in_full(tmp_path: Path) -> None:
                                        queue="q1", prefetch=4)
     assert (config.cache.dir, config.cache.max_size, config.cache.max_concurrent_downloads) == (
         Path("/srv/cache"), 20 * 1024**3, 3)
+    assert config.cache.max_virtual_size == 2 * 1024**4
     assert config.policies.dir == Path("/srv/policies")
     assert config.http.listen == "0.0.0.0:9700"
     assert config.reconcile_interval == 60.0
@@ -83,6 +85,10 @@ def test_the_documented_config_is_read_in_full(tmp_path: Path) -> None:
     assert config.reprovision.max_concurrent == 5
     assert config.tracing.otlp_endpoint == "http://tempo:4318"
     assert config.source == path
+
+
+def test_images_up_to_4_tib_of_virtual_size_are_accepted_by_default(tmp_path: Path) -> None:
+    assert load_config(config_file(tmp_path, ""), {}).cache.max_virtual_size == 4 * 1024**4
 
 
 def test_relative_directories_resolve_against_the_config_file(tmp_path: Path) -> None:
@@ -142,6 +148,12 @@ ERROR_CASES = [
                  id="max-size-lots"),
     pytest.param("cache: {max_size: 0}\n", [(1, "cache.max_size: must be larger than 0")],
                  id="max-size-zero"),
+    pytest.param("cache: {max_virtual_size: 0}\n",
+                 [(1, "cache.max_virtual_size: must be larger than 0")],
+                 id="max-virtual-size-zero"),
+    pytest.param("cache:\n  max_virtual_size: huge\n",
+                 [(2, "cache.max_virtual_size: expected a size such as 100GiB, got 'huge'")],
+                 id="max-virtual-size-huge"),
     pytest.param("cache: {max_concurrent_downloads: 0}\n",
                  [(1, "cache.max_concurrent_downloads: expected a whole number of at least 1")],
                  id="downloads-zero"),

@@ -1,4 +1,8 @@
-"""Header checks against crafted images: every rejection and the images that must pass."""
+"""Header checks against crafted images: every rejection and the images that must pass.
+
+Every format QEMU can probe appears here with a hostile raw-declared sample, and every
+qcow2 sanity check with a header that breaks just that check.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import pytest
 
 from watcher.core.errors import ImageRejected
 from watcher.core.inspect import (
+    DEFAULT_MAX_VIRTUAL_SIZE,
     HEADER_BYTES,
+    TAIL_BYTES,
+    VMDK_DESCRIPTOR_WINDOW,
     HeaderFacts,
     check_header,
     crosscheck,
@@ -19,6 +26,9 @@ from watcher.core.inspect import (
 from watcher.core.policy import ImageFormat
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+MAX_L1_ENTRIES = 4 * MiB  # QEMU: an active L1 table of at most 32 MiB
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
 EXT_FDE = 0x0537BE77
@@ -40,12 +50,19 @@ class Qcow2:
     end_marker: bool = True
     backing_file: bytes | None = None
     l1_offset: int | None = None  # default: cluster 3
-    l1_size: int = 1
+    l1_size: int | None = None  # default: just enough entries for size
     refcount_offset: int | None = None  # default: cluster 1
     refcount_clusters: int = 1
     snapshots: int = 0
     snapshots_offset: int = 0
     file_clusters: int = 4
+
+    def l1_entries(self) -> int:
+        if self.l1_size is not None:
+            return self.l1_size
+        cluster = 1 << self.cluster_bits
+        entry_bytes = 16 if self.incompatible & 1 << 4 else 8
+        return max(1, -(-self.size // (cluster * (cluster // entry_bytes))))
 
     def file(self) -> bytes:
         cluster = 1 << self.cluster_bits
@@ -63,7 +80,7 @@ class Qcow2:
             tail += self.backing_file
         header = struct.pack(
             ">4sIQIIQIIQQIIQ", b"QFI\xfb", self.version, backing_offset, backing_size,
-            self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+            self.cluster_bits, self.size, self.crypt_method, self.l1_entries(),
             3 * cluster if self.l1_offset is None else self.l1_offset,
             cluster if self.refcount_offset is None else self.refcount_offset,
             self.refcount_clusters, self.snapshots, self.snapshots_offset,
@@ -83,8 +100,13 @@ def head_of(data: bytes) -> bytes:
     return data[:HEADER_BYTES]
 
 
-def check(data: bytes, declared: ImageFormat, file_size: int | None = None) -> HeaderFacts:
-    return check_header(head_of(data), declared, len(data) if file_size is None else file_size)
+def check(
+    data: bytes, declared: ImageFormat, file_size: int | None = None, *,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+) -> HeaderFacts:
+    """``check_header`` on ``data`` as the adapter reads it: its head and its tail."""
+    return check_header(head_of(data), declared, len(data) if file_size is None else file_size,
+                        tail=data[-TAIL_BYTES:], max_virtual_size=max_virtual_size)
 
 
 def vdi_file() -> bytes:
@@ -92,17 +114,53 @@ def vdi_file() -> bytes:
         "<I", 0xBEDA107F).ljust(448, b"\0")
 
 
+def bochs_file() -> bytes:
+    header = (b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0")
+              + b"Growing".ljust(16, b"\0") + struct.pack("<II", 0x00020000, 512))
+    return header.ljust(512, b"\0") + b"\xff" * 256
+
+
+def ending_with(trailer: bytes, size: int = 8192) -> bytes:
+    """A file of zeros whose last TAIL_BYTES start with ``trailer``."""
+    return bytes(size - TAIL_BYTES) + trailer.ljust(TAIL_BYTES, b"\0")
+
+
+VMDK_DESCRIPTOR = (
+    b"# Disk DescriptorFile\nversion=1\nCID=52a1c3f0\nparentCID=ffffffff\n"
+    b'createType="monolithicFlat"\n\n# Extent description\nRW 8192 FLAT "disk-flat.vmdk" 0\n'
+)
+
 FOREIGN = {
     "qcow-v1": struct.pack(">4sI", b"QFI\xfb", 1).ljust(512, b"\0"),
     "qcow2": Qcow2().file(),
     "vmdk-sparse": b"KDMV".ljust(512, b"\0"),
-    "vmdk-descriptor": b"# Disk DescriptorFile\nversion=1\n".ljust(512, b"\0"),
+    "vmdk-cowd": b"COWD\x01\0\0\0".ljust(512, b"\0"),
+    "vmdk-descriptor": VMDK_DESCRIPTOR.ljust(512, b"\0"),
+    "vmdk-descriptor-after-comments": (
+        b"# Exported from the build farm\n#   keep this line\n" + VMDK_DESCRIPTOR
+    ).ljust(4096, b"\0"),
+    "vmdk-descriptor-crlf": VMDK_DESCRIPTOR.replace(b"\n", b"\r\n").ljust(512, b"\0"),
+    "vmdk-descriptor-after-blank-lines": (b"   \n\t\n" + VMDK_DESCRIPTOR).ljust(512, b"\0"),
+    "vmdk-descriptor-after-binary": (bytes(3000) + b"\n" + VMDK_DESCRIPTOR).ljust(8192, b"\0"),
+    "vmdk-version-line-only": b"# no title\n   \r\nversion=1\r\n".ljust(512, b"\0"),
+    "vmdk-create-type-only": b'CID=1\ncreateType = "vmfs"\n'.ljust(512, b"\0"),
+    "vmdk-extent-line-only": b'RW 8192 FLAT "/dev/sda" 0\n'.ljust(512, b"\0"),
     "vhdx": b"vhdxfile".ljust(512, b"\0"),
     "vdi": vdi_file(),
     "qed": b"QED\x00".ljust(512, b"\0"),
     "luks": b"LUKS\xba\xbe\x00\x01".ljust(512, b"\0"),
-    "vpc": b"conectix".ljust(512, b"\0"),
+    "luks-v2": b"LUKS\xba\xbe\x00\x02".ljust(4096, b"\0"),
+    "vpc": b"conectix".ljust(512, b"\0") + ending_with(b"conectix"),
+    "vpc-fixed": ending_with(b"conectix\0\0\0\x02\0\x01\0\0"),
+    "parallels": (b"WithoutFreeSpace" + struct.pack("<I", 2)).ljust(512, b"\0"),
+    "parallels-ext": (b"WithouFreSpacExt" + struct.pack("<I", 2)).ljust(512, b"\0"),
+    "bochs": bochs_file(),
+    "cloop": b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 "
+             b"/dev/cloop $1\n".ljust(4096, b"\0"),
+    "dmg": ending_with(b"koly" + struct.pack(">II", 4, 512)),
 }
+FOUND_IN_TRAILER = {"vpc-fixed", "dmg"}
+"""FOREIGN samples recognised by their last TAIL_BYTES rather than their header."""
 
 
 class TestAcceptedImages:
@@ -122,14 +180,21 @@ class TestAcceptedImages:
             pytest.param(Qcow2(incompatible=1), {"dirty": True}, id="qcow2-v3-dirty"),
             pytest.param(Qcow2(cluster_bits=9, file_clusters=8), {"cluster_size": 512},
                          id="qcow2-smallest-clusters"),
+            pytest.param(Qcow2(size=4 * GiB), {"virtual_size": 4 * GiB},
+                         id="qcow2-l1-of-eight-entries"),
+            pytest.param(Qcow2(incompatible=1 << 4, size=512 * MiB), {"extended_l2": True},
+                         id="qcow2-extended-l2-needs-a-larger-l1"),
+            pytest.param(Qcow2(l1_size=16), {"qcow2_version": 3},
+                         id="qcow2-l1-larger-than-needed"),
+            pytest.param(Qcow2(size=DEFAULT_MAX_VIRTUAL_SIZE),
+                         {"virtual_size": DEFAULT_MAX_VIRTUAL_SIZE}, id="qcow2-at-the-size-limit"),
+            pytest.param(Qcow2(size=512), {"virtual_size": 512}, id="qcow2-one-sector"),
             pytest.param(Qcow2(cluster_bits=21, file_clusters=4), {"cluster_size": 2 * MiB},
                          id="qcow2-largest-clusters"),
             pytest.param(Qcow2(extensions=[(EXT_FEATURE_NAMES, b"\0\0dirty bit".ljust(48, b"\0"))]),
                          {"qcow2_version": 3}, id="qcow2-feature-name-table"),
             pytest.param(Qcow2(snapshots=2, snapshots_offset=2 * 65536), {"snapshot_count": 2},
                          id="qcow2-internal-snapshots"),
-            pytest.param(Qcow2(l1_size=0, l1_offset=0), {"qcow2_version": 3},
-                         id="qcow2-empty-l1"),
         ],
     )
     def test_valid_qcow2_is_accepted(self, image: Qcow2, expected: dict[str, Any]) -> None:
@@ -147,6 +212,15 @@ class TestAcceptedImages:
             pytest.param(bytes(range(256)) * 16, id="arbitrary-bytes"),
             pytest.param(b"QFI", id="partial-qcow-magic"),
             pytest.param(b"", id="empty-file"),
+            pytest.param(b"\xeb\x63\x90 see createType= and # Disk DescriptorFile\n".ljust(
+                4096, b"\0"), id="vmdk-words-mid-line"),
+            pytest.param(bytes(VMDK_DESCRIPTOR_WINDOW) + VMDK_DESCRIPTOR,
+                         id="vmdk-words-after-the-descriptor-window"),
+            pytest.param(b"#!/bin/sh\necho hello\n".ljust(512, b"\0"), id="shell-script"),
+            pytest.param(b"# notes\nname=value\n".ljust(512, b"\0"), id="text-without-version"),
+            pytest.param(ending_with(b"xkoly"), id="koly-not-at-the-trailer-start"),
+            pytest.param(b"koly".ljust(100, b"\0"), id="koly-in-a-file-shorter-than-a-trailer"),
+            pytest.param(ending_with(b"") + b"conectix", id="conectix-in-the-last-bytes-only"),
         ],
     )
     def test_raw_without_a_known_header_is_accepted(self, data: bytes) -> None:
@@ -156,8 +230,8 @@ class TestAcceptedImages:
             qcow2_version=None, compression_type=None,
         )
 
-    def test_only_the_head_is_needed_for_a_large_file(self) -> None:
-        facts = check_header(Qcow2().file(), "qcow2", 10 * 1024**3)
+    def test_only_the_head_and_tail_are_needed_for_a_large_file(self) -> None:
+        facts = check_header(Qcow2().file(), "qcow2", 10 * 1024**3, tail=bytes(TAIL_BYTES))
         assert facts.virtual_size == 4 * MiB
 
 
@@ -216,6 +290,29 @@ REJECTED = [
                  id="l1-table-unaligned"),
     pytest.param(Qcow2(compression_type=1), "bad_header", "compression type",
                  id="compression-type-without-feature-bit"),
+    # Sizes and tables that do not add up.
+    pytest.param(Qcow2(size=0), "bad_header", "virtual size is 0", id="virtual-size-zero"),
+    pytest.param(Qcow2(size=2**62, l1_size=1), "bad_header", "is absurd", id="virtual-size-absurd"),
+    pytest.param(Qcow2(size=2**64 - 1, l1_size=1), "bad_header", "is absurd",
+                 id="virtual-size-max-u64"),
+    pytest.param(Qcow2(cluster_bits=9, size=2**45, l1_size=1, file_clusters=8), "bad_header",
+                 "with 512-byte clusters", id="virtual-size-absurd-for-small-clusters"),
+    pytest.param(Qcow2(size=4 * GiB, l1_size=1), "bad_header", "needs 8 L1 entries",
+                 id="l1-too-small-for-virtual-size"),
+    pytest.param(Qcow2(l1_size=0, l1_offset=0), "bad_header", "l1_size 0 is too small",
+                 id="l1-empty"),
+    pytest.param(Qcow2(incompatible=1 << 4, size=512 * MiB, l1_size=1), "bad_header",
+                 "needs 2 L1 entries", id="l1-too-small-with-extended-l2"),
+    pytest.param(Qcow2(l1_size=MAX_L1_ENTRIES + 1), "bad_header",
+                 f"l1_size {MAX_L1_ENTRIES + 1} is above", id="l1-above-qemu-limit"),
+    pytest.param(Qcow2(refcount_clusters=0), "bad_header", "refcount table has no clusters",
+                 id="refcount-table-empty"),
+    pytest.param(Qcow2(refcount_clusters=129), "bad_header", "refcount table of 129 clusters",
+                 id="refcount-table-above-qemu-limit"),
+    pytest.param(Qcow2(l1_offset=0), "bad_header", "L1 table starts in cluster 0",
+                 id="l1-table-on-the-header"),
+    pytest.param(Qcow2(refcount_offset=0), "bad_header", "refcount table starts in cluster 0",
+                 id="refcount-table-on-the-header"),
     pytest.param(Qcow2(incompatible=1 << 3, compression_type=7), "bad_header",
                  "compression type 7", id="unknown-compression-type"),
     # Not qcow2 at all.
@@ -261,12 +358,14 @@ class TestDeclaredRaw:
          for name, data in FOREIGN.items()],
     )
     def test_raw_image_with_another_formats_header_is_rejected(
-        self, data: bytes, detected: str,
+        self, data: bytes, detected: str, request: pytest.FixtureRequest,
     ) -> None:
+        name = request.node.callspec.id.removesuffix("-declared-raw")
+        where = "trailer" if name in FOUND_IN_TRAILER else "header"
         with pytest.raises(ImageRejected) as caught:
             check(data, "raw")
         assert caught.value.reason == "format_mismatch"
-        assert f"declared raw but its header is that of a {detected} image" in str(caught.value)
+        assert f"declared raw but its {where} is that of a {detected} image" in str(caught.value)
 
     @pytest.mark.parametrize(
         ("data", "expected"),
@@ -274,7 +373,57 @@ class TestDeclaredRaw:
         + [pytest.param(b"\0" * 512, "raw", id="zeros")],
     )
     def test_detect_format_names_each_signature(self, data: bytes, expected: str) -> None:
-        assert detect_format(data) == expected
+        assert detect_format(head_of(data), data[-TAIL_BYTES:]) == expected
+
+    @pytest.mark.parametrize("name", sorted(FOUND_IN_TRAILER))
+    def test_a_trailer_is_only_seen_when_the_tail_is_passed(self, name: str) -> None:
+        assert detect_format(head_of(FOREIGN[name])) == "raw"
+
+    def test_a_qcow2_header_wins_over_a_foreign_trailer(self) -> None:
+        data = Qcow2().file() + ending_with(b"koly")
+        assert check(data, "qcow2").detected_format == "qcow2"
+
+
+class TestVirtualSizeLimit:
+    def test_qcow2_above_the_default_limit_is_rejected(self) -> None:
+        with pytest.raises(ImageRejected) as caught:
+            check(Qcow2(size=DEFAULT_MAX_VIRTUAL_SIZE + 512, file_clusters=6).file(), "qcow2")
+        assert caught.value.reason == "virtual_size"
+        assert "more than the limit of 4.0TiB" in str(caught.value)
+        assert "cache.max_virtual_size" in str(caught.value)
+
+    def test_a_one_pib_qcow2_is_rejected(self) -> None:
+        # 2 Mi L1 entries (16 MiB) past cluster 3; the file is as large as that needs.
+        image = Qcow2(size=1024 * TiB)
+        with pytest.raises(ImageRejected) as caught:
+            check(image.file(), "qcow2", file_size=260 * 65536)
+        assert caught.value.reason == "virtual_size"
+        assert "1024.0TiB (1125899906842624 bytes)" in str(caught.value)
+
+    @pytest.mark.parametrize(("size", "limit"), [
+        pytest.param(4 * MiB, 4 * MiB - 1, id="one-byte-over"),
+        pytest.param(4 * MiB, MiB, id="well-over"),
+    ])
+    def test_qcow2_above_a_configured_limit_is_rejected(self, size: int, limit: int) -> None:
+        with pytest.raises(ImageRejected) as caught:
+            check(Qcow2(size=size).file(), "qcow2", max_virtual_size=limit)
+        assert caught.value.reason == "virtual_size"
+        assert f"({size} bytes)" in str(caught.value)
+
+    def test_raw_larger_than_the_limit_is_rejected(self) -> None:
+        with pytest.raises(ImageRejected) as caught:
+            check(bytes(4096), "raw", file_size=DEFAULT_MAX_VIRTUAL_SIZE + 1)
+        assert caught.value.reason == "virtual_size"
+
+    @pytest.mark.parametrize("declared", ["raw", "qcow2"])
+    def test_an_image_exactly_at_the_limit_is_accepted(self, declared: ImageFormat) -> None:
+        data = Qcow2().file() if declared == "qcow2" else bytes(4 * MiB)
+        assert check(data, declared, max_virtual_size=4 * MiB).virtual_size == 4 * MiB
+
+    def test_a_hostile_header_is_reported_before_its_size(self) -> None:
+        with pytest.raises(ImageRejected) as caught:
+            check(Qcow2(size=1024 * TiB, backing_file=b"/etc/shadow").file(), "qcow2")
+        assert caught.value.reason == "backing_file"
 
 
 QCOW2_FACTS = HeaderFacts(

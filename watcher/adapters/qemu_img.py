@@ -23,7 +23,14 @@ from pathlib import Path
 
 from watcher.adapters.filesink import fsync_path
 from watcher.core.errors import ImageRejected, ImageWriteError
-from watcher.core.inspect import HEADER_BYTES, ImageFacts, check_header, crosscheck
+from watcher.core.inspect import (
+    DEFAULT_MAX_VIRTUAL_SIZE,
+    HEADER_BYTES,
+    TAIL_BYTES,
+    ImageFacts,
+    check_header,
+    crosscheck,
+)
 from watcher.core.policy import ImageFormat
 
 QEMU_IMG = "qemu-img"
@@ -135,8 +142,8 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     await asyncio.shield(proc.wait())
 
 
-def _read_head(path: Path) -> tuple[bytes, int]:
-    """The first ``HEADER_BYTES`` of a regular file and its size.
+def _read_ends(path: Path) -> tuple[bytes, bytes, int]:
+    """The first ``HEADER_BYTES`` and last ``TAIL_BYTES`` of a regular file, and its size.
 
     O_NONBLOCK keeps a FIFO planted in place of an image from hanging the thread.
     """
@@ -145,17 +152,28 @@ def _read_head(path: Path) -> tuple[bytes, int]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageRejected("not_a_file", f"{path} is not a regular file")
-        return handle.read(HEADER_BYTES), info.st_size
+        head = handle.read(HEADER_BYTES)
+        if info.st_size <= len(head):
+            return head, head[-TAIL_BYTES:], info.st_size
+        handle.seek(info.st_size - TAIL_BYTES)
+        return head, handle.read(TAIL_BYTES), info.st_size
 
 
-async def inspect_image_file(path: Path, declared_format: ImageFormat) -> ImageFacts:
-    """Check ``path``'s header, then ask qemu-img, then make sure both agree.
+async def inspect_image_file(
+    path: Path,
+    declared_format: ImageFormat,
+    *,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+) -> ImageFacts:
+    """Check ``path``'s header and trailer, then ask qemu-img, then make sure both agree.
 
     Raises ``ImageRejected`` when the image must not be trusted (reason ``not_a_file``
-    for anything but a regular file); qemu-img never sees a file whose header was refused.
+    for anything but a regular file, ``virtual_size`` above ``max_virtual_size`` bytes);
+    qemu-img never sees a file whose header was refused.
     """
-    head, size = await asyncio.to_thread(_read_head, path)
-    header = check_header(head, declared_format, size)
+    head, tail, size = await asyncio.to_thread(_read_ends, path)
+    header = check_header(head, declared_format, size, tail=tail,
+                          max_virtual_size=max_virtual_size)
     info = await qemu_img_info(path, declared_format)
     return crosscheck(header, info, declared_format)
 

@@ -3,31 +3,55 @@
 A downloaded image is hostile until proven otherwise. A qcow2 file can point QEMU at
 other files (a backing file, an external data file) and so leak host data into a guest;
 an encrypted image cannot be written without its key; a file declared ``raw`` that is
-really a qcow2 or vmdk would be copied byte for byte onto a disk. These checks read the
-header in plain Python *before* qemu-img ever opens the file, then cross-check what
-``qemu-img info`` says against what the header said.
+really a qcow2 or vmdk would be copied byte for byte onto a disk, where anything that
+later probes the volume's format (QEMU does when no format is given) would follow the
+foreign header. So a ``raw`` image is refused when any format QEMU can probe recognises
+it, and a qcow2 header must be sane enough for QEMU to open without surprises: tables
+inside the file, an L1 table that covers the virtual size, sizes within QEMU's own limits.
+A virtual size beyond the operator's limit (``cache.max_virtual_size``) is refused too: a
+tiny file may claim petabytes, and a volume would be grown or a job started for it.
 
-Everything here is pure: the caller reads the first ``HEADER_BYTES`` of the file and
-passes them in with the file's size.
+These checks read the file in plain Python *before* qemu-img ever opens it, then
+cross-check what ``qemu-img info`` says against what the header said.
+
+Everything here is pure: the caller reads the first ``HEADER_BYTES`` and the last
+``TAIL_BYTES`` of the file and passes them in with the file's size.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from watcher.core.errors import ImageRejected
 from watcher.core.policy import ImageFormat
+from watcher.core.units import format_size
 
 HEADER_BYTES = 2 * 1024 * 1024
 """How many leading bytes of a file ``check_header`` needs: ``min(file size, HEADER_BYTES)``.
 
 QEMU requires the qcow2 header, its extensions and the backing file name to lie inside
 the first cluster, and clusters are at most 2 MiB (``cluster_bits`` <= 21), so 2 MiB
-always holds everything the checks read. Every other format's magic lives in the
-first kilobyte.
+always holds everything the checks read. Every other format's signature lies in the
+first ``VMDK_DESCRIPTOR_WINDOW`` bytes, or in the last ``TAIL_BYTES``.
 """
+
+TAIL_BYTES = 512
+"""How many trailing bytes ``check_header`` needs: ``min(file size, TAIL_BYTES)``.
+
+A DMG image keeps its ``koly`` trailer in the last 512 bytes, and a fixed VHD (vpc) has
+its only ``conectix`` footer there; nothing at the start of those files gives them away.
+"""
+
+VMDK_DESCRIPTOR_WINDOW = 4096
+"""Leading bytes searched for a VMDK text descriptor. QEMU's probe reads 512 bytes, and its
+vmdk driver, once told the format, finds ``createType`` anywhere in the descriptor; a wider
+window costs nothing and also catches descriptors that QEMU's probe would not."""
+
+DEFAULT_MAX_VIRTUAL_SIZE = 4 * 1024**4
+"""Largest virtual size accepted unless configured otherwise (``cache.max_virtual_size``)."""
 
 QCOW_MAGIC = b"QFI\xfb"
 
@@ -37,6 +61,10 @@ _V3_MIN_HEADER_LENGTH = 104
 _MIN_CLUSTER_BITS = 9
 _MAX_CLUSTER_BITS = 21
 _MAX_BACKING_NAME = 1023
+# QEMU refuses to open a qcow2 whose active L1 table exceeds 32 MiB or whose refcount
+# table exceeds 8 MiB; nothing legitimate comes near either.
+_MAX_L1_ENTRIES = 32 * 1024**2 // 8
+_MAX_REFCOUNT_TABLE_BYTES = 8 * 1024**2
 
 # Header extension types.
 _EXT_END = 0x00000000
@@ -57,17 +85,37 @@ _INCOMPAT_KNOWN = (
 
 _COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
-# Other formats' signatures: (name, offset, bytes). qcow (version 1) shares qcow2's magic
-# and is told apart by the version field.
+# Other formats' signatures at the start of the file: (name, offset, bytes). qcow
+# (version 1) shares qcow2's magic and is told apart by the version field. QEMU's own
+# probes also check a version field for some of these; the magic alone is enough to refuse.
 _VDI_SIGNATURE = struct.pack("<I", 0xBEDA107F)
-_FOREIGN_MAGICS: tuple[tuple[str, int, bytes], ...] = (
-    ("vmdk", 0, b"KDMV"),
-    ("vmdk", 0, b"# Disk DescriptorFile"),
+_HEAD_MAGICS: tuple[tuple[str, int, bytes], ...] = (
+    ("vmdk", 0, b"KDMV"),  # version 4 sparse extent
+    ("vmdk", 0, b"COWD"),  # version 3 (ESX) sparse extent
     ("vhdx", 0, b"vhdxfile"),
     ("vdi", 0x40, _VDI_SIGNATURE),
     ("qed", 0, b"QED\x00"),
     ("luks", 0, b"LUKS\xba\xbe"),
-    ("vpc", 0, b"conectix"),
+    ("vpc", 0, b"conectix"),  # dynamic VHD: a copy of the footer leads the file
+    ("parallels", 0, b"WithoutFreeSpace"),
+    ("parallels", 0, b"WithouFreSpacExt"),
+    ("bochs", 0, b"Bochs Virtual HD Image"),
+    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format\n"),
+)
+# Signatures at the start of the last TAIL_BYTES of the file.
+_TAIL_MAGICS: tuple[tuple[str, bytes], ...] = (
+    ("dmg", b"koly"),
+    ("vpc", b"conectix"),  # fixed VHD: the footer is the only header
+)
+
+# A line only a VMDK descriptor has: its title comment, the createType setting or an
+# extent line ("RW 8192 FLAT "disk-flat.vmdk" 0"), which is what points at other files.
+_VMDK_DESCRIPTOR_LINE = re.compile(
+    rb"^[ \t]*(?:#[ \t]*Disk[ \t]+DescriptorFile"
+    rb"|createType[ \t]*="
+    rb"|(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+"
+    rb"(?:FLAT|SPARSE|ZERO|VMFS|VMFSSPARSE|VMFSRDM|VMFSRAW|SESPARSE)\b)",
+    re.MULTILINE | re.IGNORECASE,
 )
 
 
@@ -106,44 +154,93 @@ class ImageFacts:
     compression_type: str | None
 
 
-def detect_format(head: bytes) -> str:
-    """Name the image format whose signature starts ``head``; ``raw`` when none does."""
+def detect_format(head: bytes, tail: bytes = b"") -> str:
+    """Name the image format that ``head`` (and ``tail``, the file's end) identify; ``raw``
+    when none does. Every format QEMU can probe is recognised."""
+    return _identify(head, tail)[0]
+
+
+def _identify(head: bytes, tail: bytes) -> tuple[str, str]:
+    """The format and where its signature was found (``header`` or ``trailer``)."""
     if head.startswith(QCOW_MAGIC):
         if len(head) >= 8 and struct.unpack_from(">I", head, 4)[0] == 1:
-            return "qcow"
-        return "qcow2"
-    for name, offset, magic in _FOREIGN_MAGICS:
+            return "qcow", "header"
+        return "qcow2", "header"
+    for name, offset, magic in _HEAD_MAGICS:
         if head[offset:offset + len(magic)] == magic:
-            return name
-    return "raw"
+            return name, "header"
+    if _is_vmdk_descriptor(head[:VMDK_DESCRIPTOR_WINDOW]):
+        return "vmdk", "header"
+    if len(tail) == TAIL_BYTES:
+        for name, magic in _TAIL_MAGICS:
+            if tail.startswith(magic):
+                return name, "trailer"
+    return "raw", ""
 
 
-def check_header(head: bytes, declared_format: ImageFormat, file_size: int) -> HeaderFacts:
+def _is_vmdk_descriptor(window: bytes) -> bool:
+    """Whether ``window`` reads as a VMDK text descriptor.
+
+    QEMU's probe skips comment lines and blank lines and then wants ``version=``; this
+    accepts that and, wherever it appears, any line only a descriptor has.
+    """
+    if _VMDK_DESCRIPTOR_LINE.search(window):
+        return True
+    for line in window.split(b"\n"):
+        text = line.strip(b" \t\r")
+        if text and not text.startswith(b"#"):
+            return text.startswith(b"version=")
+    return False
+
+
+def check_header(
+    head: bytes,
+    declared_format: ImageFormat,
+    file_size: int,
+    *,
+    tail: bytes,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+) -> HeaderFacts:
     """Accept an image whose header matches its declared format and is self-contained.
 
-    ``head`` is the first ``min(file_size, HEADER_BYTES)`` bytes of the file. Raises
-    ``ImageRejected`` with reason ``format_mismatch``, ``bad_header``, ``backing_file``,
-    ``data_file``, ``encrypted``, ``corrupt`` or ``unknown_features``.
+    ``head`` is the first ``min(file_size, HEADER_BYTES)`` bytes of the file, ``tail`` the
+    last ``min(file_size, TAIL_BYTES)``. Raises ``ImageRejected`` with reason
+    ``format_mismatch``, ``bad_header``, ``backing_file``, ``data_file``, ``encrypted``,
+    ``corrupt``, ``unknown_features``, or ``virtual_size`` when the image is larger than
+    ``max_virtual_size`` bytes.
     """
-    detected = detect_format(head)
+    detected, where = _identify(head, tail)
     if declared_format == "raw":
         if detected != "raw":
             raise ImageRejected(
                 "format_mismatch",
-                f"image is declared raw but its header is that of a {detected} image; "
+                f"image is declared raw but its {where} is that of a {detected} image; "
                 "declare the real format or convert it to raw",
             )
-        return HeaderFacts(
+        facts = HeaderFacts(
             detected_format="raw", virtual_size=file_size, cluster_size=None,
             qcow2_version=None, compression_type=None,
         )
-    if detected != "qcow2":
+    elif detected != "qcow2":
         what = "has no recognisable image header" if detected == "raw" else (
             f"is a {detected} image")
         raise ImageRejected(
             "format_mismatch", f"image is declared qcow2 but the file {what}",
         )
-    return _check_qcow2(head, file_size)
+    else:
+        facts = _check_qcow2(head, file_size)
+    _check_virtual_size(facts.virtual_size, max_virtual_size)
+    return facts
+
+
+def _check_virtual_size(virtual_size: int, limit: int) -> None:
+    if virtual_size > limit:
+        raise ImageRejected(
+            "virtual_size",
+            f"image has a virtual size of {format_size(virtual_size)} ({virtual_size} bytes), "
+            f"more than the limit of {format_size(limit)} ({limit} bytes, "
+            "cache.max_virtual_size)",
+        )
 
 
 def _bad_header(message: str) -> ImageRejected:
@@ -224,6 +321,8 @@ def _check_qcow2(head: bytes, file_size: int) -> HeaderFacts:
     if compression_type not in _COMPRESSION_TYPES:
         raise _bad_header(f"compression type {compression_type} is unknown")
 
+    _check_sizes(virtual_size, cluster_size, l1_size, refcount_clusters,
+                 extended_l2=bool(incompatible & _INCOMPAT_EXTENDED_L2))
     _check_table_within_file("L1 table", l1_offset, l1_size * 8, cluster_size, file_size)
     _check_table_within_file("refcount table", refcount_offset,
                              refcount_clusters * cluster_size, cluster_size, file_size)
@@ -271,11 +370,39 @@ def _backing_name(head: bytes, offset: int, size: int, cluster_size: int) -> str
     return head[offset:offset + size].decode("utf-8", "replace")
 
 
+def _check_sizes(
+    virtual_size: int, cluster_size: int, l1_size: int, refcount_clusters: int, *,
+    extended_l2: bool,
+) -> None:
+    """The virtual size, L1 table and refcount table agree and stay within QEMU's limits."""
+    if virtual_size == 0:
+        raise _bad_header("the virtual size is 0; an image must not be empty")
+    if l1_size > _MAX_L1_ENTRIES:
+        raise _bad_header(f"l1_size {l1_size} is above QEMU's limit of {_MAX_L1_ENTRIES}")
+    # One L1 entry points at one L2 table of a cluster; extended L2 entries take 16 bytes.
+    bytes_per_l1_entry = cluster_size * (cluster_size // (16 if extended_l2 else 8))
+    l1_needed = -(-virtual_size // bytes_per_l1_entry)
+    if l1_needed > _MAX_L1_ENTRIES:
+        raise _bad_header(f"the virtual size {virtual_size} is absurd: with {cluster_size}-byte "
+                          f"clusters it needs {l1_needed} L1 entries, above QEMU's limit "
+                          f"of {_MAX_L1_ENTRIES}")
+    if l1_size < l1_needed:
+        raise _bad_header(f"l1_size {l1_size} is too small for the virtual size "
+                          f"{virtual_size}, which needs {l1_needed} L1 entries")
+    if refcount_clusters == 0:
+        raise _bad_header("the refcount table has no clusters")
+    if refcount_clusters * cluster_size > _MAX_REFCOUNT_TABLE_BYTES:
+        raise _bad_header(f"the refcount table of {refcount_clusters} clusters is above "
+                          f"QEMU's limit of {_MAX_REFCOUNT_TABLE_BYTES} bytes")
+
+
 def _check_table_within_file(
     what: str, offset: int, length: int, cluster_size: int, file_size: int,
 ) -> None:
     if offset % cluster_size:
         raise _bad_header(f"the {what} offset {offset} is not cluster aligned")
+    if length and offset == 0:
+        raise _bad_header(f"the {what} starts in cluster 0, on top of the header")
     if length and offset + length > file_size:
         raise _bad_header(f"the {what} ends at byte {offset + length} but the file has only "
                           f"{file_size} bytes; the image is truncated")

@@ -102,6 +102,7 @@ class Daemon:
         self.s3 = S3Store(config.s3)
         self.cache = ImageCache(
             config.cache.dir, self.s3, max_size=config.cache.max_size,
+            max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
             pinned=self.policies.get)
         self.consumer = BucketEventConsumer(
