@@ -2,8 +2,9 @@
 
 Commands follow the contract in the README: ``run``, ``check``, ``reprovision``,
 ``status`` and ``cache list|warm|verify|prune``. Exit codes: 0 success, 1 a problem
-the command reports (invalid config, failed verification...), 2 bad usage. ``status``,
-``cache list`` and ``cache verify`` only read the cache.
+the command reports (invalid config, failed verification...), 2 bad usage. Results go
+to stdout and logs to stderr, so ``--json`` output can be piped; ``status``, ``cache
+list`` and ``cache verify`` only read the cache.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":  # run sets up its own; structlog's default would use stdout
+        from watcher.runtime.observability import configure_logging
+
+        configure_logging(level="warning", stream=sys.stderr)
     try:
         if args.command == "check":
             return _check(args.config)
