@@ -328,6 +328,7 @@ async def test_read_only_commands_change_nothing_in_a_cache_with_leftovers(
     (env.cache_dir / "tmp" / "crashed.part").write_bytes(b"half a download")
     (env.cache_dir / "tmp" / "crashed.json").write_text("{")
     (env.cache_dir / "objects" / f"{'e' * 64}.qcow2").write_bytes(b"never committed")
+    (env.cache_dir / "objects" / f"{'f' * 64}.json").write_text("{")  # logs a warning
     before = tree(env.cache_dir)
 
     listed = await cli_async(env, "cache", "list", "--json")
@@ -336,6 +337,7 @@ async def test_read_only_commands_change_nothing_in_a_cache_with_leftovers(
     assert tree(env.cache_dir) == before
     assert listed.returncode == 0, listed.stderr
     assert [row["digest"] for row in json.loads(listed.stdout)] == [digest]
+    assert "unreadable cache file ignored" in listed.stderr  # logs go to stderr
     assert status.returncode == 0, status.stderr
     assert [row["digest"] for row in json.loads(status.stdout)["cache"]] == [digest]
     assert verify.returncode == 0 and f"{digest}: ok" in verify.stdout
