@@ -85,7 +85,7 @@ def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
 
 async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
     cache = ImageCache(cache_dir, S3Store(here.s3_settings()), max_size=100 * 1024**3)
-    cache.open()
+    cache.prepare()
     spec = ImageSpec(name="bench", bucket=here.bucket, key=SOURCE_KEY, prefix=None,
                      format="qcow2")
     with Stopwatch() as sw:

@@ -8,11 +8,18 @@ Layout under ``cache.dir``::
     objects/<sha256>.<format>   the image as uploaded (qcow2 stays compressed)
     objects/<sha256>.json       its record: sources (bucket/key/ETag), sizes, times
     refs/<image name>.json      the digest of the image's current version
-    tmp/                        downloads in progress; emptied at start-up
+    tmp/                        downloads in progress (each ``.part`` flock-ed by its owner)
+    .lock                       serialises changes between processes
 
 An entry exists when its record exists. Both files appear by atomic rename after the
 download was hashed, compared with the sidecar and inspected, so a crash leaves at most
 a temp file. Records are small JSON files so an operator can read them with ``cat``.
+
+Reading (``entries``, ``current``, ``verify``) creates, changes and removes nothing, so
+``status`` and ``cache list`` are safe while the daemon runs. Leftovers of a crash are
+removed only by ``remove_leftovers`` (the daemon at start-up, ``cache prune``), under the
+cache lock, and never a temp file whose owner still holds its lock: a running download,
+or one kept aside until a newer sidecar matches it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -123,6 +131,68 @@ class VerifyResult:
     detail: str
 
 
+class PartFile:
+    """A temp file in ``tmp/`` and the flock that marks it as owned by a live process.
+
+    The lock is held from creation until the file is renamed into place or removed, so
+    clean-up in any process can tell a live download from a crash's leftover.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def create(cls, directory: Path, suffix: str = ".part") -> PartFile:
+        while True:
+            path = directory / f"{uuid.uuid4().hex}{suffix}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Clean-up may have locked and removed the file before we locked it.
+                if _same_file(os.stat(path), os.fstat(fd)):
+                    return cls(path, fd)
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the file if it is still in ``tmp/``, then drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _remove_unless_locked(path: Path) -> bool:
+    """Remove a regular file nobody holds a lock on; False if it is live or gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _same_file(os.stat(path), st):
+            return False
+        path.unlink()
+        return True
+    except OSError:  # BlockingIOError: its owner is alive
+        return False
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _SingleFlight:
     """Concurrent callers asking for the same key share one running task."""
@@ -163,29 +233,46 @@ class ImageCache:
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._flights = _SingleFlight()
         self.log = telemetry.get_logger(component="cache")
-        self._pending: dict[tuple[str, str, str], tuple[Path, str, int]] = {}
+        # Downloads whose sidecar did not match yet, kept (and locked) for a newer one.
+        self._pending: dict[tuple[str, str, str], tuple[PartFile, str, int]] = {}
         # Object versions already rejected: not downloaded again until they change.
         self._rejected: dict[Source, ImageRejected] = {}
         self._problems = RepeatFilter()
 
     # ---- start-up -------------------------------------------------------------------
 
-    def open(self) -> int:
-        """Create the layout and remove what a crash left behind; returns files removed."""
+    def prepare(self) -> None:
+        """Create the layout; for processes that write (the daemon, ``cache warm|prune``)."""
         for d in (self.objects, self.refs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+
+    async def recover(self) -> int:
+        """The daemon's start-up: create the layout, remove leftovers; returns files removed."""
+        self.prepare()
+        removed = await asyncio.to_thread(self.remove_leftovers)
+        self._update_gauges()
+        return removed
+
+    def remove_leftovers(self) -> int:
+        """Remove what a crash left behind, under the cache lock; returns files removed.
+
+        Temp files still locked by their owner (a download in this or another process)
+        are kept. Blocking: run it in a thread from async code.
+        """
+        if not self.dir.is_dir():
+            return 0
         removed = 0
-        for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
-        # A data file without its record was never committed (crash between the renames).
-        for data in self.objects.iterdir():
-            if data.suffix != ".json" and not data.with_suffix(".json").exists():
-                data.unlink(missing_ok=True)
-                removed += 1
+        with self._locked():
+            # Every other temp file (records being written) is written under this lock.
+            for leftover in _listdir(self.tmp):
+                removed += _remove_unless_locked(leftover)
+            # A data file without its record was never committed (crash between the renames).
+            for data in _listdir(self.objects):
+                if data.suffix != ".json" and not data.with_suffix(".json").exists():
+                    data.unlink(missing_ok=True)
+                    removed += 1
         if removed:
             self.log.info("removed leftover temporary files", count=removed)
-        self._update_gauges()
         return removed
 
     # ---- reading ----------------------------------------------------------------------
@@ -299,16 +386,17 @@ class ImageCache:
         pending = self._pending.get((source.bucket, source.key, source.etag))
         if pending is not None and expected is not None and pending[1] == expected:
             # Downloaded earlier against a stale sidecar; the fresh sidecar now matches.
-            path, digest, size = pending
+            part, digest, size = pending
             del self._pending[(source.bucket, source.key, source.etag)]
             self.log.info("sidecar now matches an earlier download", image=image.name,
                           digest=digest)
         else:
             telemetry.cache_misses.inc()
-            path, digest, size = await self._download(image, obj)
+            part, digest, size = await self._download(image, obj)
+        path = part.path
         try:
             if expected is not None and digest != expected:
-                self._keep_pending(source, path, digest, size)
+                self._keep_pending(source, part, digest, size)
                 raise ImageRejected(
                     "checksum_mismatch",
                     f"image {image.name}: s3://{obj.bucket}/{obj.key} has SHA-256 {digest}, "
@@ -332,14 +420,14 @@ class ImageCache:
             self._report_rejection(image, source, digest, err)
             raise
         finally:
-            if path.exists() and path.parent == self.tmp and not self._is_pending(path):
-                path.unlink()
+            if not self._is_pending(part):
+                part.release()  # after a commit the file is in objects/: only the lock goes
         self.log.info("image cached", image=image.name, digest=digest, size=size,
                       virtual_size=entry.virtual_size, key=obj.key)
         return entry
 
-    async def _download(self, image: ImageSpec, obj: ObjectInfo) -> tuple[Path, str, int]:
-        part = self.tmp / f"{uuid.uuid4().hex}.part"
+    async def _download(self, image: ImageSpec, obj: ObjectInfo) -> tuple[PartFile, str, int]:
+        part = PartFile.create(self.tmp)
         started = time.monotonic()
         async with self._downloads:
             telemetry.jobs_in_progress.labels(kind="download").inc()
@@ -347,11 +435,11 @@ class ImageCache:
                 with telemetry.tracer.start_as_current_span(
                         "download", attributes={"bucket": obj.bucket, "key": obj.key}):
                     result = await asyncio.to_thread(
-                        self.s3.download, obj.bucket, obj.key, part,
+                        self.s3.download, obj.bucket, obj.key, part.path,
                         expected_etag=obj.etag, on_bytes=telemetry.download_bytes.inc)
             except BaseException as err:
                 telemetry.downloads.labels(result="failed").inc()
-                part.unlink(missing_ok=True)
+                part.release()
                 if isinstance(err, Exception):
                     self._report_download_failure(image, obj, err)
                 raise
@@ -381,14 +469,14 @@ class ImageCache:
                              key=obj.key, version=obj.etag, reason=reason,
                              error=f"{type(err).__name__}: {err}", repeats_unlogged=repeats)
 
-    def _keep_pending(self, source: Source, path: Path, digest: str, size: int) -> None:
+    def _keep_pending(self, source: Source, part: PartFile, digest: str, size: int) -> None:
         old = self._pending.pop((source.bucket, source.key, source.etag), None)
-        if old is not None and old[0] != path:
-            old[0].unlink(missing_ok=True)
-        self._pending[(source.bucket, source.key, source.etag)] = (path, digest, size)
+        if old is not None and old[0] is not part:
+            old[0].release()
+        self._pending[(source.bucket, source.key, source.etag)] = (part, digest, size)
 
-    def _is_pending(self, path: Path) -> bool:
-        return any(p == path for p, _, _ in self._pending.values())
+    def _is_pending(self, part: PartFile) -> bool:
+        return any(p is part for p, _, _ in self._pending.values())
 
     def _commit(self, part: Path, entry: CacheEntry) -> None:
         """Make the entry visible: data file first, then its record, each by atomic rename."""
@@ -468,26 +556,39 @@ class ImageCache:
         return removed
 
     def verify(self) -> list[VerifyResult]:
-        """Re-hash every entry; a corrupt one is removed so it is fetched again."""
-        results = []
+        """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""
+        return [self._check(entry)[0] for entry in self.entries()]
+
+    def remove_corrupt(self) -> list[VerifyResult]:
+        """Re-hash every entry: remove the corrupt ones (fetched again when needed), stamp
+        ``verified_at`` on the others. Hashes outside the cache lock; returns the corrupt."""
+        corrupt = []
         for entry in self.entries():
-            try:
-                digest = _sha256_file(entry.path)
-            except OSError as err:
-                results.append(VerifyResult(entry.digest, False, f"unreadable: {err}"))
-                continue
-            if digest == entry.digest:
-                with self._locked():
-                    self._write_record(replace(entry, verified_at=_now()))
-                results.append(VerifyResult(entry.digest, True, "ok"))
-            else:
-                with self._locked():
-                    self._remove(entry)
-                results.append(VerifyResult(entry.digest, False,
-                                            f"content hashes to {digest}; entry removed"))
-                self.log.error("cache entry corrupt, removed", digest=entry.digest, actual=digest)
+            result, seen = self._check(entry)
+            with self._locked():
+                # Act only on the file that was hashed: it may have been replaced meanwhile.
+                now = self.get(entry.digest)
+                if now is None or _stat_key(now.path) != seen:
+                    continue
+                if result.ok:
+                    self._write_record(replace(now, verified_at=_now()))
+                    continue
+                self._remove(now)
+            corrupt.append(result)
+            self.log.warning("corrupt cache entry removed", digest=entry.digest,
+                             detail=result.detail)
         self._update_gauges()
-        return results
+        return corrupt
+
+    def _check(self, entry: CacheEntry) -> tuple[VerifyResult, tuple[int, ...] | None]:
+        seen = _stat_key(entry.path)
+        try:
+            digest = _sha256_file(entry.path)
+        except OSError as err:
+            return VerifyResult(entry.digest, False, f"unreadable: {err}"), seen
+        if digest != entry.digest:
+            return VerifyResult(entry.digest, False, f"content hashes to {digest}"), seen
+        return VerifyResult(entry.digest, True, "ok"), seen
 
     # ---- files ------------------------------------------------------------------------
 
@@ -556,6 +657,22 @@ def _failure_reason(err: BaseException) -> str:
     if isinstance(err, TemporaryError):
         return "temporary"
     return "permanent" if isinstance(err, PermanentError) else type(err).__name__
+
+
+def _listdir(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    """Identity and version of a file, to notice a replacement; None when missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _merge(old: Sequence[Source], new: Sequence[Source]) -> tuple[Source, ...]:

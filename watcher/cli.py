@@ -2,7 +2,9 @@
 
 Commands follow the contract in the README: ``run``, ``check``, ``reprovision``,
 ``status`` and ``cache list|warm|verify|prune``. Exit codes: 0 success, 1 a problem
-the command reports (invalid config, failed verification...), 2 bad usage.
+the command reports (invalid config, failed verification...), 2 bad usage. Results go
+to stdout and logs to stderr, so ``--json`` output can be piped; ``status``, ``cache
+list`` and ``cache verify`` only read the cache.
 """
 
 from __future__ import annotations
@@ -51,14 +53,22 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true")
     warm = with_config(cache_sub.add_parser("warm", help="download and verify an image now"))
     warm.add_argument("image")
-    with_config(cache_sub.add_parser("verify", help="re-hash every entry"))
     with_config(cache_sub.add_parser(
-        "prune", help="remove entries that are not the current version of a policy image"))
+        "verify", help="re-hash every entry and report corrupt ones (changes nothing)"))
+    prune = with_config(cache_sub.add_parser(
+        "prune", help="remove leftovers and entries that are not the current version of a "
+                      "policy image"))
+    prune.add_argument("--corrupt", action="store_true",
+                       help="also re-hash every entry and remove the corrupt ones")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":  # run sets up its own; structlog's default would use stdout
+        from watcher.runtime.observability import configure_logging
+
+        configure_logging(level="warning", stream=sys.stderr)
     try:
         if args.command == "check":
             return _check(args.config)
@@ -123,7 +133,6 @@ def _cache_for(config: Config) -> Any:
     policies = load_policy_dir(config.policies.dir)
     cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
                        max_virtual_size=config.cache.max_virtual_size, pinned=lambda: policies)
-    cache.open()
     return cache, policies
 
 
@@ -181,6 +190,7 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         if image is None:
             print(f"error: no policy defines an image named {args.image!r}", file=sys.stderr)
             return 1
+        cache.prepare()
         try:
             entry = asyncio.run(cache.ensure(image))
         except NotUploadedYet as err:
@@ -195,9 +205,17 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
             print(f"{r.digest}: {r.detail}")
         bad = [r for r in results if not r.ok]
         print(f"{len(results)} entries verified, {len(bad)} bad")
+        if bad:
+            print("'cache prune --corrupt' removes bad entries; they are fetched again when needed")
         return 1 if bad else 0
+    cache.prepare()
+    leftovers = cache.remove_leftovers()
     removed = cache.prune()
     for digest in removed:
         print(f"removed {digest}")
-    print(f"{len(removed)} entries removed")
+    if args.corrupt:
+        for r in cache.remove_corrupt():
+            print(f"removed {r.digest}: {r.detail}")
+            removed.append(r.digest)
+    print(f"{len(removed)} entries removed, {leftovers} leftover files removed")
     return 0

@@ -1,17 +1,38 @@
-"""The image cache against real S3 and qemu-img, and its command line."""
+"""The image cache against real S3 and qemu-img, and its command line.
+
+The read-only commands (``status``, ``cache list``, ``cache verify``) run as processes
+next to a real daemon whose download is held mid-way by a TCP proxy in front of S3, so
+"while the daemon is downloading" is a state the test controls rather than a race.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import Counter
 
-from tests.integration.harness import Env, make_qcow2, sha256_file
+from tests.integration.harness import (
+    Env,
+    make_qcow2,
+    minio_event,
+    publish,
+    ready_count,
+    running_daemon,
+    sha256_file,
+    wait_for,
+)
 from watcher import telemetry
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
@@ -21,6 +42,9 @@ from watcher.core.policy import ImageSpec
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "watcher"]
+ROOT = Path(__file__).resolve().parents[2]
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code in the children
+MiB = 1024 * 1024
 
 
 def open_cache(env: Env) -> ImageCache:
@@ -28,12 +52,16 @@ def open_cache(env: Env) -> ImageCache:
     policies = load_policy_dir(config.policies.dir)
     cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
                        pinned=lambda: policies)
-    cache.open()
+    cache.prepare()
     return cache
 
 
+def counter(metric: Counter, **labels: str) -> float:
+    return float(metric.labels(**labels)._value.get())
+
+
 def downloads() -> float:
-    return float(telemetry.downloads.labels(result="ok")._value.get())
+    return counter(telemetry.downloads, result="ok")
 
 
 async def test_the_same_bytes_under_two_keys_are_stored_once(env: Env, tmp_path: Path) -> None:
@@ -90,7 +118,16 @@ async def test_a_prefix_image_is_the_newest_object_under_the_prefix(
 
 def cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args, "--config", str(env.config_path)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=CLI_ENV)
+
+
+def tree(root: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under ``root`` (itself included): is it a directory, size, mtime."""
+    found = {}
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        found[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns)
+    return found
 
 
 async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
@@ -99,7 +136,7 @@ async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
     config = load_config(env.config_path)
     cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
                        max_virtual_size=8 * 1024**2)
-    cache.open()
+    cache.prepare()
     with pytest.raises(ImageRejected) as caught:
         await cache.ensure(ImageSpec("big", env.bucket, "big.qcow2", None, "qcow2"))
     assert caught.value.reason == "virtual_size"
@@ -129,11 +166,226 @@ def test_cache_commands_warm_list_verify_and_prune(env: Env, tmp_path: Path) -> 
     with open(victim, "r+b") as fh:
         fh.seek(100)
         fh.write(b"corruption")
+    before = tree(env.cache_dir)
     verify = cli(env, "cache", "verify")
+    # Reported, not removed: verify is read-only, prune --corrupt is the remedy.
     assert verify.returncode == 1 and f"{keep}: content hashes to" in verify.stdout
-    assert not victim.exists()
+    assert "prune --corrupt" in verify.stdout
+    assert tree(env.cache_dir) == before
 
     prune = cli(env, "cache", "prune")
     assert prune.returncode == 0 and f"removed {old_drop}" in prune.stdout
+    assert victim.exists()
+    prune = cli(env, "cache", "prune", "--corrupt")
+    assert prune.returncode == 0 and f"removed {keep}: content hashes to" in prune.stdout
+    assert not victim.exists() and not victim.with_suffix(".json").exists()
+    assert cli(env, "cache", "verify").returncode == 0
     remaining = {row["digest"] for row in json.loads(cli(env, "cache", "list", "--json").stdout)}
     assert remaining == {new_drop}
+
+
+class HoldingProxy:
+    """Forwards a loopback port to the S3 server; a response to a request containing
+    ``hold`` stops after its first ``after`` bytes until ``release()``."""
+
+    def __init__(self, upstream: tuple[str, int], hold: bytes, after: int = MiB) -> None:
+        self.upstream = upstream
+        self.hold = hold
+        self.after = after
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop)
+
+    def _spawn(self, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._spawn(self._forward, client)
+
+    def _forward(self, client: socket.socket) -> None:
+        server = socket.create_connection(self.upstream)
+        holding, sent = False, 0
+        try:
+            while not self._closing.is_set():
+                readable, _, _ = select.select([client, server], [], [], 0.1)
+                if client in readable:
+                    request = client.recv(65536)
+                    if not request:
+                        return
+                    if self.hold in request and not self._released.is_set():
+                        holding, sent = True, 0
+                    server.sendall(request)
+                if server in readable:
+                    response = server.recv(min(65536, self.after - sent) if holding else 65536)
+                    if not response:
+                        return
+                    client.sendall(response)
+                    sent += len(response)
+                    if holding and sent >= self.after:
+                        self.held.set()
+                        while not self._released.wait(0.1):
+                            if self._closing.is_set():
+                                return
+                        holding = False
+        except OSError:
+            pass
+        finally:
+            client.close()
+            server.close()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        self._closing.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._listener.close()
+
+
+@pytest.fixture
+def proxy_for(env: Env) -> Iterator[list[HoldingProxy]]:
+    proxies: list[HoldingProxy] = []
+    yield proxies
+    for proxy in proxies:
+        proxy.close()
+
+
+async def cli_async(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cli`` without blocking the loop a daemon under test runs in."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, "--config", str(env.config_path), env=CLI_ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
+        env: Env, tmp_path: Path, proxy_for: list[HoldingProxy]) -> None:
+    host, port = env.s3["LVW_S3_ENDPOINT"].split("://", 1)[1].rsplit(":", 1)
+    proxy = HoldingProxy((host, int(port)), hold=f"GET /{env.bucket}/held.qcow2 ".encode())
+    proxy_for.append(proxy)
+    env.write_config(s3={"endpoint": f"http://127.0.0.1:{proxy.port}"})
+    env.write_policy({name: {"bucket": env.bucket, "key": f"{name}.qcow2", "format": "qcow2"}
+                      for name in ("held", "stale")})
+    stale = make_qcow2(tmp_path / "stale.qcow2", seed=1)
+    held = make_qcow2(tmp_path / "held.qcow2", size="64M", fill_mib=16, seed=2)
+    tmp = env.cache_dir / "tmp"
+
+    async with running_daemon(env.config_path) as daemon:
+        try:
+            # A download whose sidecar is stale: kept aside until a newer sidecar matches.
+            rejected = counter(telemetry.images_rejected, reason="checksum_mismatch")
+            env.upload_file("stale.qcow2", stale)
+            env.upload("stale.qcow2.sha256", b"0" * 64 + b"\n")
+            await publish(env.exchange, minio_event(env.bucket, "stale.qcow2"))
+            await wait_for(lambda: counter(telemetry.images_rejected,
+                                           reason="checksum_mismatch") > rejected,
+                           what="the stale sidecar's rejection")
+            # A download in progress, held by the proxy after its first MiB.
+            held_digest = env.upload_with_sidecar("held.qcow2", held)
+            await publish(env.exchange, minio_event(env.bucket, "held.qcow2"))
+            await wait_for(lambda: proxy.held.is_set() and len(list(tmp.glob("*.part"))) == 2,
+                           what="the held download's .part file")
+            in_progress = tree(env.cache_dir)
+
+            status = await cli_async(env, "status", "--json")
+            listed = await cli_async(env, "cache", "list", "--json")
+            verify = await cli_async(env, "cache", "verify")
+            assert tree(env.cache_dir) == in_progress
+            assert status.returncode == 0, status.stderr
+            assert set(json.loads(status.stdout)) == {"domains", "cache"}
+            assert listed.returncode == 0, listed.stderr
+            assert json.loads(listed.stdout) == []
+            assert verify.returncode == 0, verify.stderr
+            # Clean-up outside the daemon spares files whose owner holds their lock.
+            prune = await cli_async(env, "cache", "prune")
+            assert prune.returncode == 0, prune.stderr
+            assert {p.name for p in tmp.iterdir()} == {
+                Path(p).name for p in in_progress if p.startswith("tmp/")}
+        finally:
+            proxy.release()
+        await wait_for(lambda: held_digest in daemon.entries(), what="the held image cached")
+
+        before = downloads()
+        env.upload("stale.qcow2.sha256", f"{sha256_file(stale)}\n".encode())
+        await publish(env.exchange, minio_event(env.bucket, "stale.qcow2.sha256"))
+        await wait_for(lambda: sha256_file(stale) in daemon.entries(),
+                       what="the kept-aside download cached")
+        assert downloads() == before  # the kept-aside file was used, not fetched again
+        assert list(tmp.iterdir()) == []
+    queue = load_config(env.config_path).amqp.queue_name()
+    assert await ready_count(f"{queue}.dead") == 0
+
+
+async def test_read_only_commands_change_nothing_in_a_cache_with_leftovers(
+        env: Env, tmp_path: Path) -> None:
+    env.write_policy({"img": {"bucket": env.bucket, "key": "img.qcow2", "format": "qcow2"}})
+    digest = env.upload_with_sidecar("img.qcow2", make_qcow2(tmp_path / "img.qcow2"))
+    await open_cache(env).ensure(ImageSpec("img", env.bucket, "img.qcow2", None, "qcow2"))
+    (env.cache_dir / "tmp" / "crashed.part").write_bytes(b"half a download")
+    (env.cache_dir / "tmp" / "crashed.json").write_text("{")
+    (env.cache_dir / "objects" / f"{'e' * 64}.qcow2").write_bytes(b"never committed")
+    (env.cache_dir / "objects" / f"{'f' * 64}.json").write_text("{")  # logs a warning
+    before = tree(env.cache_dir)
+
+    listed = await cli_async(env, "cache", "list", "--json")
+    status = await cli_async(env, "status", "--json")
+    verify = await cli_async(env, "cache", "verify")
+    assert tree(env.cache_dir) == before
+    assert listed.returncode == 0, listed.stderr
+    assert [row["digest"] for row in json.loads(listed.stdout)] == [digest]
+    assert "unreadable cache file ignored" in listed.stderr  # logs go to stderr
+    assert status.returncode == 0, status.stderr
+    assert [row["digest"] for row in json.loads(status.stdout)["cache"]] == [digest]
+    assert verify.returncode == 0 and f"{digest}: ok" in verify.stdout
+
+
+async def test_read_only_commands_report_an_empty_cache_without_creating_it(env: Env) -> None:
+    assert not env.cache_dir.exists()
+    listed = await cli_async(env, "cache", "list", "--json")
+    status = await cli_async(env, "status", "--json")
+    verify = await cli_async(env, "cache", "verify")
+    assert not env.cache_dir.exists()
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    assert status.returncode == 0 and json.loads(status.stdout)["cache"] == []
+    assert verify.returncode == 0 and "0 entries verified" in verify.stdout
+
+
+async def test_prune_and_start_up_remove_stale_leftovers_but_not_a_locked_download(
+        env: Env) -> None:
+    cache = open_cache(env)
+    stale = env.cache_dir / "tmp" / "crashed.part"
+    stale.write_bytes(b"half a download")
+    orphan = env.cache_dir / "objects" / f"{'e' * 64}.qcow2"
+    orphan.write_bytes(b"never committed")
+    live = env.cache_dir / "tmp" / "running.part"
+    fd = os.open(live, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the owner of a running download holds it
+        prune = await cli_async(env, "cache", "prune")
+        assert not stale.exists() and not orphan.exists() and live.exists()
+        assert prune.returncode == 0 and "2 leftover files removed" in prune.stdout
+        stale.write_bytes(b"another crash")
+        assert await cache.recover() == 1  # the daemon's start-up, as another process would
+        assert not stale.exists() and live.exists()
+    finally:
+        os.close(fd)
+    assert await cache.recover() == 1
+    assert list((env.cache_dir / "tmp").iterdir()) == []

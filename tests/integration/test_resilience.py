@@ -119,7 +119,7 @@ async def test_the_cache_refuses_an_image_name_that_is_not_an_identifier_before_
     env.upload_with_sidecar(key, make_qcow2(tmp_path / "v1.qcow2"))
     settings = load_config(env.config_path)
     cache = ImageCache(env.cache_dir, S3Store(settings.s3), max_size=1 << 30)
-    cache.open()
+    cache.prepare()
     before = files_under(tmp_path)
     image = ImageSpec(name=name, bucket=env.bucket, key=key, prefix=None, format="qcow2")
     with pytest.raises(UnsafeName):

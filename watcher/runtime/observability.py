@@ -1,9 +1,10 @@
-"""Where logs and spans go: set up once by the daemon at start-up, never at import time.
+"""Where logs and spans go: set up once per process at start-up, never at import time.
 
 ``watcher.telemetry`` hands out the logger, tracer and metrics every floor records into;
 this module decides how they leave the process. Logs are structlog events rendered as JSON
-lines for the journal (or readable lines on a terminal) and carry the ids of the current
-span, so a log line leads to its trace. Spans go to an OTLP/HTTP collector when one is
+lines on stderr for the journal (or readable lines on a terminal); CLI commands set them up
+too, so their stdout carries results only. Log lines carry the ids of the current span, so
+a log line leads to its trace. Spans go to an OTLP/HTTP collector when one is
 configured. AMQP messages carry W3C trace context from publishers, which
 ``context_from_amqp_headers`` turns into the parent of the work a message causes.
 

@@ -296,7 +296,7 @@ class Daemon:
         """Run until SIGTERM (or ``stop_requested``); returns the process exit code."""
         if handle_signals:
             self.install_signal_handlers()
-        removed = self.cache.open()
+        removed = await self.cache.recover()
         if not self.policies.load():
             log.warning("starting without policies; fix them and send SIGHUP",
                         directory=str(self.config.policies.dir))
