@@ -5,8 +5,12 @@ boots (its console prints v1); upload v2 -> pre-warmed; tag + power off -> rewri
 -> boots, console prints v2. Every step is timed. The demo plays MinIO's part by
 publishing the bucket notification itself, in MinIO's exact format, since no MinIO
 server runs here; everything else is the real daemon talking to real services.
-Re-running is safe: it removes what an earlier run left before starting, and cleans
-up at the end.
+
+Every name (domain, pool, bucket, exchange, queue, directory, HTTP port) is this run's
+own, so the demo can run beside tests, other demos and real workloads on the same
+services. At the end, also after a failure or SIGTERM, it removes exactly what it
+created, newest first, and stops only the daemon it started; services it found running
+stay as they were.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import aio_pika
@@ -38,14 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bootimage import domain_xml, write_qcow2_image  # noqa: E402
 
-DEMO = Path(os.environ.get("LVW_DEMO_DIR", "/var/tmp/libvirt-volume-watcher-demo"))
-NAME = "lvw-demo"
-BUCKET = "lvw-demo-images"
+RUN = uuid.uuid4().hex[:8]
+BASE = Path(os.environ.get("LVW_DEMO_DIR", "/var/tmp/libvirt-volume-watcher-demo"))
+DEMO = BASE / RUN
+KEPT_LOG = BASE.parent / f"{BASE.name}-{RUN}.log"  # the daemon's log, left after cleanup
+NAME = f"lvw-demo-{RUN}"  # the domain and its pool
+BUCKET = f"lvw-demo-{RUN}"
 KEY = "demo/boot-image.qcow2"
-EXCHANGE = "lvw-demo-minio-events"
-QUEUE = "lvw-demo-watcher"
+EXCHANGE = f"lvw-demo-minio-events-{RUN}"
+QUEUE = f"lvw-demo-watcher-{RUN}"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-HTTP = "127.0.0.1:9797"
 URI = "qemu:///system"
 NS = "urn:libvirt-volume-watcher:1"
 
@@ -70,7 +79,7 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.2)
     raise SystemExit(f"demo: timed out after {timeout:.0f}s waiting for {what}; "
-                     f"see {DEMO / 'watcher.log'}")
+                     f"see {KEPT_LOG}")
 
 
 def s3() -> Minio:
@@ -128,25 +137,34 @@ def console() -> str:
         return ""
 
 
-def cleanup(conn: libvirt.virConnect) -> None:
-    """Remove what this demo creates; safe when nothing exists."""
-    steps: list[Callable[[], object]] = [
-        lambda: conn.lookupByName(NAME).destroy(),
-        lambda: conn.lookupByName(NAME).undefine(),
-        lambda: [v.delete() for v in conn.storagePoolLookupByName(NAME).listAllVolumes()],
-        lambda: conn.storagePoolLookupByName(NAME).destroy(),
-        lambda: conn.storagePoolLookupByName(NAME).undefine(),
-    ]
-    for undo in steps:  # each independently: any of them may have nothing to undo
-        with contextlib.suppress(libvirt.libvirtError):
-            undo()
-    client = s3()
-    if client.bucket_exists(BUCKET):
-        for obj in client.list_objects(BUCKET, recursive=True):
-            client.remove_object(BUCKET, obj.object_name)
-        client.remove_bucket(BUCKET)
+class Undo:
+    """What this run created, each with the step that removes it; run newest first."""
 
-    async def drop_amqp() -> None:
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self._steps.append((what, step))
+
+    def run(self) -> None:
+        while self._steps:
+            what, step = self._steps.pop()
+            try:
+                step()
+            except Exception as exc:  # keep going: the rest is still ours to remove
+                print(f"demo: could not remove {what}: {exc}", file=sys.stderr)
+
+
+def remove_bucket() -> None:
+    client = s3()
+    for obj in client.list_objects(BUCKET, recursive=True):
+        client.remove_object(BUCKET, obj.object_name)
+    client.remove_bucket(BUCKET)
+
+
+def remove_amqp() -> None:
+    """The exchange and queues of this run's names, declared by its daemon."""
+    async def drop() -> None:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
@@ -155,8 +173,23 @@ def cleanup(conn: libvirt.virConnect) -> None:
             for exchange in (EXCHANGE, f"{QUEUE}.dlx"):
                 await channel.exchange_delete(exchange)
 
-    asyncio.run(drop_amqp())
-    shutil.rmtree(DEMO, ignore_errors=True)
+    asyncio.run(drop())
+
+
+def remove_domain(conn: libvirt.virConnect) -> None:
+    dom = conn.lookupByName(NAME)
+    if dom.isActive():  # started by the watcher for this run
+        dom.destroy()
+    dom.undefine()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+HTTP = f"127.0.0.1:{free_port()}"
 
 
 def write_config() -> Path:
@@ -180,38 +213,79 @@ def write_config() -> Path:
     return DEMO / "config.yaml"
 
 
-def define_domain(conn: libvirt.virConnect) -> None:
+def define_domain(conn: libvirt.virConnect, undo: Undo) -> None:
     pool_dir = DEMO / "pool"
     pool_dir.mkdir(mode=0o755)
     pool = conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{NAME}</name><target><path>{pool_dir}</path></target></pool>")
+    undo.push(f"libvirt pool {NAME}", pool.undefine)
     pool.create()
-    pool.createXML("<volume><name>root.img</name><capacity unit='MiB'>1</capacity>"
-                   "<target><format type='raw'/></target></volume>")
+    undo.push(f"libvirt pool {NAME} (stop)", pool.destroy)
+    volume = pool.createXML("<volume><name>root.img</name><capacity unit='MiB'>1</capacity>"
+                            "<target><format type='raw'/></target></volume>")
+    undo.push(f"volume {NAME}/root.img", volume.delete)
     conn.defineXML(domain_xml(NAME, f"{NAME}/root.img", DEMO / "console.log",
                               disk_type="volume"))
+    undo.push(f"domain {NAME}", lambda: remove_domain(conn))
 
 
 def cli(*args: str) -> None:
     subprocess.run([str(ROOT / ".venv" / "bin" / "libvirt-volume-watcher"), *args], check=True)
 
 
+def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(60)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the cleanup
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised anyway
     conn = libvirt.open(URI)
-    cleanup(conn)
-    DEMO.mkdir(parents=True, mode=0o755)
-    DEMO.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the console log
+    undo = Undo()
+    try:
+        return run(conn, undo)
+    finally:
+        if os.environ.get("LVW_DEMO_KEEP"):
+            print(f"LVW_DEMO_KEEP is set: domain and pool {NAME}, bucket {BUCKET}, exchange "
+                  f"{EXCHANGE}, queue {QUEUE} and {DEMO} are kept")
+        else:
+            undo.run()
+            with contextlib.suppress(OSError):
+                BASE.rmdir()  # only when no other run uses it
+            print("cleaned up what this run created"
+                  + (f"; the daemon's log is kept in {KEPT_LOG}" if KEPT_LOG.exists() else ""))
+
+
+def run(conn: libvirt.virConnect, undo: Undo) -> int:
+    BASE.mkdir(mode=0o755, exist_ok=True)
+    BASE.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the console log
+    DEMO.mkdir(mode=0o755)
+    undo.push(str(DEMO), lambda: shutil.rmtree(DEMO))
     config = write_config()
     s3().make_bucket(BUCKET)
+    undo.push(f"bucket {BUCKET}", remove_bucket)
 
     done = step("starting the watcher daemon")
+    # The daemon declares the exchange and the queues under this run's names.
+    undo.push(f"exchange {EXCHANGE} and queues {QUEUE}*", remove_amqp)
     log = open(DEMO / "watcher.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     daemon = subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "libvirt-volume-watcher"), "run", "--config", str(config),
          "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait(lambda: _ready(), 60, "the daemon to be ready")
+        wait(lambda: _ready() or daemon.poll() is not None, 60, "the daemon to be ready")
+        if daemon.poll() is not None:
+            raise SystemExit(f"demo: the daemon exited with {daemon.returncode}; see {KEPT_LOG}")
         done(f"ready (pid {daemon.pid}), /readyz says 200")
 
         done = step("uploading image v1 and its .sha256 sidecar; MinIO-style notification")
@@ -221,7 +295,7 @@ def main() -> int:
         done(f"pre-warmed and verified: sha256 {v1[:16]}...")
 
         done = step(f"defining domain {NAME} on an empty volume of libvirt pool {NAME}")
-        define_domain(conn)
+        define_domain(conn, undo)
         done()
 
         done = step(f"tagging {NAME} for reprovisioning (it is shut off)")
@@ -266,25 +340,16 @@ def main() -> int:
             if line.startswith(wanted):
                 print("  " + line)
         print(f"\nThe full cycle took {time.monotonic() - _t0:.1f}s. Metrics: http://{HTTP}/metrics"
-              f" (while the daemon runs), logs: {DEMO / 'watcher.log'}")
+              f" (while the daemon runs), logs: {KEPT_LOG}")
         if os.environ.get("LVW_DEMO_KEEP"):
             print("LVW_DEMO_KEEP is set: the daemon keeps running; stop it with "
                   f"kill {daemon.pid}")
             return 0
     finally:
         if not os.environ.get("LVW_DEMO_KEEP"):
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+            stop_daemon(daemon)  # first: nothing may still be writing what is removed next
             log.close()
-            cleanup_log = DEMO / "watcher.log"
-            kept = Path("/var/tmp/libvirt-volume-watcher-demo.log")
-            if cleanup_log.exists():
-                shutil.copy(cleanup_log, kept)
-            cleanup(conn)
-            print(f"cleaned up; the daemon's log is kept in {kept}")
+            shutil.copy(DEMO / "watcher.log", KEPT_LOG)
     return 0
 
 

@@ -8,6 +8,7 @@ running; integration fixtures call it once per session and hand out isolated nam
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ def services_env() -> dict[str, str]:
         [str(ROOT / "scripts" / "services.sh"), "--env"],
         check=True, capture_output=True, text=True, timeout=300,
     ).stdout
-    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    env = dict(word.split("=", 1) for word in shlex.split(out))  # VAR=value lines, shell-quoted
     env.setdefault("LVW_AMQP_URL", os.environ.get("LVW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     return env
 

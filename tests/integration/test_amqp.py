@@ -8,6 +8,7 @@ broker, and it restores it in a ``finally`` even when it fails.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from yarl import URL
 
 from tests.integration.harness import delete_amqp, publish_many, ready_count
 from watcher.adapters.amqp import BucketEventConsumer
@@ -341,6 +343,137 @@ async def test_start_refuses_an_existing_queue_with_other_arguments_as_permanent
     with pytest.raises(PermanentError, match="refused the topology"):
         await consumer.start()
     assert not consumer.connected
+
+
+# -- an exchange declared by MinIO (or anyone) before the watcher ---------------------
+
+
+def exchange_properties(name: str) -> dict[str, Any] | None:
+    """The broker's record of exchange ``name`` (type, durable, auto_delete), or None."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_exchanges", "name", "type", "durable", "auto_delete",
+         "--formatter", "json"], check=True, capture_output=True, text=True, timeout=60).stdout
+    return next((row for row in json.loads(out) if row["name"] == name), None)
+
+
+async def predeclare(broker: Broker, exchange_type: aio_pika.ExchangeType, *, durable: bool,
+                     auto_delete: bool = False) -> None:
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(broker.exchange, exchange_type, durable=durable,
+                                       auto_delete=auto_delete)
+
+
+class CuttableProxy:
+    """A TCP relay to the broker whose connections the test cuts, as a network fault would,
+    without disturbing anyone else on the broker."""
+
+    def __init__(self, upstream: URL) -> None:
+        self.upstream = upstream
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> URL:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return self.upstream.with_host("127.0.0.1").with_port(port)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection(self.upstream.host, self.upstream.port)
+        self.writers |= {client_w, broker_w}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_an_existing_non_durable_exchange_is_used_as_it_is(broker: Broker) -> None:
+    """MinIO's documented notify_amqp settings declare the exchange with durable off."""
+    await predeclare(broker, aio_pika.ExchangeType.FANOUT, durable=False)
+    recorder = Recorder()
+    async with running(broker, recorder):
+        await broker.publish(b"from minio")
+        await wait_until(lambda: recorder.handled == [b"from minio"], "the message is handled")
+    assert exchange_properties(broker.exchange) == {
+        "name": broker.exchange, "type": "fanout", "durable": False, "auto_delete": False}
+
+
+async def test_an_existing_durable_auto_delete_exchange_is_used_as_it_is(broker: Broker) -> None:
+    await predeclare(broker, aio_pika.ExchangeType.FANOUT, durable=True, auto_delete=True)
+    recorder = Recorder()
+    async with running(broker, recorder):
+        await broker.publish(b"from minio")
+        await wait_until(lambda: recorder.handled == [b"from minio"], "the message is handled")
+        assert exchange_properties(broker.exchange) == {
+            "name": broker.exchange, "type": "fanout", "durable": True, "auto_delete": True}
+
+
+async def test_an_absent_exchange_is_declared_durable(broker: Broker) -> None:
+    assert exchange_properties(broker.exchange) is None
+    recorder = Recorder()
+    async with running(broker, recorder):
+        await broker.publish(b"first")
+        await wait_until(lambda: recorder.handled == [b"first"], "the message is handled")
+    assert exchange_properties(broker.exchange) == {
+        "name": broker.exchange, "type": "fanout", "durable": True, "auto_delete": False}
+
+
+async def test_an_existing_exchange_of_another_type_is_refused_with_a_clear_error(
+    broker: Broker,
+) -> None:
+    await predeclare(broker, aio_pika.ExchangeType.TOPIC, durable=True)
+    consumer = BucketEventConsumer(broker.settings, Recorder(), queue_name=broker.queue,
+                                   log=RecordingLog())
+    with pytest.raises(PermanentError, match=r"type 'topic'.*amqp\.exchange_type is 'fanout'"):
+        await consumer.start()
+    assert not consumer.connected
+    assert exchange_properties(broker.exchange) == {
+        "name": broker.exchange, "type": "topic", "durable": True, "auto_delete": False}
+
+
+async def test_a_reconnect_uses_an_existing_non_durable_exchange_as_it_is(
+    broker: Broker,
+) -> None:
+    """The robust channel re-declares what it declared: passively, for a found exchange."""
+    await predeclare(broker, aio_pika.ExchangeType.FANOUT, durable=False)
+    proxy = CuttableProxy(URL(broker.url))
+    via_proxy = Broker(url=str(await proxy.start()), exchange=broker.exchange,
+                       queue=broker.queue)
+    log = RecordingLog()
+    recorder = Recorder()
+    try:
+        async with running(via_proxy, recorder, log) as consumer:
+            proxy.cut()
+            await wait_until(lambda: not consumer.connected, "the consumer sees the cut")
+            await wait_until(lambda: consumer.consuming, "the consumer is consuming again")
+            await broker.publish(b"after reconnect")
+            await wait_until(lambda: recorder.handled == [b"after reconnect"],
+                             "a message is handled after the reconnect")
+    finally:
+        await proxy.close()
+    assert "amqp connection recovered; consuming again" in [e for e, _ in log.events("info")]
+    assert exchange_properties(broker.exchange) == {
+        "name": broker.exchange, "type": "fanout", "durable": False, "auto_delete": False}
 
 
 # -- broker restart (disturbs everyone on the broker: keep it to this one test) -------

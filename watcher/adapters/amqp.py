@@ -23,12 +23,18 @@ jittered wait between attempts. The robust channel re-declares the exchanges and
 and resumes consuming. Messages that were in flight when the connection dropped cannot be
 settled any more; RabbitMQ redelivers them on the new connection (the handler is
 idempotent: delivery is at-least-once).
+
+The notification exchange belongs to MinIO, which declares it with its own flags (its
+documented defaults have durable off). An existing exchange is therefore used as it is,
+and re-declared passively after a reconnect (until it exists again, the reconnect keeps
+retrying); only an absent one is declared, durable, of the configured type.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
@@ -306,9 +312,16 @@ class BucketEventConsumer:
             await channel.initialize(timeout=OPERATION_TIMEOUT)
             await channel.set_qos(prefetch_count=settings.prefetch, timeout=OPERATION_TIMEOUT)
 
-            self._exchange = await channel.declare_exchange(
-                settings.exchange, exchange_type, durable=True, timeout=OPERATION_TIMEOUT
-            )
+            # The robust channel re-declares the exchange with these same flags on every
+            # reconnect: passively when it was found, so never over its owner's flags.
+            if await self._exchange_exists(connection, exchange_type):
+                self._exchange = await channel.declare_exchange(
+                    settings.exchange, passive=True, timeout=OPERATION_TIMEOUT
+                )
+            else:
+                self._exchange = await channel.declare_exchange(
+                    settings.exchange, exchange_type, durable=True, timeout=OPERATION_TIMEOUT
+                )
             self._dead_letter_exchange = await channel.declare_exchange(
                 self.dead_letter_exchange_name,
                 aio_pika.ExchangeType.DIRECT,
@@ -348,6 +361,46 @@ class BucketEventConsumer:
             raise PermanentError(f"RabbitMQ refused access: {exc}") from exc
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise TemporaryError(f"declaring queue {self._queue_name!r} failed: {exc}") from exc
+
+    async def _exchange_exists(
+        self, connection: AbstractRobustConnection, exchange_type: aio_pika.ExchangeType
+    ) -> bool:
+        """Whether the notification exchange exists; refuses one of another type.
+
+        MinIO declares its exchange itself, with its own durable and auto-delete flags, so
+        an existing one is used as it is. A passive declare cannot see the type, so a
+        second probe declares it with the configured type: RabbitMQ compares the type
+        before any flag, so an error about another argument means the type is right. Both
+        probes use plain channels: a refused declare closes its channel, and a robust one
+        would reopen itself.
+        """
+        name = self._settings.exchange
+        try:
+            async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
+                await probe.declare_exchange(name, passive=True, timeout=OPERATION_TIMEOUT)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        try:
+            async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
+                await probe.declare_exchange(
+                    name, exchange_type, durable=True, timeout=OPERATION_TIMEOUT
+                )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            found = _inequivalent_type(str(exc))
+            if found is not None:
+                raise PermanentError(
+                    f"AMQP exchange {name!r} exists with type {found!r} but "
+                    f"amqp.exchange_type is {exchange_type.value!r}; set amqp.exchange_type "
+                    f"(and amqp.routing_key) to match MinIO's notify_amqp settings"
+                ) from exc
+        except aiormq.exceptions.ChannelAccessRefused:
+            # No configure permission on someone else's exchange: use it unchecked.
+            self._log.warning(
+                "amqp exchange type not checked: no configure permission",
+                exchange=name,
+                exchange_type=exchange_type.value,
+            )
+        return True
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         """Called by aio-pika for each delivery: triage at once, spawn a task only for work."""
@@ -537,6 +590,13 @@ class BucketEventConsumer:
     def _on_reconnected(self, _connection: object) -> None:
         self._link_up = True
         self._log.info("amqp connection recovered; consuming again", queue=self._queue_name)
+
+
+def _inequivalent_type(error: str) -> str | None:
+    """The existing type named by RabbitMQ's "inequivalent arg 'type' ... current is 'X'"
+    refusal, or None when the refusal is about another argument."""
+    match = re.search(r"inequivalent arg 'type'.*current is '([^']*)'", error)
+    return match.group(1) if match else None
 
 
 def _redacted(url: str) -> str:
