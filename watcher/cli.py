@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.units import format_size
@@ -26,10 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="libvirt-volume-watcher",
         description="Pre-warms VM images from S3 and reprovisions libvirt root volumes on request.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # -c/--config is accepted before the subcommand and after it; after wins.
+    parser.add_argument("-c", "--config", dest="config_before", type=Path, default=None,
+                        metavar="PATH",
+                        help=f"daemon config (default {DEFAULT_CONFIG_PATH})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+        p.add_argument("-c", "--config", type=Path, default=None, metavar="PATH",
                        help=f"daemon config (default {DEFAULT_CONFIG_PATH})")
         return p
 
@@ -42,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("domain")
     rep.add_argument("--image", help="image name to write instead of the policy's")
     rep.add_argument("--connect", help="libvirt URI (default: the config's, else qemu:///system)")
-    rep.add_argument("--config", type=Path, default=None)
+    rep.add_argument("-c", "--config", type=Path, default=None)
 
     status = with_config(sub.add_parser("status", help="domains, images and the cache"))
     status.add_argument("--json", action="store_true")
@@ -65,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.config = args.config or args.config_before
+    if args.config is None and args.command != "reprovision":
+        args.config = DEFAULT_CONFIG_PATH  # reprovision without a config talks to --connect
     if args.command != "run":  # run sets up its own; structlog's default would use stdout
         from watcher.runtime.observability import configure_logging
 
