@@ -20,6 +20,7 @@ from typing import Any
 from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
+from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.units import format_size
 
 
@@ -127,6 +128,10 @@ def _run(config: Config, log_format: str, log_level: str) -> int:
 def _reprovision(args: argparse.Namespace) -> int:
     from watcher.adapters.hypervisor import request_reprovision
 
+    if args.image is not None and not is_image_name(args.image):
+        print(f"error: --image {args.image!r} is not an image name ({IMAGE_NAME_RULE})",
+              file=sys.stderr)
+        return 1
     uri = args.connect
     if uri is None:
         uri = load_config(args.config).libvirt.uri if args.config else "qemu:///system"

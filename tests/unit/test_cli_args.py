@@ -33,3 +33,11 @@ def test_an_unknown_subcommand_is_a_usage_error_with_exit_2(
         cli.main(["bogus"])
     assert stopped.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image", ["../../x", "ubuntu/24.04", ""])
+def test_reprovision_refuses_an_image_that_is_not_an_identifier_before_touching_libvirt(
+        image: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["reprovision", "web-1", "--image", image]) == 1
+    captured = capsys.readouterr()
+    assert "is not an image name" in captured.err and captured.out == ""
