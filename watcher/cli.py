@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
+from watcher.config import DEFAULT_CONFIG_PATH, check_all, load_config, load_policy_dir
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.units import format_size
+from watcher.settings import Config
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,11 +28,11 @@ from tests.bootimage import domain_xml, write_qcow2_image
 from watcher.adapters.hypervisor import DomainWatcher
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
-from watcher.config import ReprovisionSettings, VolumesSettings
 from watcher.core.backoff import Backoff
 from watcher.core.domain import NAMESPACE, DomainState, parse_state
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.reprovision import Reprovisioner
+from watcher.settings import ReprovisionSettings, VolumesSettings
 
 pytestmark = pytest.mark.libvirt
 

@@ -30,7 +30,7 @@ from watcher import telemetry
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
-from watcher.config import Config, load_policy_dir
+from watcher.config import load_policy_dir
 from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
     ConfigError,
@@ -48,6 +48,7 @@ from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
+from watcher.settings import Config
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
