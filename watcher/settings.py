@@ -10,7 +10,7 @@ Two kinds, kept apart so that an operator's file and the code's knobs are never 
   ``watcher.config`` reads them).
 - The ``*Tuning`` classes hold the knobs that are not in the file (timeouts, backoffs,
   batching delays). Their defaults are tuned here for every host: an adapter takes one as
-  a constructor argument defaulting to the instance below (``S3_TUNING``...), so a
+  a constructor argument defaulting to the instance below (``LIBVIRT_TUNING``...), so a
   test can pass other values.
 """
 
@@ -148,6 +148,22 @@ class Config:
 
 
 @dataclass(frozen=True)
+class LibvirtTuning:
+    """How the libvirt event connection is kept and restored."""
+
+    reconnect_backoff: Backoff = field(
+        default_factory=partial(Backoff, base=0.5, cap=30.0, attempts=0))
+    """Seconds between reconnect attempts, doubling from 0.5 up to 30, forever: a host whose
+    libvirtd is down has nothing better to do, and 30 s bounds how late a restarted libvirtd
+    is noticed."""
+    keepalive_interval: int = 5
+    """Seconds between keepalive probes on an idle connection."""
+    keepalive_count: int = 3
+    """Unanswered probes before the connection counts as dead: with a 5 s interval a dead
+    libvirtd is noticed in about 20 s, long enough to ride out a busy one."""
+
+
+@dataclass(frozen=True)
 class S3Tuning:
     """Retries of the S3 client."""
 
@@ -176,5 +192,6 @@ class AmqpTuning:
     too few to flood the journal."""
 
 
+LIBVIRT_TUNING = LibvirtTuning()
 S3_TUNING = S3Tuning()
 AMQP_TUNING = AmqpTuning()
