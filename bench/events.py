@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 from bench.common import Options, Table, median, percentile, run, verdict
 from bench.world import World, world
 from tests.integration.harness import running_daemon, sha256_file, wait_for
-from watcher.config import AmqpSettings
 from watcher.runtime.supervisor import Daemon
+from watcher.settings import AmqpSettings
 
 KNOWN_KEY = "images/known.qcow2"
 OFFERED_RATE = 2000.0

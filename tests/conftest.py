@@ -79,8 +79,8 @@ def reset_global_tracer_provider() -> None:
 @pytest.fixture
 def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     """The daemon's tracing set up with an in-memory exporter, reset afterwards."""
-    from watcher.config import TracingSettings
     from watcher.runtime.observability import configure_tracing
+    from watcher.settings import TracingSettings
 
     reset_global_tracer_provider()
     exporter = InMemorySpanExporter()

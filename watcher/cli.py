@@ -15,13 +15,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher import __version__
-from watcher.config import DEFAULT_CONFIG_PATH, Config, check_all, load_config, load_policy_dir
+from watcher.config import DEFAULT_CONFIG_PATH, check_all, load_config, load_policy_dir
+from watcher.core.decide import is_outdated
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
+from watcher.core.policy import PolicySet
 from watcher.core.units import format_size
+from watcher.settings import Config
+
+if TYPE_CHECKING:
+    from watcher.adapters.hypervisor import DomainRow
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,7 +132,7 @@ def _run(config: Config, log_format: str, log_level: str) -> int:
 
 
 def _reprovision(args: argparse.Namespace) -> int:
-    from watcher.adapters.hypervisor import request_reprovision
+    from watcher.adapters.hypervisor.queries import request_reprovision
 
     if args.image is not None and not is_image_name(args.image):
         print(f"error: --image {args.image!r} is not an image name ({IMAGE_NAME_RULE})",
@@ -151,15 +157,11 @@ def _cache_for(config: Config) -> Any:
 
 
 def _status(config: Config, *, as_json: bool) -> int:
-    from watcher.adapters.hypervisor import domain_overview
+    from watcher.adapters.hypervisor.queries import domain_overview
 
     cache, policies = _cache_for(config)
-    domains = domain_overview(config.libvirt.uri, policies)
-    for row in domains:
-        current = cache.current(str(row.get("image") or ""))
-        provisioned = row.get("provisioned_sha256")
-        row["current_sha256"] = current.digest if current else None
-        row["outdated"] = bool(current and provisioned and provisioned != current.digest)
+    rows = domain_overview(config.libvirt.uri, lambda name: policies.rule_for(name) is not None)
+    domains = [_domain_row(row, policies, cache) for row in rows]
     entries = [_entry_row(e, cache.pinned_digests()) for e in cache.entries()]
     if as_json:
         print(json.dumps({"domains": domains, "cache": entries}, indent=2, default=str))
@@ -172,6 +174,24 @@ def _status(config: Config, *, as_json: bool) -> int:
     print()
     _print_entries(entries)
     return 0
+
+
+def _domain_row(row: DomainRow, policies: PolicySet, cache: Any) -> dict[str, Any]:
+    """One ``status`` domain: the libvirt row, the rule that matched it, and outdated?"""
+    rule = policies.rule_for(row.domain)
+    image = rule.image if rule is not None else None
+    current = cache.current(image) if image else None
+    current_digest = current.digest if current else None
+    return {
+        "domain": row.domain, "uuid": row.uuid,
+        "match": rule.match if rule is not None else None, "image": image,
+        "power": row.power, "state": row.state,
+        "provisioned_image": row.provisioned_image,
+        "provisioned_sha256": row.provisioned_sha256,
+        "finished": row.finished, "reason": row.reason,
+        "current_sha256": current_digest,
+        "outdated": is_outdated(row.provisioned_sha256, current_digest),
+    }
 
 
 def _entry_row(entry: Any, pinned: set[str]) -> dict[str, Any]:

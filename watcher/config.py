@@ -1,8 +1,10 @@
-"""Daemon settings: grouped, frozen, every field documented with its unit and default.
+"""Loading the daemon config: YAML in, a validated ``Config`` (``watcher.settings``) out.
 
-The YAML contract is in the README. ``load_config`` reads and validates the file and
-reports every mistake as ``file:line: message`` (unknown keys included), so an operator
-fixes a config in one round. Relative paths are relative to the config file.
+Why it exists: an operator fixes a config in one round, so ``load_config`` reports every
+mistake as ``file:line: message`` (unknown keys included) instead of stopping at the first.
+Each section is built with explicit keyword arguments from the values that passed, so a
+renamed setting is a type error here, not a silently ignored key. Relative paths are
+relative to the config file.
 
 Secrets (the S3 keys and the AMQP URL, which holds a password) are taken, first match wins:
 
@@ -22,137 +24,34 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 from urllib.parse import urlsplit
 
+from watcher.core.address import parse_listen
 from watcher.core.errors import ConfigError, Problem
-from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
 from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineMap, describe, field_path, parse_yaml
+from watcher.settings import (
+    AmqpSettings,
+    CacheSettings,
+    Config,
+    HttpSettings,
+    LibvirtSettings,
+    PoliciesSettings,
+    ReprovisionSettings,
+    S3Settings,
+    TracingSettings,
+    VolumesSettings,
+)
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG_PATH = Path("/etc/libvirt-volume-watcher/config.yaml")
-
-
-@dataclass(frozen=True)
-class LibvirtSettings:
-    uri: str = "qemu:///system"
-    """Connection URI of the local hypervisor."""
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    endpoint: str = "http://127.0.0.1:9000"
-    """Base URL of the MinIO/S3 server; ``https://`` enables TLS."""
-    access_key: str = field(default="", repr=False)
-    """Secret. From ``access_key``/``access_key_file``, $LVW_S3_ACCESS_KEY or the
-    ``s3-access-key`` systemd credential; never logged."""
-    secret_key: str = field(default="", repr=False)
-    """Secret. From ``secret_key``/``secret_key_file``, $LVW_S3_SECRET_KEY or the
-    ``s3-secret-key`` systemd credential; never logged."""
-    region: str = "us-east-1"
-    """Region used to sign requests; MinIO accepts any, us-east-1 is its default."""
-
-    @property
-    def host(self) -> str:
-        """``host:port`` as the minio client wants it."""
-        return self.endpoint.split("://", 1)[-1].rstrip("/")
-
-    @property
-    def secure(self) -> bool:
-        return self.endpoint.startswith("https://")
-
-
-@dataclass(frozen=True)
-class AmqpSettings:
-    url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
-    """Secret (it holds the password). From ``url``/``url_file``, $LVW_AMQP_URL or the
-    ``amqp-url`` systemd credential; never logged."""
-    exchange: str = "minio-events"
-    """Exchange MinIO publishes bucket notifications to."""
-    exchange_type: str = "fanout"
-    """direct, fanout, topic or headers: the type MinIO declared the exchange with."""
-    routing_key: str = ""
-    """Binding key of this host's queue; MinIO publishes with its configured routing key."""
-    queue: str = ""
-    """Durable queue of this host; "" = ``libvirt-volume-watcher.<hostname>``."""
-    prefetch: int = 256
-    """Unacked messages the broker may send ahead; each is acked only after it was handled.
-
-    Large enough that the broker keeps streaming while acks travel back in batches (most
-    notifications name keys no policy knows and take microseconds each); downloads are
-    bounded separately by ``cache.max_concurrent_downloads``.
-    """
-
-    def queue_name(self, hostname: str | None = None) -> str:
-        return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    dir: Path = Path("/var/lib/libvirt-volume-watcher/cache")
-    max_size: int = 100 * 1024**3
-    """Bytes; past this, least-recently-used entries no policy pins are evicted."""
-    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
-    """Bytes; an image whose virtual size is larger is refused (reason ``virtual_size``).
-    A small file can claim petabytes; 4 TiB is far above any base image."""
-    max_concurrent_downloads: int = 2
-    """Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."""
-
-
-@dataclass(frozen=True)
-class PoliciesSettings:
-    dir: Path = Path("/etc/libvirt-volume-watcher/policies")
-    """Directory of ``*.yaml``/``*.yml`` policy files, read in name order on start and SIGHUP."""
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    listen: str = "127.0.0.1:9700"
-    """``host:port`` (``[v6addr]:port`` for IPv6) for /metrics, /healthz and /readyz;
-    port 0 picks a free port; "" disables the server."""
-
-
-@dataclass(frozen=True)
-class VolumesSettings:
-    allow: tuple[str, ...] = ()
-    """Path globs a root disk may resolve to; empty = volumes of libvirt 'logical' pools only."""
-    lvm_vgs: tuple[str, ...] = ()
-    """Volume groups whose LVs are allowed in addition to ``allow``."""
-
-
-@dataclass(frozen=True)
-class ReprovisionSettings:
-    max_concurrent: int = 2
-    """Volume writes running at once."""
-
-
-@dataclass(frozen=True)
-class TracingSettings:
-    otlp_endpoint: str = ""
-    """OTLP/HTTP endpoint for spans; "" = no export."""
-
-
-@dataclass(frozen=True)
-class Config:
-    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
-    s3: S3Settings = field(default_factory=S3Settings)
-    amqp: AmqpSettings = field(default_factory=AmqpSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    policies: PoliciesSettings = field(default_factory=PoliciesSettings)
-    http: HttpSettings = field(default_factory=HttpSettings)
-    reconcile_interval: float = 300.0
-    """Seconds between full sweeps of bucket and domains; bounds the cost of a missed event."""
-    volumes: VolumesSettings = field(default_factory=VolumesSettings)
-    reprovision: ReprovisionSettings = field(default_factory=ReprovisionSettings)
-    tracing: TracingSettings = field(default_factory=TracingSettings)
-    source: Path | None = None
-    """The file this config was read from."""
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -343,84 +242,82 @@ class _ConfigReader:
             source=self.path.absolute(),
         )
 
-    # --- sections: each returns its settings with the valid values, defaults for the rest
+    # --- sections: each is built from the valid values, with defaults for the rest
 
     def _libvirt(self, m: LineMap) -> LibvirtSettings:
-        values: dict[str, Any] = {}
-        if (uri := self.fields.string(m, "uri", "libvirt")) is not None:
-            values["uri"] = uri
-        return LibvirtSettings(**values)
+        default = LibvirtSettings()
+        uri = self.fields.string(m, "uri", "libvirt")
+        return LibvirtSettings(uri=_given(uri, default.uri))
 
     def _s3(self, m: LineMap) -> S3Settings:
-        values: dict[str, Any] = {}
+        default = S3Settings()
         endpoint = self._url(m, "endpoint", "s3", ("http", "https"))
-        if endpoint is not None:
-            values["endpoint"] = endpoint
-        if (region := self.fields.string(m, "region", "s3")) is not None:
-            values["region"] = region
-        for key in ("access_key", "secret_key"):
-            found = self._secret(m, _SECRETS[("s3", key)])
-            if found is not None:
-                values[key] = found[0]
-        return S3Settings(**values)
+        region = self.fields.string(m, "region", "s3")
+        access_key = self._secret(m, _SECRETS[("s3", "access_key")])
+        secret_key = self._secret(m, _SECRETS[("s3", "secret_key")])
+        return S3Settings(
+            endpoint=_given(endpoint, default.endpoint),
+            access_key=default.access_key if access_key is None else access_key[0],
+            secret_key=default.secret_key if secret_key is None else secret_key[0],
+            region=_given(region, default.region),
+        )
 
     def _amqp(self, m: LineMap) -> AmqpSettings:
-        values: dict[str, Any] = {}
-        found = self._secret(m, _SECRETS[("amqp", "url")])
-        if found is not None:
-            url, origin = found
-            if _url_scheme(url) in ("amqp", "amqps"):
-                values["url"] = url
-            else:
-                self.problems.append(Problem(origin.file, origin.line, (
-                    f"{origin.label}: expected an amqp:// or amqps:// URL "
-                    "(the value is a secret and is not shown)")))
-        if (exchange := self.fields.string(m, "exchange", "amqp")) is not None:
-            values["exchange"] = exchange
+        default = AmqpSettings()
+        url = self._amqp_url(m)
+        exchange = self.fields.string(m, "exchange", "amqp")
         exchange_type = self.fields.choice(m, "exchange_type", "amqp", EXCHANGE_TYPES)
-        if exchange_type is not None:
-            values["exchange_type"] = exchange_type
-        for key in ("routing_key", "queue"):
-            if (text := self.fields.string(m, key, "amqp", empty_ok=True)) is not None:
-                values[key] = text
-        if (prefetch := self.fields.positive_int(m, "prefetch", "amqp")) is not None:
-            values["prefetch"] = prefetch
-        return AmqpSettings(**values)
+        routing_key = self.fields.string(m, "routing_key", "amqp", empty_ok=True)
+        queue = self.fields.string(m, "queue", "amqp", empty_ok=True)
+        prefetch = self.fields.positive_int(m, "prefetch", "amqp")
+        return AmqpSettings(
+            url=_given(url, default.url),
+            exchange=_given(exchange, default.exchange),
+            exchange_type=_given(exchange_type, default.exchange_type),
+            routing_key=_given(routing_key, default.routing_key),
+            queue=_given(queue, default.queue),
+            prefetch=_given(prefetch, default.prefetch),
+        )
+
+    def _amqp_url(self, m: LineMap) -> str | None:
+        found = self._secret(m, _SECRETS[("amqp", "url")])
+        if found is None:
+            return None
+        url, origin = found
+        if _url_scheme(url) in ("amqp", "amqps"):
+            return url
+        self.problems.append(Problem(origin.file, origin.line, (
+            f"{origin.label}: expected an amqp:// or amqps:// URL "
+            "(the value is a secret and is not shown)")))
+        return None
 
     def _cache(self, m: LineMap) -> CacheSettings:
-        values: dict[str, Any] = {}
-        if (directory := self._path(m, "dir", "cache")) is not None:
-            values["dir"] = directory
-        for key in ("max_size", "max_virtual_size"):
-            if key not in m:
-                continue
-            try:
-                size = parse_size(m[key])
-            except ValueError as exc:
-                self.fields.report(m.value_line(key), f"cache.{key}: {exc}")
-            else:
-                if size > 0:
-                    values[key] = size
-                else:
-                    self.fields.report(m.value_line(key), f"cache.{key}: must be larger than 0")
+        default = CacheSettings()
+        directory = self._path(m, "dir", "cache")
+        max_size = self._size(m, "max_size", "cache")
+        max_virtual_size = self._size(m, "max_virtual_size", "cache")
         downloads = self.fields.positive_int(m, "max_concurrent_downloads", "cache")
-        if downloads is not None:
-            values["max_concurrent_downloads"] = downloads
-        return CacheSettings(**values)
+        return CacheSettings(
+            dir=_given(directory, default.dir),
+            max_size=_given(max_size, default.max_size),
+            max_virtual_size=_given(max_virtual_size, default.max_virtual_size),
+            max_concurrent_downloads=_given(downloads, default.max_concurrent_downloads),
+        )
 
     def _policies(self, m: LineMap) -> PoliciesSettings:
         directory = self._path(m, "dir", "policies")
-        return PoliciesSettings() if directory is None else PoliciesSettings(dir=directory)
+        return PoliciesSettings(dir=_given(directory, PoliciesSettings().dir))
 
     def _http(self, m: LineMap) -> HttpSettings:
         listen = self.fields.string(m, "listen", "http", empty_ok=True)
-        if listen is None:
-            return HttpSettings()
-        if not _is_listen_address(listen):
-            self.fields.report(m.value_line("listen"), "http.listen: expected host:port "
-                               f"(or \"\" to disable the server), got {describe(listen)}")
-            return HttpSettings()
-        return HttpSettings(listen=listen)
+        if listen is not None and listen != "":
+            try:
+                parse_listen(listen)
+            except ValueError:
+                self.fields.report(m.value_line("listen"), "http.listen: expected host:port "
+                                   f"(or \"\" to disable the server), got {describe(listen)}")
+                listen = None
+        return HttpSettings(listen=_given(listen, HttpSettings().listen))
 
     def _volumes(self, m: LineMap) -> VolumesSettings:
         allow: list[str] = []
@@ -441,19 +338,35 @@ class _ConfigReader:
 
     def _reprovision(self, m: LineMap) -> ReprovisionSettings:
         limit = self.fields.positive_int(m, "max_concurrent", "reprovision")
-        return ReprovisionSettings() if limit is None else ReprovisionSettings(max_concurrent=limit)
+        return ReprovisionSettings(max_concurrent=_given(limit,
+                                                         ReprovisionSettings().max_concurrent))
 
     def _tracing(self, m: LineMap) -> TracingSettings:
         if m.get("otlp_endpoint") == "":
             return TracingSettings(otlp_endpoint="")
         endpoint = self._url(m, "otlp_endpoint", "tracing", ("http", "https"))
-        return TracingSettings() if endpoint is None else TracingSettings(otlp_endpoint=endpoint)
+        return TracingSettings(otlp_endpoint=_given(endpoint, TracingSettings().otlp_endpoint))
 
     # --- value kinds
 
     def _path(self, m: LineMap, key: str, where: str) -> Path | None:
         text = self.fields.string(m, key, where)
         return None if text is None else self.base / text  # absolute paths stay as they are
+
+    def _size(self, m: LineMap, key: str, where: str) -> int | None:
+        """A size such as ``100GiB`` or ``512M`` in bytes, larger than 0."""
+        if key not in m:
+            return None
+        try:
+            size = parse_size(m[key])
+        except ValueError as exc:
+            self.fields.report(m.value_line(key), f"{field_path(where, key)}: {exc}")
+            return None
+        if size <= 0:
+            self.fields.report(m.value_line(key),
+                               f"{field_path(where, key)}: must be larger than 0")
+            return None
+        return size
 
     def _url(self, m: LineMap, key: str, where: str, schemes: tuple[str, ...]) -> str | None:
         text = self.fields.string(m, key, where)
@@ -517,13 +430,6 @@ def _url_scheme(url: str) -> str:
         return ""
 
 
-def _is_listen_address(listen: str) -> bool:
-    """``host:port`` or ``[v6addr]:port`` with a port 0-65535; "" disables the server."""
-    if listen == "":
-        return True
-    host, colon, port = listen.rpartition(":")
-    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        return False
-    if host.startswith("["):
-        return host.endswith("]") and len(host) > 2
-    return ":" not in host and not any(c.isspace() for c in host)
+def _given(value: T | None, default: T) -> T:
+    """``value`` when the file set it validly, else the setting's default."""
+    return default if value is None else value

@@ -37,20 +37,12 @@ from http import HTTPStatus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from watcher import telemetry
+from watcher.core.address import parse_listen
 
 Readiness = Callable[[], dict[str, bool]]
 
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
-
-
-def parse_listen(listen: str) -> tuple[str | None, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces) → (host, port)."""
-    host, sep, port_text = listen.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"listen address must be host:port, got {listen!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    return (host or None), int(port_text)
 
 
 @dataclass

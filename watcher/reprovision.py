@@ -29,7 +29,6 @@ from watcher import lvwrite, telemetry
 from watcher.adapters import qemu_img
 from watcher.adapters.hypervisor import DomainFacts, DomainGone, DomainWatcher, VolumeFacts
 from watcher.cache import CacheEntry
-from watcher.config import ReprovisionSettings, VolumesSettings
 from watcher.core.backoff import Backoff
 from watcher.core.domain import (
     DomainSnapshot,
@@ -53,6 +52,7 @@ from watcher.core.errors import (
 from watcher.core.lvm_rules import LvInfo
 from watcher.core.policy import ImageSpec, PolicySet
 from watcher.core.volume_rules import VolumeIdentity, lv_paths, refusal
+from watcher.settings import ReprovisionSettings, VolumesSettings
 
 RETRY_BACKOFF = Backoff(base=2.0, cap=60.0, attempts=6)
 """Temporary failures (S3, libvirt connection, busy device) retried in one worker run;

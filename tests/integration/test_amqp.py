@@ -22,8 +22,8 @@ from yarl import URL
 
 from tests.integration.harness import delete_amqp, publish_many, ready_count
 from watcher.adapters.amqp import BucketEventConsumer
-from watcher.config import AmqpSettings
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
+from watcher.settings import AmqpSettings
 
 pytestmark = pytest.mark.integration
 

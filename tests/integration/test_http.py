@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.http_attacker import raise_nofile
 from watcher import telemetry
-from watcher.http import HttpServer, parse_listen
+from watcher.core.address import parse_listen
+from watcher.http import HttpServer
 
 pytestmark = pytest.mark.integration
 

@@ -28,11 +28,11 @@ from tests.bootimage import domain_xml, write_qcow2_image
 from watcher.adapters.hypervisor import DomainWatcher
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
-from watcher.config import ReprovisionSettings, VolumesSettings
 from watcher.core.backoff import Backoff
 from watcher.core.domain import NAMESPACE, DomainState, parse_state
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.reprovision import Reprovisioner
+from watcher.settings import LibvirtTuning, ReprovisionSettings, VolumesSettings
 
 pytestmark = pytest.mark.libvirt
 
@@ -238,7 +238,8 @@ async def watching(world: World, policies: PolicySet, volumes: VolumesSettings,
         assert reprovisioner is not None
         reprovisioner.request(uuid)
 
-    hypervisor = DomainWatcher(URI, report, backoff=Backoff(base=0.2, cap=1.0, attempts=0))
+    hypervisor = DomainWatcher(
+        URI, report, tuning=LibvirtTuning(reconnect_backoff=Backoff(base=0.2, cap=1.0, attempts=0)))
     settings = ReprovisionSettings(max_concurrent=max_concurrent)
     reprovisioner = Reprovisioner(hypervisor, world.images, lambda: policies, volumes, settings,
                                   write_image=write, retry=Backoff(base=0.2, cap=1, attempts=3))

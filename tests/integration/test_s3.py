@@ -23,9 +23,9 @@ import pytest
 from minio import Minio
 
 from watcher.adapters.s3 import S3Store
-from watcher.config import S3Settings
 from watcher.core.backoff import Backoff
 from watcher.core.errors import PermanentError, TemporaryError
+from watcher.settings import S3Settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from watcher.config import Config, load_config
+from watcher.config import load_config
+from watcher.settings import Config
 
 pytestmark = pytest.mark.integration
 

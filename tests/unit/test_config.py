@@ -12,15 +12,9 @@ from textwrap import dedent
 
 import pytest
 
-from watcher.config import (
-    AmqpSettings,
-    Config,
-    S3Settings,
-    check_all,
-    load_config,
-    load_policy_dir,
-)
+from watcher.config import check_all, load_config, load_policy_dir
 from watcher.core.errors import ConfigError, Problem
+from watcher.settings import AmqpSettings, Config, S3Settings
 
 ACCESS = "AKIA-access-0123"
 SECRET = "s3cr3t-value-9876"
@@ -104,6 +98,7 @@ def test_relative_directories_resolve_against_the_config_file(tmp_path: Path) ->
     pytest.param("localhost:80", id="hostname"),
     pytest.param("[::1]:9700", id="ipv6"),
     pytest.param("127.0.0.1:0", id="any-free-port"),
+    pytest.param(":9700", id="every-interface"),
 ])
 def test_http_listen_accepts_host_port_or_nothing(tmp_path: Path, listen: str) -> None:
     path = config_file(tmp_path, f'http: {{listen: "{listen}"}}\n')

@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tests.conftest import reset_global_tracer_provider
 from watcher import telemetry
-from watcher.config import TracingSettings
 from watcher.runtime.observability import (
     StateTransitionLog,
     configure_logging,
@@ -26,6 +25,7 @@ from watcher.runtime.observability import (
     otlp_traces_url,
     trace_headers,
 )
+from watcher.settings import TracingSettings
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

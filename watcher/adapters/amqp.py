@@ -53,8 +53,8 @@ from aio_pika.abc import (
 from aio_pika.connection import make_url
 
 from watcher import telemetry
-from watcher.config import AmqpSettings
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
+from watcher.settings import AMQP_TUNING, AmqpSettings, AmqpTuning
 
 MessageHandler = Callable[[bytes, Mapping[str, object]], Awaitable[None] | None]
 """Receives the raw body and the AMQP headers of one notification.
@@ -63,16 +63,7 @@ Returns None when the message is done, or an awaitable that finishes it (an ``as
 handler is one). Raising, at once or from the awaitable, dead-letters the message.
 """
 
-CONNECT_TIMEOUT = 10.0
-"""Seconds the first connection may take before start() gives up."""
-OPERATION_TIMEOUT = 10.0
-"""Seconds for one declare, bind, consume or cancel round trip with the broker."""
 Settlement = Literal["dead-letter", "requeue"]
-
-BODY_PREVIEW_BYTES = 200
-"""How much of a dead-lettered body goes into its log line."""
-ACK_DELAY = 0.002
-"""Seconds finished deliveries wait for others to share their ack frame."""
 
 
 class AckWindow:
@@ -158,8 +149,10 @@ class BucketEventConsumer:
         queue_name: str,
         log: EventLog | None = None,
         reconnect_interval: float = 2.0,
+        tuning: AmqpTuning = AMQP_TUNING,
     ) -> None:
         self._settings = settings
+        self._tuning = tuning
         self._handler = handler
         self._queue_name = queue_name
         self._log: EventLog = log if log is not None else structlog.get_logger(__name__)
@@ -250,8 +243,8 @@ class BucketEventConsumer:
         )
         try:
             # The outer bound also covers the broker handshake, not only the TCP connect.
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await connection.connect(timeout=CONNECT_TIMEOUT)
+            async with asyncio.timeout(self._tuning.connect_timeout):
+                await connection.connect(timeout=self._tuning.connect_timeout)
         except Exception as exc:  # any failure of the first attempt: refused, auth, timeout
             await connection.close()
             raise TemporaryError(
@@ -309,32 +302,34 @@ class BucketEventConsumer:
         try:
             channel = connection.channel(publisher_confirms=False)
             self._channel = channel
-            await channel.initialize(timeout=OPERATION_TIMEOUT)
-            await channel.set_qos(prefetch_count=settings.prefetch, timeout=OPERATION_TIMEOUT)
+            await channel.initialize(timeout=self._tuning.operation_timeout)
+            await channel.set_qos(prefetch_count=settings.prefetch,
+                                  timeout=self._tuning.operation_timeout)
 
             # The robust channel re-declares the exchange with these same flags on every
             # reconnect: passively when it was found, so never over its owner's flags.
             if await self._exchange_exists(connection, exchange_type):
                 self._exchange = await channel.declare_exchange(
-                    settings.exchange, passive=True, timeout=OPERATION_TIMEOUT
+                    settings.exchange, passive=True, timeout=self._tuning.operation_timeout
                 )
             else:
                 self._exchange = await channel.declare_exchange(
-                    settings.exchange, exchange_type, durable=True, timeout=OPERATION_TIMEOUT
+                    settings.exchange, exchange_type, durable=True,
+                    timeout=self._tuning.operation_timeout,
                 )
             self._dead_letter_exchange = await channel.declare_exchange(
                 self.dead_letter_exchange_name,
                 aio_pika.ExchangeType.DIRECT,
                 durable=True,
-                timeout=OPERATION_TIMEOUT,
+                timeout=self._tuning.operation_timeout,
             )
             self._dead_letter_queue = await channel.declare_queue(
-                self.dead_letter_queue_name, durable=True, timeout=OPERATION_TIMEOUT
+                self.dead_letter_queue_name, durable=True, timeout=self._tuning.operation_timeout
             )
             await self._dead_letter_queue.bind(
                 self._dead_letter_exchange,
                 routing_key=self.dead_letter_queue_name,
-                timeout=OPERATION_TIMEOUT,
+                timeout=self._tuning.operation_timeout,
             )
             self._queue = await channel.declare_queue(
                 self._queue_name,
@@ -343,13 +338,14 @@ class BucketEventConsumer:
                     "x-dead-letter-exchange": self.dead_letter_exchange_name,
                     "x-dead-letter-routing-key": self.dead_letter_queue_name,
                 },
-                timeout=OPERATION_TIMEOUT,
+                timeout=self._tuning.operation_timeout,
             )
             await self._queue.bind(
-                self._exchange, routing_key=settings.routing_key, timeout=OPERATION_TIMEOUT
+                self._exchange, routing_key=settings.routing_key,
+                timeout=self._tuning.operation_timeout,
             )
             self._consumer_tag = await self._queue.consume(
-                self._on_delivery, timeout=OPERATION_TIMEOUT
+                self._on_delivery, timeout=self._tuning.operation_timeout
             )
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise PermanentError(
@@ -377,13 +373,14 @@ class BucketEventConsumer:
         name = self._settings.exchange
         try:
             async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
-                await probe.declare_exchange(name, passive=True, timeout=OPERATION_TIMEOUT)
+                await probe.declare_exchange(name, passive=True,
+                                             timeout=self._tuning.operation_timeout)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return False
         try:
             async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
                 await probe.declare_exchange(
-                    name, exchange_type, durable=True, timeout=OPERATION_TIMEOUT
+                    name, exchange_type, durable=True, timeout=self._tuning.operation_timeout
                 )
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             found = _inequivalent_type(str(exc))
@@ -458,7 +455,7 @@ class BucketEventConsumer:
     async def _ack_loop(self) -> None:
         while True:
             await self._acks_due.wait()
-            await asyncio.sleep(ACK_DELAY)
+            await asyncio.sleep(self._tuning.ack_delay)
             self._acks_due.clear()
             await self._send_acks()
 
@@ -536,7 +533,8 @@ class BucketEventConsumer:
             message_id=message.message_id,
             delivery_tag=message.delivery_tag,
             redelivered=message.redelivered,
-            body=message.body[:BODY_PREVIEW_BYTES].decode("utf-8", "backslashreplace"),
+            body=message.body[:self._tuning.dead_letter_preview_bytes].decode(
+                "utf-8", "backslashreplace"),
         )
 
     async def _cancel_consumer(self) -> None:
@@ -546,7 +544,7 @@ class BucketEventConsumer:
             return
         try:
             # Bounded: while the broker is away the cancel would wait for a reconnect.
-            async with asyncio.timeout(OPERATION_TIMEOUT):
+            async with asyncio.timeout(self._tuning.operation_timeout):
                 await queue.cancel(tag)
         except Exception as exc:
             self._log.warning(
@@ -564,7 +562,7 @@ class BucketEventConsumer:
             if closable is None:
                 continue
             try:
-                async with asyncio.timeout(OPERATION_TIMEOUT):
+                async with asyncio.timeout(self._tuning.operation_timeout):
                     await closable.close()
             except Exception as exc:
                 self._log.warning(

@@ -28,12 +28,9 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from watcher.adapters.filesink import HashingFileSink
-from watcher.config import S3Settings
 from watcher.core.backoff import Backoff
 from watcher.core.errors import PermanentError, TemporaryError
-
-DEFAULT_BACKOFF = Backoff(base=0.5, cap=15.0, attempts=6)
-"""Six tries over roughly half a minute: rides out a restart of the S3 server."""
+from watcher.settings import S3_TUNING, S3Settings
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
 _TRANSIENT_CODES = frozenset({
@@ -86,7 +83,7 @@ class S3Store:
         self,
         settings: S3Settings,
         *,
-        backoff: Backoff = DEFAULT_BACKOFF,
+        backoff: Backoff = S3_TUNING.retry_backoff,
         chunk_size: int = 1024 * 1024,
         timeout: float = 30.0,
         log: Callable[[str], None] | None = None,

@@ -1,8 +1,9 @@
-"""Decisions for bucket notifications: which images an event asks us to warm.
+"""Decisions for bucket notifications and about domains: what to warm, what is outdated.
 
 Pure: events and policies in, warm requests out. Anything not about an image a policy
 defines (or its sidecar) is ignored here, cheaply, which keeps the event path fast for
-the busy buckets most hosts share.
+the busy buckets most hosts share. ``is_outdated`` is the one rule that ``status`` and
+the daemon's outdated-domains gauge both apply.
 """
 
 from __future__ import annotations
@@ -35,3 +36,12 @@ def plan_warms(events: Iterable[ObjectEvent], policies: PolicySet) -> list[WarmR
                 seen.add(image.name)
                 plan.append(WarmRequest(image.name, f"{event.bucket}/{event.key}"))
     return plan
+
+
+def is_outdated(provisioned_sha256: str | None, current_digest: str | None) -> bool:
+    """Whether a domain's disk holds an older image than the current cached version.
+
+    Only a domain provisioned with a known digest, whose image has a cached current
+    version with another digest, is outdated; without either there is nothing to compare.
+    """
+    return bool(provisioned_sha256 and current_digest and provisioned_sha256 != current_digest)

@@ -30,8 +30,8 @@ from watcher import telemetry
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
-from watcher.config import Config, load_policy_dir
-from watcher.core.decide import WarmRequest, plan_warms
+from watcher.config import load_policy_dir
+from watcher.core.decide import WarmRequest, is_outdated, plan_warms
 from watcher.core.errors import (
     ConfigError,
     ImageRejected,
@@ -48,6 +48,7 @@ from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
+from watcher.settings import Config
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -223,20 +224,23 @@ class Daemon:
                  seconds=round(time.monotonic() - started, 3))
 
     async def _count_outdated(self) -> None:
-        """Domains provisioned with an older digest than their image's cached current one."""
-        from watcher.adapters.hypervisor import domain_overview
+        """Domains provisioned with an older digest than their image's cached current one.
 
+        Read on the live event connection; the caller checked that it is up.
+        """
+        assert self.domains is not None
+        policies = self.policies.get()
         try:
-            rows = await asyncio.to_thread(domain_overview, self.config.libvirt.uri,
-                                           self.policies.get())
+            rows = await self.domains.domain_overview(
+                lambda name: policies.rule_for(name) is not None)
         except WatcherError as err:
             log.warning("could not count outdated domains", error=str(err))
             return
         outdated = 0
         for row in rows:
-            current = self.cache.current(str(row.get("image") or ""))
-            provisioned = row.get("provisioned_sha256")
-            if current is not None and provisioned and provisioned != current.digest:
+            rule = policies.rule_for(row.domain)
+            current = self.cache.current(rule.image) if rule is not None else None
+            if is_outdated(row.provisioned_sha256, current.digest if current else None):
                 outdated += 1
         telemetry.domains_outdated.set(outdated)
 

@@ -1,0 +1,197 @@
+"""Daemon settings: grouped, frozen, every field documented with its unit and why its default.
+
+Why it exists: the adapters, jobs and runtime take their knobs from here, so every tunable
+has one home and one explanation, and reading a file (``watcher.config``) is kept apart from
+what the values mean. One dataclass per system; ``Config`` groups them.
+
+Two kinds, kept apart so that an operator's file and the code's knobs are never confused:
+
+- ``Config`` and its sections mirror the config file key for key (the README lists them;
+  ``watcher.config`` reads them).
+- The ``*Tuning`` classes hold the knobs that are not in the file (timeouts, backoffs,
+  batching delays). Their defaults are tuned here for every host: an adapter takes one as
+  a constructor argument defaulting to the instance below (``LIBVIRT_TUNING``...), so a
+  test can pass other values.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from watcher.core.backoff import Backoff
+from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
+
+
+@dataclass(frozen=True)
+class LibvirtSettings:
+    uri: str = "qemu:///system"
+    """Connection URI of the local hypervisor."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str = "http://127.0.0.1:9000"
+    """Base URL of the MinIO/S3 server; ``https://`` enables TLS."""
+    access_key: str = field(default="", repr=False)
+    """Secret. From ``access_key``/``access_key_file``, $LVW_S3_ACCESS_KEY or the
+    ``s3-access-key`` systemd credential; never logged."""
+    secret_key: str = field(default="", repr=False)
+    """Secret. From ``secret_key``/``secret_key_file``, $LVW_S3_SECRET_KEY or the
+    ``s3-secret-key`` systemd credential; never logged."""
+    region: str = "us-east-1"
+    """Region used to sign requests; MinIO accepts any, us-east-1 is its default."""
+
+    @property
+    def host(self) -> str:
+        """``host:port`` as the minio client wants it."""
+        return self.endpoint.split("://", 1)[-1].rstrip("/")
+
+    @property
+    def secure(self) -> bool:
+        return self.endpoint.startswith("https://")
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    """Secret (it holds the password). From ``url``/``url_file``, $LVW_AMQP_URL or the
+    ``amqp-url`` systemd credential; never logged."""
+    exchange: str = "minio-events"
+    """Exchange MinIO publishes bucket notifications to."""
+    exchange_type: str = "fanout"
+    """direct, fanout, topic or headers: the type MinIO declared the exchange with."""
+    routing_key: str = ""
+    """Binding key of this host's queue; MinIO publishes with its configured routing key."""
+    queue: str = ""
+    """Durable queue of this host; "" = ``libvirt-volume-watcher.<hostname>``."""
+    prefetch: int = 256
+    """Unacked messages the broker may send ahead; each is acked only after it was handled.
+
+    Large enough that the broker keeps streaming while acks travel back in batches (most
+    notifications name keys no policy knows and take microseconds each); downloads are
+    bounded separately by ``cache.max_concurrent_downloads``.
+    """
+
+    def queue_name(self, hostname: str | None = None) -> str:
+        return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: Path = Path("/var/lib/libvirt-volume-watcher/cache")
+    """Directory of the content-addressed cache; it holds whole base images."""
+    max_size: int = 100 * 1024**3
+    """Bytes; past this, least-recently-used entries no policy pins are evicted. 100 GiB
+    holds a few versions each of a dozen typical base images."""
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    """Bytes; an image whose virtual size is larger is refused (reason ``virtual_size``).
+    A small file can claim petabytes; 4 TiB is far above any base image."""
+    max_concurrent_downloads: int = 2
+    """Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."""
+
+
+@dataclass(frozen=True)
+class PoliciesSettings:
+    dir: Path = Path("/etc/libvirt-volume-watcher/policies")
+    """Directory of ``*.yaml``/``*.yml`` policy files, read in name order on start and SIGHUP."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: str = "127.0.0.1:9700"
+    """``host:port`` (``[v6addr]:port`` for IPv6, ``:port`` for every interface) for
+    /metrics, /healthz and /readyz; port 0 picks a free port; "" disables the server.
+    Loopback by default: metrics are for the local agent unless an operator opens them."""
+
+
+@dataclass(frozen=True)
+class VolumesSettings:
+    allow: tuple[str, ...] = ()
+    """Path globs a root disk may resolve to; empty = volumes of libvirt 'logical' pools only."""
+    lvm_vgs: tuple[str, ...] = ()
+    """Volume groups whose LVs are allowed in addition to ``allow``."""
+
+
+@dataclass(frozen=True)
+class ReprovisionSettings:
+    max_concurrent: int = 2
+    """Volume writes running at once; two keep a disk busy without starving the others."""
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    otlp_endpoint: str = ""
+    """OTLP/HTTP endpoint for spans; "" = no export."""
+
+
+@dataclass(frozen=True)
+class Config:
+    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    policies: PoliciesSettings = field(default_factory=PoliciesSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    reconcile_interval: float = 300.0
+    """Seconds between full sweeps of bucket and domains; bounds the cost of a missed event."""
+    volumes: VolumesSettings = field(default_factory=VolumesSettings)
+    reprovision: ReprovisionSettings = field(default_factory=ReprovisionSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    source: Path | None = None
+    """The file this config was read from."""
+
+
+# --- tuning: not in the config file ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LibvirtTuning:
+    """How the libvirt event connection is kept and restored."""
+
+    reconnect_backoff: Backoff = field(
+        default_factory=partial(Backoff, base=0.5, cap=30.0, attempts=0))
+    """Seconds between reconnect attempts, doubling from 0.5 up to 30, forever: a host whose
+    libvirtd is down has nothing better to do, and 30 s bounds how late a restarted libvirtd
+    is noticed."""
+    keepalive_interval: int = 5
+    """Seconds between keepalive probes on an idle connection."""
+    keepalive_count: int = 3
+    """Unanswered probes before the connection counts as dead: with a 5 s interval a dead
+    libvirtd is noticed in about 20 s, long enough to ride out a busy one."""
+
+
+@dataclass(frozen=True)
+class S3Tuning:
+    """Retries of the S3 client."""
+
+    retry_backoff: Backoff = field(
+        default_factory=partial(Backoff, base=0.5, cap=15.0, attempts=6))
+    """Retries of one request that failed transiently: six tries over roughly half a minute,
+    which rides out a restart of the S3 server; a longer outage is the next event's or the
+    reconcile's to repair."""
+
+
+@dataclass(frozen=True)
+class AmqpTuning:
+    """Timeouts and batching of the notification consumer."""
+
+    connect_timeout: float = 10.0
+    """Seconds the first connection may take before start() gives up: a broker on the LAN
+    answers in milliseconds, and failing fast at start lets systemd restart the daemon."""
+    operation_timeout: float = 10.0
+    """Seconds for one declare, bind, consume or cancel round trip with the broker: far above
+    a healthy broker's answer, short enough that a wedged one is noticed."""
+    ack_delay: float = 0.002
+    """Seconds a finished delivery waits for others to share its ack frame: long enough to
+    batch a burst into one ``multiple`` ack, far too short to delay anything a person sees."""
+    dead_letter_preview_bytes: int = 200
+    """Bytes of a dead-lettered body quoted in its log line: enough to recognise the message,
+    too few to flood the journal."""
+
+
+LIBVIRT_TUNING = LibvirtTuning()
+S3_TUNING = S3Tuning()
+AMQP_TUNING = AmqpTuning()
