@@ -20,7 +20,7 @@ import aio_pika
 import pytest
 from yarl import URL
 
-from tests.integration.harness import delete_amqp, publish_many, ready_count
+from testsupport.services import delete_amqp, publish_many, ready_count
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.config import AmqpSettings
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError

@@ -23,16 +23,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter
 
-from tests.integration.harness import (
-    Env,
-    make_qcow2,
-    minio_event,
-    publish,
-    ready_count,
-    running_daemon,
-    sha256_file,
-    wait_for,
-)
+from tests.integration.harness import Env
+from testsupport.daemon import running_daemon
+from testsupport.polling import wait_for
+from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher import telemetry
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache

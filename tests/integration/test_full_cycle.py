@@ -22,19 +22,14 @@ from pathlib import Path
 import pytest
 
 from tests.bootimage import domain_xml, write_qcow2_image
-from tests.integration.harness import (
-    Env,
-    delete_amqp,
-    free_port,
-    minio_event,
-    publish,
-    wait_for,
-)
+from tests.integration.harness import Env
 from tests.integration.test_reprovision import (
     hook_installed,  # noqa: F401 - fixture
     sha256_of,
     virsh_sync,
 )
+from testsupport.polling import wait_for
+from testsupport.services import delete_amqp, free_port, minio_event, publish
 from watcher.core.domain import NAMESPACE, parse_state
 
 pytestmark = pytest.mark.libvirt
