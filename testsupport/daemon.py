@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from testsupport.polling import wait_for, wait_for_sync
 from watcher.config import load_config
@@ -62,8 +62,10 @@ async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon,
 class DaemonProcess:
     """``libvirt-volume-watcher run --config PATH`` as a child process.
 
-    Its JSON log lines are kept with the time each arrived (``records``, ``find``) and,
-    when ``log`` is given, appended to that file, also across restarts.
+    Without ``log`` its JSON log lines are read as they arrive and kept with their arrival
+    time (``records``, ``find``). With ``log`` the output goes straight to that file,
+    appended across restarts, so a daemon left running outlives this process; ``find``
+    then reads the file back.
     """
 
     def __init__(self, config: Path, *, log: Path | None = None,
@@ -82,31 +84,33 @@ class DaemonProcess:
         """Start the process (again, after ``kill`` or ``stop``: a restart)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [*self.command, "run", "--config", str(self.config), "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env)
-        out = open(self.log, "a") if self.log is not None else None  # noqa: SIM115 - the reader closes it
-        self._reader = threading.Thread(target=self._read, args=(self.proc, out), daemon=True)
+        argv = [*self.command, "run", "--config", str(self.config), "--log-format", "json"]
+        if self.log is not None:
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                             text=True, env=self.env)
+            self._reader = None
+            return self
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=self.env)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
         return self
 
-    def _read(self, proc: subprocess.Popen[str], out: IO[str] | None) -> None:
+    def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None
-        try:
+        with proc.stderr:
             for line in proc.stderr:
-                if out is not None:
-                    out.write(line)
-                    out.flush()
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    self.records.append((time.monotonic(), record))
-        finally:
-            proc.stderr.close()
-            if out is not None:
-                out.close()
+                self._keep(time.monotonic(), line, self.records)
+
+    @staticmethod
+    def _keep(when: float, line: str, into: list[tuple[float, dict[str, Any]]]) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(record, dict):
+            into.append((when, record))
 
     @property
     def pid(self) -> int:
@@ -118,8 +122,15 @@ class DaemonProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def find(self, event: str) -> tuple[float, dict[str, Any]] | None:
-        """The first log record with this ``event`` and when it arrived, or None."""
-        for when, record in list(self.records):
+        """The first log record with this ``event`` and when it arrived (with ``log``:
+        when it was read back), or None."""
+        records = self.records
+        if self.log is not None:
+            now, records = time.monotonic(), []
+            with open(self.log, errors="replace") as text:
+                for line in text:
+                    self._keep(now, line, records)
+        for when, record in list(records):
             if record.get("event") == event:
                 return when, record
         return None
