@@ -28,7 +28,7 @@ import libvirt
 import libvirtaio
 
 from bench.common import Options, Table, median, percentile, spread, verdict
-from tests.integration.harness import wait_for
+from testsupport.polling import wait_for
 from watcher.adapters.hypervisor import DomainWatcher
 
 URI = "qemu:///system"

@@ -30,7 +30,9 @@ from typing import Any, ClassVar
 
 from bench.common import Options, Table, median, percentile, run, verdict
 from bench.world import World, world
-from tests.integration.harness import running_daemon, sha256_file, wait_for
+from testsupport.daemon import running_daemon
+from testsupport.polling import wait_for
+from testsupport.services import sha256_file
 from watcher.runtime.supervisor import Daemon
 from watcher.settings import AmqpSettings
 

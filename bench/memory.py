@@ -17,20 +17,14 @@ real process (libvirt connected too), from ``/proc/PID/status``:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from hashlib import sha256
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
@@ -38,6 +32,7 @@ from bench.common import MIB, Options, Table, median, run, spread, verdict
 from bench.domains import domain_xml, remove_domains
 from bench.world import World, world
 from bench.writer import prepare_images
+from testsupport.daemon import DaemonProcess
 from watcher.core.domain import NAMESPACE
 
 PREFIXES = 20
@@ -46,66 +41,15 @@ DOMAINS = 500
 DOMAIN_PREFIX = "lvw-bench-idle-"
 
 
-class WatcherProcess:
-    """``python -m watcher run`` with its JSON log lines collected from stderr."""
-
-    def __init__(self, config: Path) -> None:
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(config),
-             "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[tuple[float, dict[str, Any]]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self.lines.append((time.monotonic(), record))
-
-    def find(self, event: str) -> tuple[float, dict[str, Any]] | None:
-        for when, record in list(self.lines):
-            if record.get("event") == event:
-                return when, record
-        return None
-
-    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"watcher exited with {self.proc.returncode} before {what}: "
-                                   f"{[r for _, r in self.lines][-5:]}")
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.01)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-    def memory_kib(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) in KiB."""
-        values = {}
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    values[key] = int(rest.split()[0])
-        return values["VmRSS"], values["VmHWM"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of process ``pid`` in KiB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values["VmRSS"], values["VmHWM"]
 
 
 def _big_image(options: Options) -> Path:
@@ -156,11 +100,11 @@ def _memory_runs(here: World, image: Path, runs: int) -> tuple[list[float], list
         # Idle: the policy names an object that does not exist yet.
         here.write_policy({"big": {"key": "images/not-yet.qcow2"}})
         here.write_config(cache)
-        proc = WatcherProcess(here.config_path)
+        proc = DaemonProcess(here.config_path).start()
         try:
             proc.wait(partial(proc.find, "reconciled"), 60, "the start-up reconcile")
             time.sleep(3)
-            rss, hwm = proc.memory_kib()
+            rss, hwm = memory_kib(proc.pid)
         finally:
             proc.stop()
         idle_rss.append(rss / 1024)
@@ -168,11 +112,11 @@ def _memory_runs(here: World, image: Path, runs: int) -> tuple[list[float], list
         # Pre-warming: the start-up reconcile downloads the big image into an empty cache.
         shutil.rmtree(cache, ignore_errors=True)
         here.write_policy({"big": {"key": key}})
-        proc = WatcherProcess(here.config_path)
+        proc = DaemonProcess(here.config_path).start()
         record = cache / "objects" / f"{digest}.json"
         try:
             proc.wait(record.exists, 900, "the cache entry")
-            _, hwm = proc.memory_kib()
+            _, hwm = memory_kib(proc.pid)
         finally:
             proc.stop()
         warm_hwm.append(hwm / 1024)
@@ -205,7 +149,7 @@ def _reconcile_runs(here: World, runs: int) -> tuple[list[float], list[float]]:
     own: list[float] = []
     to_line: list[float] = []
     for attempt in range(runs + 1):  # the first start fills the cache; not counted
-        proc = WatcherProcess(here.config_path)
+        proc = DaemonProcess(here.config_path).start()
         try:
             when, record = proc.wait(partial(proc.find, "reconciled"), 120, "reconcile")
         finally:

@@ -46,7 +46,9 @@ from bench.common import (
 )
 from bench.world import World, world
 from bench.writer import prepare_images
-from tests.integration.harness import minio_event, running_daemon, wait_for
+from testsupport.daemon import running_daemon
+from testsupport.polling import wait_for
+from testsupport.services import minio_event
 from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import S3Store

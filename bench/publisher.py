@@ -15,7 +15,7 @@ import time
 import aio_pika
 
 from bench.common import AMQP_URL
-from tests.integration.harness import minio_event
+from testsupport.services import minio_event
 
 BURST = 20
 """Messages per paced burst; at 2,000/s a burst leaves every 10 ms."""

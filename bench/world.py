@@ -25,7 +25,7 @@ from minio.deleteobjects import DeleteObject
 from bench.common import S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
 
 # The tests' config writer, checksums and AMQP clean-up serve the benchmarks too.
-from tests.integration.harness import delete_amqp, sha256_file, write_daemon_config
+from testsupport.services import delete_amqp, sha256_file, write_daemon_config
 from watcher.settings import S3Settings
 
 

@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.bootimage import domain_xml, write_qcow2_image  # noqa: E402
+from testsupport.daemon import DaemonProcess  # noqa: E402
+from testsupport.polling import wait_for_sync  # noqa: E402
 
 RUN = uuid.uuid4().hex[:8]
 BASE = Path(os.environ.get("LVW_DEMO_DIR", "/var/tmp/libvirt-volume-watcher-demo"))
@@ -72,14 +74,10 @@ def step(text: str) -> Callable[[str], None]:
 
 
 def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"demo: timed out after {timeout:.0f}s waiting for {what}; "
-                     f"see {KEPT_LOG}")
+    try:
+        return wait_for_sync(predicate, timeout, interval=0.2, what=what)
+    except AssertionError as timed_out:
+        raise SystemExit(f"demo: {timed_out}; see {KEPT_LOG}") from None
 
 
 def s3() -> Minio:
@@ -233,15 +231,6 @@ def cli(*args: str) -> None:
     subprocess.run([str(ROOT / ".venv" / "bin" / "libvirt-volume-watcher"), *args], check=True)
 
 
-def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        daemon.wait(60)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        daemon.wait()
-
-
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the cleanup
 
@@ -278,14 +267,13 @@ def run(conn: libvirt.virConnect, undo: Undo) -> int:
     done = step("starting the watcher daemon")
     # The daemon declares the exchange and the queues under this run's names.
     undo.push(f"exchange {EXCHANGE} and queues {QUEUE}*", remove_amqp)
-    log = open(DEMO / "watcher.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    daemon = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "libvirt-volume-watcher"), "run", "--config", str(config),
-         "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(config, log=DEMO / "watcher.log",
+                           command=[str(ROOT / ".venv" / "bin" / "libvirt-volume-watcher")])
+    daemon.start()
     try:
-        wait(lambda: _ready() or daemon.poll() is not None, 60, "the daemon to be ready")
-        if daemon.poll() is not None:
-            raise SystemExit(f"demo: the daemon exited with {daemon.returncode}; see {KEPT_LOG}")
+        wait(lambda: _ready() or not daemon.running, 60, "the daemon to be ready")
+        if not daemon.running:
+            raise SystemExit(f"demo: the daemon exited with {daemon.stop()}; see {KEPT_LOG}")
         done(f"ready (pid {daemon.pid}), /readyz says 200")
 
         done = step("uploading image v1 and its .sha256 sidecar; MinIO-style notification")
@@ -347,9 +335,10 @@ def run(conn: libvirt.virConnect, undo: Undo) -> int:
             return 0
     finally:
         if not os.environ.get("LVW_DEMO_KEEP"):
-            stop_daemon(daemon)  # first: nothing may still be writing what is removed next
-            log.close()
-            shutil.copy(DEMO / "watcher.log", KEPT_LOG)
+            try:
+                daemon.stop()  # first: nothing may still be writing what is removed next
+            finally:
+                shutil.copy(DEMO / "watcher.log", KEPT_LOG)
     return 0
 
 

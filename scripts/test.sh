@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/install-hook.sh
 ./scripts/services.sh
-.venv/bin/ruff check watcher tests bench
+.venv/bin/ruff check watcher tests bench testsupport
 .venv/bin/mypy
 .venv/bin/lint-imports
 .venv/bin/pytest -m "not lvm" "$@"

@@ -1,24 +1,30 @@
-"""Shared fixtures: the real local services integration tests talk to.
+"""Shared fixtures: the real local services integration tests talk to, and a task-leak check.
 
 ``scripts/services.sh`` starts libvirtd, RabbitMQ and the S3 server when they are not
 running; integration fixtures call it once per session and hand out isolated names
-(a bucket, an exchange) per test so tests never see each other's data.
+(a bucket, an exchange) per test so tests never see each other's data. Every async
+test must end with no task of its own still pending.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shlex
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.util._once import Once
+
+from testsupport.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,3 +94,47 @@ def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     yield provider, exporter
     provider.shutdown()
     reset_global_tracer_provider()
+
+
+@pytest.fixture
+def proxy_to() -> Iterator[Callable[..., Proxy]]:
+    """``proxy_to(upstream, **options)``: a relay to a real service whose connections the
+    test breaks (see ``testsupport.proxy``); every one is closed after the test."""
+    proxies: list[Proxy] = []
+
+    def make(*args: Any, **kwargs: Any) -> Proxy:
+        proxy = Proxy(*args, **kwargs)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+LEAK_GRACE_STEPS = 20
+"""Loop iterations a finishing task gets (to run its last callbacks) before it counts."""
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail an async test that leaves tasks pending once it and its fixtures are done.
+
+    Set up before (so torn down after) the test's other fixtures: a daemon a fixture
+    stops is not a leak. Leaked tasks are cancelled so the next test starts clean.
+    """
+    yield
+    if not inspect.iscoroutinefunction(request.function):
+        return
+    this = asyncio.current_task()
+    leaked: list[asyncio.Task[Any]] = []
+    for _ in range(LEAK_GRACE_STEPS):
+        leaked = [t for t in asyncio.all_tasks() if t is not this and not t.done()]
+        if not leaked:
+            return
+        await asyncio.sleep(0)
+    described = [f"{t.get_name()}: {t.get_coro()!r}" for t in leaked]
+    for task in leaked:
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    pytest.fail(f"{len(leaked)} asyncio task(s) still pending after the test: {described}")

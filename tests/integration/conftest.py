@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Env, delete_amqp
+from tests.integration.harness import Env
+from testsupport.services import delete_amqp
 
 
 @pytest.fixture

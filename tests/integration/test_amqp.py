@@ -1,8 +1,8 @@
 """The bucket-event consumer against the real RabbitMQ: nothing is lost or stuck.
 
 Each test gets its own exchange and queue names and deletes them (with the dead-letter
-pair) afterwards, since other test runs share the broker. Only one test restarts the
-broker, and it restores it in a ``finally`` even when it fails.
+pair) afterwards, since other test runs share the broker. Outages are the consumer's
+own: it connects through a relay (``testsupport.proxy``) that cuts its connection.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 import aio_pika
 import pytest
-from yarl import URL
 
-from tests.integration.harness import delete_amqp, publish_many, ready_count
+from testsupport.polling import wait_for
+from testsupport.proxy import Proxy, address_of
+from testsupport.services import delete_amqp, publish_many, ready_count
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
 from watcher.settings import AmqpSettings
@@ -87,13 +88,9 @@ class Broker:
         async with connection:
             channel = await connection.channel()
             declared = await channel.declare_queue(queue, passive=True)
-            deadline = time.monotonic() + WAIT
-            while time.monotonic() < deadline:
-                message = await declared.get(no_ack=True, fail=False)
-                if message is not None:
-                    return message.body, bool(message.redelivered)
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"no message arrived in {queue} within {WAIT}s")
+            message = await wait_for(lambda: declared.get(no_ack=True, fail=False), WAIT,
+                                     what=f"a message in {queue}")
+            return message.body, bool(message.redelivered)
 
 
 @pytest.fixture
@@ -101,7 +98,7 @@ async def broker(services_env: dict[str, str], unique_name: str) -> AsyncIterato
     broker = Broker(url=services_env["LVW_AMQP_URL"], exchange=f"lvw-test-events-{unique_name}",
                     queue=f"lvw-test-{unique_name}")
     yield broker
-    # A fresh connection: the test may have restarted the broker under the old ones.
+    # A fresh connection: the test may have cut the old ones.
     await delete_amqp(broker.exchange, broker.queue, url=broker.url)
 
 
@@ -118,14 +115,6 @@ async def running(broker: Broker, handler: Handler, log: RecordingLog | None = N
         yield consumer
     finally:
         await consumer.stop(drain_timeout=1.0)
-
-
-async def wait_until(condition: Callable[[], bool], what: str, within: float = WAIT) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 class Recorder:
@@ -150,8 +139,10 @@ async def test_a_message_is_handed_to_the_handler_and_acked(broker: Broker) -> N
         assert consumer.connected and consumer.consuming
         assert consumer.last_message_at is None
         await broker.publish(b'{"Records": []}')
-        await wait_until(lambda: recorder.handled == [b'{"Records": []}'], "the message is handled")
-        await wait_until(lambda: consumer.messages_in_flight == 0, "the handler task finishes")
+        await wait_for(lambda: recorder.handled == [b'{"Records": []}'], WAIT,
+                       what="the message is handled")
+        await wait_for(lambda: consumer.messages_in_flight == 0, WAIT,
+                       what="the handler task finishes")
         assert consumer.last_message_at is not None
     assert not consumer.consuming
     # The consumer is closed: an unacked message would be back in the queue by now.
@@ -168,7 +159,8 @@ async def test_a_malformed_event_is_dead_lettered_and_the_next_message_still_han
     async with running(broker, recorder, log):
         await broker.publish(bad_body, message_id="bad-1")
         await broker.publish(b"good")
-        await wait_until(lambda: recorder.handled == [b"good"], "the good message is handled")
+        await wait_for(lambda: recorder.handled == [b"good"], WAIT,
+                       what="the good message is handled")
 
     body, _ = await broker.take(f"{broker.queue}.dead")
     assert body == bad_body
@@ -188,8 +180,8 @@ async def test_temporary_and_unexpected_failures_are_dead_lettered_too(broker: B
     async with running(broker, recorder, log) as consumer:
         await broker.publish(b"slow s3")
         await broker.publish(b"bug")
-        await wait_until(lambda: len(log.events("error")) == 2, "both failures are logged")
-        await wait_until(lambda: consumer.messages_in_flight == 0, "both are settled")
+        await wait_for(lambda: len(log.events("error")) == 2, WAIT, what="both failures are logged")
+        await wait_for(lambda: consumer.messages_in_flight == 0, WAIT, what="both are settled")
 
     dead = {(await broker.take(f"{broker.queue}.dead"))[0] for _ in range(2)}
     assert dead == {b"slow s3", b"bug"}
@@ -212,7 +204,7 @@ async def test_messages_are_handled_concurrently(broker: Broker) -> None:
     async with running(broker, handler):
         await broker.publish(b"first")
         await broker.publish(b"second")
-        await wait_until(lambda: len(order) == 2, "both messages are handled")
+        await wait_for(lambda: len(order) == 2, WAIT, what="both messages are handled")
     assert order == [b"second", b"first"]
 
 
@@ -239,12 +231,13 @@ async def test_batched_acks_settle_every_message_once_around_failures_and_a_slow
 
     async with running(broker, handler) as consumer:
         await broker.publish(b"slow")
-        await wait_until(lambda: consumer.messages_in_flight == 1, "the slow one is running")
+        await wait_for(lambda: consumer.messages_in_flight == 1, WAIT,
+                       what="the slow one is running")
         await broker.publish_many([f"m{i}".encode() for i in range(300)])
-        await wait_until(lambda: len(handled) == 300 - len(failing),
-                         "every other message is handled while the slow one runs")
+        await wait_for(lambda: len(handled) == 300 - len(failing), WAIT,
+                       what="every other message is handled while the slow one runs")
         release_slow.set()
-        await wait_until(lambda: b"slow" in handled, "the slow one finishes")
+        await wait_for(lambda: b"slow" in handled, WAIT, what="the slow one finishes")
 
     assert await broker.ready_count(broker.queue) == 0
     assert await broker.ready_count(f"{broker.queue}.dead") == len(failing)
@@ -262,7 +255,8 @@ async def test_messages_published_while_the_daemon_is_stopped_are_handled_after_
     assert await broker.ready_count(broker.queue) == 1
     # A second run re-declares the same topology (idempotent) and drains the backlog.
     async with running(broker, recorder):
-        await wait_until(lambda: recorder.handled == [b"while stopped"], "the backlog is handled")
+        await wait_for(lambda: recorder.handled == [b"while stopped"], WAIT,
+                       what="the backlog is handled")
 
 
 # -- shutdown and start-up -----------------------------------------------------------
@@ -365,55 +359,14 @@ async def predeclare(broker: Broker, exchange_type: aio_pika.ExchangeType, *, du
                                        auto_delete=auto_delete)
 
 
-class CuttableProxy:
-    """A TCP relay to the broker whose connections the test cuts, as a network fault would,
-    without disturbing anyone else on the broker."""
-
-    def __init__(self, upstream: URL) -> None:
-        self.upstream = upstream
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> URL:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return self.upstream.with_host("127.0.0.1").with_port(port)
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection(self.upstream.host, self.upstream.port)
-        self.writers |= {client_w, broker_w}
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except OSError:
-                pass
-            finally:
-                writer.transport.abort()
-
-        await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w))
-
-    def cut(self) -> None:
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
 async def test_an_existing_non_durable_exchange_is_used_as_it_is(broker: Broker) -> None:
     """MinIO's documented notify_amqp settings declare the exchange with durable off."""
     await predeclare(broker, aio_pika.ExchangeType.FANOUT, durable=False)
     recorder = Recorder()
     async with running(broker, recorder):
         await broker.publish(b"from minio")
-        await wait_until(lambda: recorder.handled == [b"from minio"], "the message is handled")
+        await wait_for(lambda: recorder.handled == [b"from minio"], WAIT,
+                       what="the message is handled")
     assert exchange_properties(broker.exchange) == {
         "name": broker.exchange, "type": "fanout", "durable": False, "auto_delete": False}
 
@@ -423,7 +376,8 @@ async def test_an_existing_durable_auto_delete_exchange_is_used_as_it_is(broker:
     recorder = Recorder()
     async with running(broker, recorder):
         await broker.publish(b"from minio")
-        await wait_until(lambda: recorder.handled == [b"from minio"], "the message is handled")
+        await wait_for(lambda: recorder.handled == [b"from minio"], WAIT,
+                       what="the message is handled")
         assert exchange_properties(broker.exchange) == {
             "name": broker.exchange, "type": "fanout", "durable": True, "auto_delete": True}
 
@@ -433,7 +387,7 @@ async def test_an_absent_exchange_is_declared_durable(broker: Broker) -> None:
     recorder = Recorder()
     async with running(broker, recorder):
         await broker.publish(b"first")
-        await wait_until(lambda: recorder.handled == [b"first"], "the message is handled")
+        await wait_for(lambda: recorder.handled == [b"first"], WAIT, what="the message is handled")
     assert exchange_properties(broker.exchange) == {
         "name": broker.exchange, "type": "fanout", "durable": True, "auto_delete": False}
 
@@ -452,54 +406,34 @@ async def test_an_existing_exchange_of_another_type_is_refused_with_a_clear_erro
 
 
 async def test_a_reconnect_uses_an_existing_non_durable_exchange_as_it_is(
-    broker: Broker,
+    broker: Broker, proxy_to: Callable[..., Proxy],
 ) -> None:
     """The robust channel re-declares what it declared: passively, for a found exchange."""
     await predeclare(broker, aio_pika.ExchangeType.FANOUT, durable=False)
-    proxy = CuttableProxy(URL(broker.url))
-    via_proxy = Broker(url=str(await proxy.start()), exchange=broker.exchange,
-                       queue=broker.queue)
+    proxy = proxy_to(address_of(broker.url))
+    via_proxy = Broker(url=proxy.url(broker.url), exchange=broker.exchange, queue=broker.queue)
     log = RecordingLog()
     recorder = Recorder()
-    try:
-        async with running(via_proxy, recorder, log) as consumer:
-            proxy.cut()
-            await wait_until(lambda: not consumer.connected, "the consumer sees the cut")
-            await wait_until(lambda: consumer.consuming, "the consumer is consuming again")
-            await broker.publish(b"after reconnect")
-            await wait_until(lambda: recorder.handled == [b"after reconnect"],
-                             "a message is handled after the reconnect")
-    finally:
-        await proxy.close()
+    async with running(via_proxy, recorder, log) as consumer:
+        proxy.cut()
+        await wait_for(lambda: not consumer.connected, WAIT, what="the consumer sees the cut")
+        await wait_for(lambda: consumer.consuming, WAIT, what="the consumer is consuming again")
+        await broker.publish(b"after reconnect")
+        await wait_for(lambda: recorder.handled == [b"after reconnect"], WAIT,
+                       what="a message is handled after the reconnect")
     assert "amqp connection recovered; consuming again" in [e for e, _ in log.events("info")]
     assert exchange_properties(broker.exchange) == {
         "name": broker.exchange, "type": "fanout", "durable": False, "auto_delete": False}
 
 
-# -- broker restart (disturbs everyone on the broker: keep it to this one test) -------
+# -- a broker outage (only ours: the consumer's connection goes through a relay) -------
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-async def wait_for_broker(url: str, within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            connection = await aio_pika.connect(url, timeout=2)
-        except (OSError, aio_pika.exceptions.AMQPError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-        else:
-            await connection.close()
-            return
-
-
-async def test_consumption_resumes_after_a_broker_restart_and_redelivers_the_unsettled(
-    broker: Broker,
+async def test_consumption_resumes_after_a_broker_outage_and_redelivers_the_unsettled(
+    broker: Broker, proxy_to: Callable[..., Proxy],
 ) -> None:
+    proxy = proxy_to(address_of(broker.url))
+    via_proxy = Broker(url=proxy.url(broker.url), exchange=broker.exchange, queue=broker.queue)
     log = RecordingLog()
     calls: list[bytes] = []
     release_first_attempt = asyncio.Event()
@@ -510,27 +444,26 @@ async def test_consumption_resumes_after_a_broker_restart_and_redelivers_the_uns
             # The first delivery is still being handled when the broker goes away.
             await asyncio.wait_for(release_first_attempt.wait(), 60)
 
-    async with running(broker, handler, log) as consumer:
+    async with running(via_proxy, handler, log) as consumer:
         await broker.publish(b"in flight during restart")
-        await wait_until(lambda: consumer.messages_in_flight == 1, "the handler is blocked")
+        await wait_for(lambda: consumer.messages_in_flight == 1, WAIT,
+                       what="the handler is blocked")
 
-        await asyncio.to_thread(rabbitmqctl, "stop_app")
-        try:
-            await wait_until(lambda: not consumer.connected, "the consumer sees the outage")
-        finally:
-            await asyncio.to_thread(rabbitmqctl, "start_app")
-            await wait_for_broker(broker.url)
+        with proxy.outage():
+            await wait_for(lambda: not consumer.connected, WAIT,
+                           what="the consumer sees the outage")
 
-        await wait_until(lambda: consumer.consuming, "the consumer is consuming again", 30)
+        await wait_for(lambda: consumer.consuming, 30, what="the consumer is consuming again")
         # The unsettled message survived in the durable queue and comes back.
-        await wait_until(lambda: calls.count(b"in flight during restart") == 2,
-                         "the unsettled message is redelivered")
+        await wait_for(lambda: calls.count(b"in flight during restart") == 2, WAIT,
+                       what="the unsettled message is redelivered")
         await broker.publish(b"after restart")
-        await wait_until(lambda: b"after restart" in calls, "a new message is handled")
+        await wait_for(lambda: b"after restart" in calls, WAIT, what="a new message is handled")
 
         # The first attempt ends now; its ack has no channel left and is only logged.
         release_first_attempt.set()
-        await wait_until(lambda: consumer.messages_in_flight == 0, "every handler finished")
+        await wait_for(lambda: consumer.messages_in_flight == 0, WAIT,
+                       what="every handler finished")
 
     assert await broker.ready_count(broker.queue) == 0
     assert await broker.ready_count(f"{broker.queue}.dead") == 0

@@ -3,6 +3,8 @@
 The read-only commands (``status``, ``cache list``, ``cache verify``) run as processes
 next to a real daemon whose download is held mid-way by a TCP proxy in front of S3, so
 "while the daemon is downloading" is a state the test controls rather than a race.
+Counters are read from the ``/metrics`` text (of the daemon, or of the registry when the
+cache runs alone in the test).
 """
 
 from __future__ import annotations
@@ -11,29 +13,20 @@ import asyncio
 import fcntl
 import json
 import os
-import select
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client import Counter
 
-from tests.integration.harness import (
-    Env,
-    make_qcow2,
-    minio_event,
-    publish,
-    ready_count,
-    running_daemon,
-    sha256_file,
-    wait_for,
-)
-from watcher import telemetry
+from tests.integration.harness import Env
+from testsupport.daemon import running_daemon
+from testsupport.metrics import metric_async, metric_grows, metric_now
+from testsupport.polling import wait_for
+from testsupport.proxy import Proxy, address_of
+from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
 from watcher.config import load_config, load_policy_dir
@@ -56,12 +49,13 @@ def open_cache(env: Env) -> ImageCache:
     return cache
 
 
-def counter(metric: Counter, **labels: str) -> float:
-    return float(metric.labels(**labels)._value.get())
+DOWNLOADS = "volume_watcher_downloads_total"
+REJECTED = "volume_watcher_images_rejected_total"
 
 
 def downloads() -> float:
-    return counter(telemetry.downloads, result="ok")
+    """Downloads so far in this process (no daemon serves them in these tests)."""
+    return metric_now(DOWNLOADS, result="ok")
 
 
 async def test_the_same_bytes_under_two_keys_are_stored_once(env: Env, tmp_path: Path) -> None:
@@ -184,88 +178,6 @@ def test_cache_commands_warm_list_verify_and_prune(env: Env, tmp_path: Path) -> 
     assert remaining == {new_drop}
 
 
-class HoldingProxy:
-    """Forwards a loopback port to the S3 server; a response to a request containing
-    ``hold`` stops after its first ``after`` bytes until ``release()``."""
-
-    def __init__(self, upstream: tuple[str, int], hold: bytes, after: int = MiB) -> None:
-        self.upstream = upstream
-        self.hold = hold
-        self.after = after
-        self.held = threading.Event()
-        self._released = threading.Event()
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = self._listener.getsockname()[1]
-        self._spawn(self._accept_loop)
-
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._spawn(self._forward, client)
-
-    def _forward(self, client: socket.socket) -> None:
-        server = socket.create_connection(self.upstream)
-        holding, sent = False, 0
-        try:
-            while not self._closing.is_set():
-                readable, _, _ = select.select([client, server], [], [], 0.1)
-                if client in readable:
-                    request = client.recv(65536)
-                    if not request:
-                        return
-                    if self.hold in request and not self._released.is_set():
-                        holding, sent = True, 0
-                    server.sendall(request)
-                if server in readable:
-                    response = server.recv(min(65536, self.after - sent) if holding else 65536)
-                    if not response:
-                        return
-                    client.sendall(response)
-                    sent += len(response)
-                    if holding and sent >= self.after:
-                        self.held.set()
-                        while not self._released.wait(0.1):
-                            if self._closing.is_set():
-                                return
-                        holding = False
-        except OSError:
-            pass
-        finally:
-            client.close()
-            server.close()
-
-    def release(self) -> None:
-        self._released.set()
-
-    def close(self) -> None:
-        self._released.set()
-        self._closing.set()
-        for thread in self._threads:
-            thread.join(timeout=2)
-        self._listener.close()
-
-
-@pytest.fixture
-def proxy_for(env: Env) -> Iterator[list[HoldingProxy]]:
-    proxies: list[HoldingProxy] = []
-    yield proxies
-    for proxy in proxies:
-        proxy.close()
-
-
 async def cli_async(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     """``cli`` without blocking the loop a daemon under test runs in."""
     proc = await asyncio.create_subprocess_exec(
@@ -277,10 +189,9 @@ async def cli_async(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
-        env: Env, tmp_path: Path, proxy_for: list[HoldingProxy]) -> None:
-    host, port = env.s3["LVW_S3_ENDPOINT"].split("://", 1)[1].rsplit(":", 1)
-    proxy = HoldingProxy((host, int(port)), hold=f"GET /{env.bucket}/held.qcow2 ".encode())
-    proxy_for.append(proxy)
+        env: Env, tmp_path: Path, proxy_to: Callable[..., Proxy]) -> None:
+    proxy = proxy_to(address_of(env.s3["LVW_S3_ENDPOINT"]))
+    proxy.hold_response_after(f"GET /{env.bucket}/held.qcow2 ".encode(), MiB)
     env.write_config(s3={"endpoint": f"http://127.0.0.1:{proxy.port}"})
     env.write_policy({name: {"bucket": env.bucket, "key": f"{name}.qcow2", "format": "qcow2"}
                       for name in ("held", "stale")})
@@ -291,13 +202,11 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
     async with running_daemon(env.config_path) as daemon:
         try:
             # A download whose sidecar is stale: kept aside until a newer sidecar matches.
-            rejected = counter(telemetry.images_rejected, reason="checksum_mismatch")
+            rejected = await metric_async(daemon, REJECTED, reason="checksum_mismatch")
             env.upload_file("stale.qcow2", stale)
             env.upload("stale.qcow2.sha256", b"0" * 64 + b"\n")
             await publish(env.exchange, minio_event(env.bucket, "stale.qcow2"))
-            await wait_for(lambda: counter(telemetry.images_rejected,
-                                           reason="checksum_mismatch") > rejected,
-                           what="the stale sidecar's rejection")
+            await metric_grows(daemon, REJECTED, rejected, 1, reason="checksum_mismatch")
             # A download in progress, held by the proxy after its first MiB.
             held_digest = env.upload_with_sidecar("held.qcow2", held)
             await publish(env.exchange, minio_event(env.bucket, "held.qcow2"))
@@ -323,12 +232,13 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
             proxy.release()
         await wait_for(lambda: held_digest in daemon.entries(), what="the held image cached")
 
-        before = downloads()
+        before = await metric_async(daemon, DOWNLOADS, result="ok")
         env.upload("stale.qcow2.sha256", f"{sha256_file(stale)}\n".encode())
         await publish(env.exchange, minio_event(env.bucket, "stale.qcow2.sha256"))
         await wait_for(lambda: sha256_file(stale) in daemon.entries(),
                        what="the kept-aside download cached")
-        assert downloads() == before  # the kept-aside file was used, not fetched again
+        # the kept-aside file was used, not fetched again
+        assert await metric_async(daemon, DOWNLOADS, result="ok") == before
         assert list(tmp.iterdir()) == []
     queue = load_config(env.config_path).amqp.queue_name()
     assert await ready_count(f"{queue}.dead") == 0

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Env, free_port, make_qcow2, minio_event, publish, wait_for
+from tests.integration.harness import Env
+from testsupport.polling import wait_for
+from testsupport.services import free_port, make_qcow2, minio_event, publish
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "watcher"]

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,19 +21,14 @@ from pathlib import Path
 import pytest
 
 from tests.bootimage import domain_xml, write_qcow2_image
-from tests.integration.harness import (
-    Env,
-    delete_amqp,
-    free_port,
-    minio_event,
-    publish,
-    wait_for,
-)
+from tests.integration.harness import Env
 from tests.integration.test_reprovision import (
     hook_installed,  # noqa: F401 - fixture
     sha256_of,
     virsh_sync,
 )
+from testsupport.daemon import DaemonProcess
+from testsupport.services import delete_amqp, free_port, minio_event, publish
 from watcher.core.domain import NAMESPACE, parse_state
 
 pytestmark = pytest.mark.libvirt
@@ -56,33 +50,10 @@ def env(services_env: dict[str, str], s3_bucket: str, unique_name: str,
     asyncio.run(delete_amqp(world.exchange, world.queue))
 
 
-class Daemon:
-    """``libvirt-volume-watcher run`` as a child process, its log in the test directory."""
-
-    def __init__(self, env: Env) -> None:
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.env.root / "watcher.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [*CLI, "run", "--config", str(self.env.config_path), "--log-format", "json"],
-                stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+def qemu_img_compare(image: Path, volume: Path) -> subprocess.CompletedProcess[str]:
+    """Whether a raw volume holds exactly a qcow2 image's guest-visible content (exit 0)."""
+    return subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
+                           str(volume)], capture_output=True, text=True)
 
 
 def state_of(name: str) -> str:
@@ -136,16 +107,12 @@ def test_a_write_killed_by_sigkill_is_resumed_after_restart_and_the_hook_holds_t
     raw.unlink()
     volume = setup(env, name, key, volume_size=size)
     env.upload_with_sidecar(key, image)
-    daemon = Daemon(env)
-    daemon.start()
+    daemon = DaemonProcess(env.config_path, log=env.root / "watcher.log").start()
     try:
-        asyncio.run(wait_for(lambda: (env.cache_dir / "objects").exists() and any(
-            (env.cache_dir / "objects").glob("*.json")), timeout=120, what="image warmed"))
+        daemon.wait(lambda: (env.cache_dir / "objects").exists() and any(
+            (env.cache_dir / "objects").glob("*.json")), 120, "image warmed")
         subprocess.run([*CLI, "reprovision", name], check=True, timeout=60)
-        deadline = time.monotonic() + 60
-        while state_of(name) != "provisioning":
-            assert time.monotonic() < deadline, "the write never started"
-            time.sleep(0.02)
+        daemon.wait(lambda: state_of(name) == "provisioning", 60, "the write to start")
         daemon.kill()
         assert state_of(name) == "provisioning"
 
@@ -154,12 +121,8 @@ def test_a_write_killed_by_sigkill_is_resumed_after_restart_and_the_hook_holds_t
         assert "it can start once the write has finished" in refused.stderr
 
         daemon.start()
-        deadline = time.monotonic() + 180
-        while state_of(name) != "provisioned":
-            assert time.monotonic() < deadline, f"not resumed; state {state_of(name)}"
-            time.sleep(0.5)
-        compare = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
-                                  str(volume)], capture_output=True, text=True)
+        daemon.wait(lambda: state_of(name) == "provisioned", 180, "the write to be resumed")
+        compare = qemu_img_compare(image, volume)
         assert compare.returncode == 0, compare.stdout + compare.stderr
     finally:
         daemon.stop()
@@ -175,14 +138,10 @@ def test_a_hostile_image_never_reaches_a_volume(env: Env, unique_name: str) -> N
     volume = setup(env, name, key, volume_size=4 * MiB)
     before = sha256_of(volume)
     env.upload_with_sidecar(key, hostile)
-    daemon = Daemon(env)
-    daemon.start()
+    daemon = DaemonProcess(env.config_path, log=env.root / "watcher.log").start()
     try:
         subprocess.run([*CLI, "reprovision", name], check=True, timeout=60)
-        deadline = time.monotonic() + 60
-        while state_of(name) != "failed":
-            assert time.monotonic() < deadline, f"state {state_of(name)}"
-            time.sleep(0.2)
+        daemon.wait(lambda: state_of(name) == "failed", 60, "the reprovision to fail")
         assert "backing file" in reason_of(name)
         assert sha256_of(volume) == before
         assert not list((env.cache_dir / "objects").glob("*.json"))
@@ -195,34 +154,32 @@ def test_status_and_metrics_show_a_domain_outdated_once_a_newer_image_is_cached(
     name = f"lvw-{unique_name}"
     key = "images/boot.qcow2"
     volume = setup(env, name, key, volume_size=MiB)
-    env.upload_with_sidecar(key, write_qcow2_image(env.root / "v1.qcow2", "V1", MiB))
+    v1_image = write_qcow2_image(env.root / "v1.qcow2", "V1", MiB)
+    env.upload_with_sidecar(key, v1_image)
     port = json.loads(json.dumps(__import__("yaml").safe_load(
         env.config_path.read_text())))["http"]["listen"].rsplit(":", 1)[1]
-    daemon = Daemon(env)
-    daemon.start()
+    daemon = DaemonProcess(env.config_path, log=env.root / "watcher.log").start()
     try:
         subprocess.run([*CLI, "reprovision", name], check=True, timeout=60)
-        deadline = time.monotonic() + 60
-        while state_of(name) != "provisioned":
-            assert time.monotonic() < deadline, f"state {state_of(name)}"
-            time.sleep(0.2)
+        daemon.wait(lambda: state_of(name) == "provisioned", 60, "v1 to be written")
         v2 = env.upload_with_sidecar(key, write_qcow2_image(env.root / "v2.qcow2", "V2", MiB))
         asyncio.run(publish(env.exchange, minio_event(env.bucket, key)))
-        asyncio.run(wait_for(lambda: (env.cache_dir / "objects" / f"{v2}.json").exists(),
-                             what="v2 cached"))
+        daemon.wait(lambda: (env.cache_dir / "objects" / f"{v2}.json").exists(), 30,
+                    "v2 cached")
         status = subprocess.run([*CLI, "status", "--json", "--config", str(env.config_path)],
                                 capture_output=True, text=True, check=True, timeout=60)
         rows = {row["domain"]: row for row in json.loads(status.stdout)["domains"]}
         assert rows[name]["outdated"] is True
         assert rows[name]["current_sha256"] == v2
-        assert sha256_of(volume, MiB) != ""
+        # Outdated, not rewritten: the volume still holds v1, byte for byte.
+        assert qemu_img_compare(v1_image, volume).returncode == 0
 
-        os.kill(daemon.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]  # reload -> reconcile
+        daemon.signal(signal.SIGHUP)  # reload -> reconcile
 
         def outdated_metric() -> bool:
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
             return b"volume_watcher_domains_outdated 1.0" in body
 
-        asyncio.run(wait_for(outdated_metric, timeout=60, what="domains_outdated metric"))
+        daemon.wait(outdated_metric, 60, "domains_outdated metric")
     finally:
         assert daemon.stop() == 0

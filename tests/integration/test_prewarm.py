@@ -6,35 +6,36 @@ does to its own exchange, and watches the cache directory and the metrics.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator
-from functools import partial
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import Counter
 
-from tests.integration.harness import (
-    Env,
-    RunningDaemon,
+from tests.integration.harness import Env
+from testsupport.daemon import DaemonProcess, RunningDaemon, running_daemon
+from testsupport.metrics import (
+    RECEIVED,
+    messages_handled,
+    metric_async,
+    metric_grows,
+    metric_now,
+)
+from testsupport.polling import wait_for
+from testsupport.proxy import Proxy, address_of
+from testsupport.services import (
+    AMQP_URL,
     make_qcow2,
     minio_event,
     publish,
     publish_many,
     queue_messages,
     ready_count,
-    running_daemon,
     sha256_file,
-    wait_for,
 )
-from watcher import telemetry
 from watcher.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -48,9 +49,10 @@ async def daemon(env: Env) -> AsyncIterator[RunningDaemon]:
     assert running.exit_code == 0
 
 
-def counter(metric: Counter, **labels: str) -> float:
-    child = metric.labels(**labels) if labels else metric
-    return float(child._value.get())
+DOWNLOADS = "volume_watcher_downloads_total"
+CACHE_HITS = "volume_watcher_cache_hits_total"
+REJECTED = "volume_watcher_images_rejected_total"
+PUT = {"source": "amqp", "type": "s3:ObjectCreated:Put"}
 
 
 def image_policy(env: Env, key: str, **extra: object) -> None:
@@ -87,9 +89,10 @@ async def test_sidecar_arriving_after_the_image_triggers_one_download(
         env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
     image = make_qcow2(tmp_path / "v1.qcow2")
     env.upload_file(base_policy, image)
-    before = counter(telemetry.downloads, result="ok")
+    before = await metric_async(daemon, DOWNLOADS, result="ok")
+    received = await metric_async(daemon, RECEIVED, source="amqp")
     await publish(env.exchange, minio_event(env.bucket, base_policy))
-    await asyncio.sleep(1.0)
+    await messages_handled(daemon, received, 1)
     assert daemon.entries() == []
 
     digest = sha256_file(image)
@@ -98,10 +101,11 @@ async def test_sidecar_arriving_after_the_image_triggers_one_download(
     await wait_for(lambda: digest in daemon.entries(), what="cache entry")
 
     # Duplicates and redeliveries: no second download.
+    received = await metric_async(daemon, RECEIVED, source="amqp")
     for _ in range(3):
         await publish(env.exchange, minio_event(env.bucket, base_policy))
-    await asyncio.sleep(1.0)
-    assert counter(telemetry.downloads, result="ok") - before == 1
+    await messages_handled(daemon, received, 3)
+    assert await metric_async(daemon, DOWNLOADS, result="ok") - before == 1
 
 
 async def test_a_burst_of_duplicates_shares_a_few_lookups_and_every_message_is_acked(
@@ -114,12 +118,13 @@ async def test_a_burst_of_duplicates_shares_a_few_lookups_and_every_message_is_a
     # Queued while no daemon runs, so they arrive as fast as the broker can send them.
     await publish_many(env.exchange, [minio_event(env.bucket, base_policy)] * 200)
     await publish_many(env.exchange, [minio_event(env.bucket, "elsewhere/other.qcow2")] * 300)
-    hits_before = counter(telemetry.cache_hits)
-    received = partial(counter, telemetry.events_received, source="amqp",
-                       type="s3:ObjectCreated:Put")
-    received_before = received()
+    hits_before = metric_now(CACHE_HITS)
+    received_before = metric_now(RECEIVED, **PUT)
     async with running_daemon(env.config_path) as second:
-        await wait_for(lambda: received() - received_before == 500, what="every notification")
+        async def all_received() -> bool:
+            return await metric_async(second, RECEIVED, **PUT) - received_before == 500
+
+        await wait_for(all_received, what="every notification")
         await wait_for(lambda: second.daemon.consumer.messages_in_flight == 0,
                        what="handlers done")
     # Stopping closed the channel: anything unacked is queued again.
@@ -127,7 +132,7 @@ async def test_a_burst_of_duplicates_shares_a_few_lookups_and_every_message_is_a
 
     # One lookup (a HEAD and a sidecar GET) per run, the start-up reconcile's included.
     # Runs for one image never overlap, and every request during a run shares the next.
-    hits = counter(telemetry.cache_hits) - hits_before
+    hits = metric_now(CACHE_HITS) - hits_before
     assert 1 <= hits <= 10, f"{hits} lookups for 200 duplicates"
     queue = load_config(env.config_path).amqp.queue_name()
     assert await ready_count(queue) == 0
@@ -140,18 +145,17 @@ async def test_checksum_mismatch_is_not_cached_and_is_reported(
     image = make_qcow2(tmp_path / "v1.qcow2")
     env.upload_file(base_policy, image)
     env.upload(base_policy + ".sha256", b"0" * 64 + b"\n")
-    before = counter(telemetry.images_rejected, reason="checksum_mismatch")
+    before = await metric_async(daemon, REJECTED, reason="checksum_mismatch")
     await publish(env.exchange, minio_event(env.bucket, base_policy))
-    await wait_for(lambda: counter(telemetry.images_rejected, reason="checksum_mismatch") > before,
-                   what="rejection")
+    await metric_grows(daemon, REJECTED, before, 1, reason="checksum_mismatch")
     assert daemon.entries() == []
     assert not list((env.cache_dir / "objects").iterdir())
     # The consumer carries on: a fixed sidecar is picked up without a second download.
-    downloads = counter(telemetry.downloads, result="ok")
+    downloads = await metric_async(daemon, DOWNLOADS, result="ok")
     env.upload(base_policy + ".sha256", f"{sha256_file(image)}\n".encode())
     await publish(env.exchange, minio_event(env.bucket, base_policy + ".sha256"))
     await wait_for(lambda: daemon.entries(), what="cache entry after the sidecar was fixed")
-    assert counter(telemetry.downloads, result="ok") == downloads
+    assert await metric_async(daemon, DOWNLOADS, result="ok") == downloads
 
 
 @pytest.mark.parametrize("hostile", ["backing_file", "data_file", "raw_posing"])
@@ -174,11 +178,10 @@ async def test_hostile_images_are_rejected_and_never_cached(
                      [{"match": "*", "image": "bad"}])
     env.upload_with_sidecar(key, bad)
     reason = {"raw_posing": "format_mismatch"}.get(hostile, hostile)
-    before = counter(telemetry.images_rejected, reason=reason)
+    before = metric_now(REJECTED, reason=reason)
     async with running_daemon(env.config_path) as running:
         await publish(env.exchange, minio_event(env.bucket, key))
-        await wait_for(lambda: counter(telemetry.images_rejected, reason=reason) > before,
-                       what=f"rejection {reason}")
+        await metric_grows(running, REJECTED, before, 1, reason=reason)
         assert running.daemon.cache.entries() == []
         assert not [p for p in (env.cache_dir / "tmp").iterdir() if p.suffix == ".part"]
 
@@ -195,18 +198,22 @@ async def test_malformed_message_is_dead_lettered_and_the_next_event_is_handled(
     assert bodies == [b"{not json", b'{"Records": [{"s3": {}}]}']
 
 
-async def test_event_published_across_a_broker_restart_is_handled(
-        env: Env, base_policy: str, tmp_path: Path, daemon: RunningDaemon) -> None:
-    image = make_qcow2(tmp_path / "v1.qcow2")
-    digest = env.upload_with_sidecar(base_policy, image)
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
-    try:
-        await wait_for(lambda: not daemon.daemon.consumer.consuming, what="consumer to notice")
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    await wait_for(lambda: daemon.daemon.consumer.consuming, timeout=60, what="reconnect")
-    await publish(env.exchange, minio_event(env.bucket, base_policy))
-    await wait_for(lambda: digest in daemon.entries(), what="cache entry after restart")
+async def test_event_published_after_a_broker_outage_is_handled(
+        env: Env, base_policy: str, tmp_path: Path, proxy_to: Callable[..., Proxy]) -> None:
+    # The outage is the daemon's own: its connection goes through a relay that refuses
+    # it for a while; everyone else on the shared broker carries on.
+    proxy = proxy_to(address_of(AMQP_URL))
+    env.write_config(amqp={"url": proxy.url(AMQP_URL)})
+    async with running_daemon(env.config_path) as daemon:
+        image = make_qcow2(tmp_path / "v1.qcow2")
+        digest = env.upload_with_sidecar(base_policy, image)
+        with proxy.outage():
+            await wait_for(lambda: not daemon.daemon.consumer.consuming,
+                           what="consumer to notice")
+        await wait_for(lambda: daemon.daemon.consumer.consuming, timeout=60, what="reconnect")
+        await publish(env.exchange, minio_event(env.bucket, base_policy))
+        await wait_for(lambda: digest in daemon.entries(), what="cache entry after restart")
+    assert daemon.exit_code == 0
 
 
 async def test_eviction_keeps_the_current_version_of_policy_images(
@@ -236,29 +243,21 @@ def test_kill_during_download_leaves_no_partial_entry(env: Env, tmp_path: Path) 
     image = make_qcow2(tmp_path / "big.qcow2", size="512M", fill_mib=400)
     digest = env.upload_with_sidecar(key, image)
     image_policy(env, key)
-    cmd = [sys.executable, "-m", "watcher", "run", "--config", str(env.config_path)]
     tmp = env.cache_dir / "tmp"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = DaemonProcess(env.config_path).start()
     try:
-        asyncio.run(wait_for(lambda: tmp.exists() and any(p.suffix == ".part"
-                                                          for p in tmp.iterdir()),
-                             timeout=60, interval=0.02, what="download to start"))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(lambda: tmp.exists() and any(p.suffix == ".part" for p in tmp.iterdir()),
+                  60, "download to start")
+        proc.kill()
         assert not list((env.cache_dir / "objects").glob("*.json"))
 
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.start()
         objects = env.cache_dir / "objects"
-        asyncio.run(wait_for(lambda: (objects / f"{digest}.json").exists(), timeout=120,
-                             what="entry after restart"))
+        proc.wait(lambda: (objects / f"{digest}.json").exists(), 120, "entry after restart")
         assert sha256_file(objects / f"{digest}.qcow2") == digest
         assert not [p for p in tmp.iterdir() if p.suffix == ".part"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop(30)
 
 
 async def test_an_event_traced_upstream_parents_the_warm_download_and_inspect_spans(

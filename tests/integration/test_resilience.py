@@ -18,21 +18,12 @@ from pathlib import Path
 
 import pytest
 import structlog
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import (
-    Env,
-    RunningDaemon,
-    make_qcow2,
-    minio_event,
-    publish,
-    ready_count,
-    running_daemon,
-    sha256_file,
-    wait_for,
-)
-from watcher import telemetry
+from tests.integration.harness import Env
+from testsupport.daemon import running_daemon
+from testsupport.metrics import metric_async, metric_grows, metric_now
+from testsupport.polling import wait_for
+from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
 from watcher.cache import ImageCache
 from watcher.config import load_config
@@ -45,47 +36,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def metric(daemon: RunningDaemon, name: str, **labels: str) -> float:
-    """The sum of the samples of ``/metrics`` with these labels, read as Prometheus does.
-
-    Counters live as long as the test process, so tests compare against a value read first.
-    """
-    assert daemon.daemon.http is not None
-    url = f"http://127.0.0.1:{daemon.daemon.http.port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return samples_sum(response.read().decode(), name, labels)
-
-
-def samples_sum(text: str, name: str, labels: dict[str, str]) -> float:
-    return sum(float(sample.value) for family in text_string_to_metric_families(text)
-               for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v
-                                              for k, v in labels.items()))
-
-
-async def metric_async(daemon: RunningDaemon, name: str, **labels: str) -> float:
-    # In a thread: the daemon's HTTP server runs on this very loop.
-    return await asyncio.to_thread(metric, daemon, name, **labels)
-
-
-async def metric_grows(daemon: RunningDaemon, name: str, since: float, by: float,
-                       timeout: float = 30.0, **labels: str) -> None:
-    """Wait until the metric is at least ``since + by``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (seen := await metric_async(daemon, name, **labels)) < since + by:
-        assert asyncio.get_running_loop().time() < deadline, (
-            f"{name}{labels} stayed at {seen}, expected {since + by}")
-        await asyncio.sleep(0.05)
-
-
 RECEIVED = "volume_watcher_events_received_total"
 UNEXPECTED = "volume_watcher_unexpected_errors_total"
 DEAD_LETTERED = "volume_watcher_events_dead_lettered_total"
-
-
-def metric_now(name: str, **labels: str) -> float:
-    """The same sum, read from the registry's text before a daemon serves it."""
-    return samples_sum(generate_latest(telemetry.REGISTRY).decode(), name, labels)
 
 
 def files_under(root: Path) -> set[Path]:

@@ -1,8 +1,8 @@
 """The S3 adapter against a real S3 server, with connections cut on purpose.
 
-A small TCP proxy between the client and the server cuts one response after a set
-number of bytes, which is how a flaky link looks to the client; the download must
-resume from where it stopped, never start over, and notice a replaced object.
+A relay between the client and the server (``testsupport.proxy``) cuts one response
+after a set number of bytes, which is how a flaky link looks to the client; the download
+must resume from where it stopped, never start over, and notice a replaced object.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import select
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
+from testsupport.proxy import Proxy, address_of
 from watcher.adapters.s3 import S3Store
 from watcher.core.backoff import Backoff
 from watcher.core.errors import PermanentError, TemporaryError
@@ -31,95 +30,6 @@ pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 QUICK = Backoff(base=0.05, cap=0.2, attempts=4)
-
-
-class CuttingProxy:
-    """Forwards a loopback port to the S3 server; cuts the first response that passes
-    ``cut_after`` bytes (counted per connection), once, then forwards faithfully."""
-
-    def __init__(
-        self,
-        upstream: tuple[str, int],
-        *,
-        cut_after: int | None,
-        reset: bool = True,
-        on_cut: Callable[[], None] | None = None,
-    ) -> None:
-        self.upstream = upstream
-        self.cut_after = cut_after
-        self.reset = reset
-        self.on_cut = on_cut
-        self.bytes_to_client = 0
-        self.cuts = 0
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = self._listener.getsockname()[1]
-        self._spawn(self._accept_loop)
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._spawn(self._forward, client)
-
-    def _forward(self, client: socket.socket) -> None:
-        """Relay one connection both ways in one thread, so a cut really closes it."""
-        server = socket.create_connection(self.upstream)
-        sent = 0
-        try:
-            while not self._closing.is_set():
-                readable, _, _ = select.select([client, server], [], [], 0.1)
-                if client in readable:
-                    request = client.recv(65536)
-                    if not request:
-                        return
-                    server.sendall(request)
-                if server in readable:
-                    response = server.recv(65536)
-                    if not response:
-                        return
-                    with self._lock:
-                        cut_now = (self.cuts == 0 and self.cut_after is not None
-                                   and sent + len(response) >= self.cut_after)
-                        if cut_now:
-                            self.cuts += 1
-                    if cut_now:
-                        assert self.cut_after is not None
-                        response = response[: self.cut_after - sent]
-                    client.sendall(response)
-                    sent += len(response)
-                    with self._lock:
-                        self.bytes_to_client += len(response)
-                    if cut_now:
-                        if self.on_cut is not None:
-                            self.on_cut()
-                        if self.reset:  # an RST, as a dropped NAT entry or a crashed box sends
-                            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                              struct.pack("ii", 1, 0))
-                        return
-        except OSError:
-            pass
-        finally:
-            client.close()
-            server.close()
-
-    def close(self) -> None:
-        self._closing.set()
-        for thread in self._threads:
-            thread.join(timeout=2)
-        self._listener.close()
 
 
 @pytest.fixture
@@ -138,21 +48,20 @@ def minio(settings: S3Settings) -> Minio:
 
 
 @pytest.fixture
-def proxy_factory(settings: S3Settings) -> Iterator[Callable[..., CuttingProxy]]:
-    host, port = settings.host.rsplit(":", 1)
-    proxies: list[CuttingProxy] = []
-
-    def make(**kwargs: object) -> CuttingProxy:
-        proxy = CuttingProxy((host, int(port)), **kwargs)  # type: ignore[arg-type]
-        proxies.append(proxy)
+def proxy_factory(settings: S3Settings,
+                  proxy_to: Callable[..., Proxy]) -> Callable[..., Proxy]:
+    """``make(cut_after=N, reset=..., on_cut=...)``: a relay to the S3 server that cuts the
+    first response passing N bytes (counted per connection), once, then relays faithfully."""
+    def make(*, cut_after: int, reset: bool = True,
+             on_cut: Callable[[], None] | None = None) -> Proxy:
+        proxy = proxy_to(address_of(settings.endpoint))
+        proxy.cut_response_after(cut_after, reset=reset, on_cut=on_cut)
         return proxy
 
-    yield make
-    for proxy in proxies:
-        proxy.close()
+    return make
 
 
-def via(proxy: CuttingProxy, settings: S3Settings) -> S3Settings:
+def via(proxy: Proxy, settings: S3Settings) -> S3Settings:
     return S3Settings(endpoint=f"http://127.0.0.1:{proxy.port}", access_key=settings.access_key,
                       secret_key=settings.secret_key, region=settings.region)
 
@@ -286,7 +195,7 @@ def test_download_with_a_stale_expected_etag_is_a_temporary_error(
 @pytest.mark.parametrize("reset", [True, False], ids=["connection-reset", "connection-closed"])
 def test_interrupted_download_resumes_from_where_it_stopped(
     settings: S3Settings, minio: Minio, s3_bucket: str, tmp_path: Path,
-    proxy_factory: Callable[..., CuttingProxy], reset: bool,
+    proxy_factory: Callable[..., Proxy], reset: bool,
 ) -> None:
     data = upload(minio, s3_bucket, "img.qcow2", 12 * MiB)
     proxy = proxy_factory(cut_after=8 * MiB + 777, reset=reset)
@@ -308,7 +217,7 @@ def test_interrupted_download_resumes_from_where_it_stopped(
 
 def test_object_replaced_while_interrupted_fails_and_leaves_no_partial_file(
     settings: S3Settings, minio: Minio, s3_bucket: str, tmp_path: Path,
-    proxy_factory: Callable[..., CuttingProxy],
+    proxy_factory: Callable[..., Proxy],
 ) -> None:
     upload(minio, s3_bucket, "img.qcow2", 8 * MiB, seed=1)
     proxy = proxy_factory(
@@ -346,7 +255,7 @@ def test_stop_aborts_the_download_promptly_and_removes_the_partial_file(
 
 def test_stop_wakes_a_download_waiting_to_retry(
     settings: S3Settings, minio: Minio, s3_bucket: str, tmp_path: Path,
-    proxy_factory: Callable[..., CuttingProxy],
+    proxy_factory: Callable[..., Proxy],
 ) -> None:
     upload(minio, s3_bucket, "img.qcow2", 8 * MiB)
     stop = threading.Event()
