@@ -34,7 +34,7 @@ from tests.integration.harness import (
 )
 from watcher import telemetry
 from watcher.adapters.s3 import S3Store
-from watcher.cache import ImageCache
+from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_config
 from watcher.core.errors import UnsafeName
 from watcher.core.policy import ImageSpec
@@ -118,8 +118,8 @@ async def test_the_cache_refuses_an_image_name_that_is_not_an_identifier_before_
     key = "images/hostile.qcow2"
     env.upload_with_sidecar(key, make_qcow2(tmp_path / "v1.qcow2"))
     settings = load_config(env.config_path)
-    cache = ImageCache(env.cache_dir, S3Store(settings.s3), max_size=1 << 30)
-    cache.prepare()
+    cache = ImageWarmer(CacheStore(env.cache_dir, max_size=1 << 30), S3Store(settings.s3))
+    cache.store.prepare()
     before = files_under(tmp_path)
     image = ImageSpec(name=name, bucket=env.bucket, key=key, prefix=None, format="qcow2")
     with pytest.raises(UnsafeName):
