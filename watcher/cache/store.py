@@ -284,6 +284,8 @@ class CacheStore:
 
     def _remove_unpinned(self, limit: int, keep_images: Collection[str]) -> list[str]:
         with self._changing() as draft:
+            if draft.total_bytes <= limit:
+                return []  # the usual case: no candidate list to build for thousands of entries
             pinned = {ref.digest for name, ref in draft.refs.items() if name in keep_images}
             choice = choose_evictions((e.stored() for e in draft.entries.values()),
                                       pinned, limit)

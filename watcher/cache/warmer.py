@@ -119,6 +119,8 @@ class ImageWarmer:
 
     async def evict(self) -> list[str]:
         """Evict least-recently-used entries that no policy image needs, down to max_size."""
+        if self.store.total_bytes <= self.store.max_size:
+            return []  # fits: no need to queue behind the lock (the store checks again)
         return await self.store.in_worker(self.store.evict, self._images_to_keep())
 
     def _images_to_keep(self) -> frozenset[str]:
