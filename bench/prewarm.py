@@ -52,7 +52,7 @@ from testsupport.services import minio_event
 from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import ImageCache
+from watcher.cache import CacheStore, ImageWarmer
 from watcher.core.policy import ImageSpec
 
 SOURCE_KEY = "images/source.qcow2"
@@ -86,8 +86,9 @@ def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
 
 
 async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
-    cache = ImageCache(cache_dir, S3Store(here.s3_settings()), max_size=100 * 1024**3)
-    cache.prepare()
+    store = CacheStore(cache_dir, max_size=100 * 1024**3)
+    store.prepare()
+    cache = ImageWarmer(store, S3Store(here.s3_settings()))
     spec = ImageSpec(name="bench", bucket=here.bucket, key=SOURCE_KEY, prefix=None,
                      format="qcow2")
     with Stopwatch() as sw:

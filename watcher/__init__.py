@@ -1,7 +1,7 @@
 """libvirt-volume-watcher: pre-warms VM base images and reprovisions root volumes on request.
 
 The package is built in floors: ``core`` (pure rules and parsing), ``config``,
-``adapters`` (one per real system), the jobs ``cache`` and ``reprovision``, the
+``adapters`` (one per real system), the jobs ``cache``, ``prewarm`` and ``reprovision``, the
 ``runtime`` that owns the asyncio tasks, and the faces ``cli`` and ``http``.
 Each floor imports only floors below it; ``pyproject.toml`` holds the contract.
 """

@@ -147,13 +147,17 @@ def _reprovision(args: argparse.Namespace) -> int:
 
 
 def _cache_for(config: Config) -> Any:
-    from watcher.adapters.s3 import S3Store
-    from watcher.cache import ImageCache
+    """The cache store, read (read-only: nothing is created), and the policies."""
+    from watcher.cache import CacheStore
 
     policies = load_policy_dir(config.policies.dir)
-    cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
-                       max_virtual_size=config.cache.max_virtual_size, pinned=lambda: policies)
-    return cache, policies
+    store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
+    store.load()
+    return store, policies
+
+
+def _kept(policies: Any) -> set[str]:
+    return {image.name for image in policies.images_to_keep_warm()}
 
 
 def _status(config: Config, *, as_json: bool) -> int:
@@ -162,7 +166,7 @@ def _status(config: Config, *, as_json: bool) -> int:
     cache, policies = _cache_for(config)
     rows = domain_overview(config.libvirt.uri, lambda name: policies.rule_for(name) is not None)
     domains = [_domain_row(row, policies, cache) for row in rows]
-    entries = [_entry_row(e, cache.pinned_digests()) for e in cache.entries()]
+    entries = [_entry_row(e, cache.pinned_digests(_kept(policies))) for e in cache.entries()]
     if as_json:
         print(json.dumps({"domains": domains, "cache": entries}, indent=2, default=str))
         return 0
@@ -213,7 +217,7 @@ def _print_entries(entries: list[dict[str, Any]]) -> None:
 def _cache(config: Config, args: argparse.Namespace) -> int:
     cache, policies = _cache_for(config)
     if args.cache_command == "list":
-        rows = [_entry_row(e, cache.pinned_digests()) for e in cache.entries()]
+        rows = [_entry_row(e, cache.pinned_digests(_kept(policies))) for e in cache.entries()]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -224,12 +228,20 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         if image is None:
             print(f"error: no policy defines an image named {args.image!r}", file=sys.stderr)
             return 1
+        from watcher.adapters.s3 import S3Store
+        from watcher.cache import ImageWarmer
+
         cache.prepare()
+        warmer = ImageWarmer(cache, S3Store(config.s3),
+                             max_virtual_size=config.cache.max_virtual_size,
+                             policies=lambda: policies)
         try:
-            entry = asyncio.run(cache.ensure(image))
+            entry = asyncio.run(warmer.ensure(image))
         except NotUploadedYet as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        finally:
+            cache.close()
         print(f"{image.name}: {entry.digest} cached ({format_size(entry.size)}, "
               f"virtual {format_size(entry.virtual_size)})")
         return 0
@@ -244,7 +256,7 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         return 1 if bad else 0
     cache.prepare()
     leftovers = cache.remove_leftovers()
-    removed = cache.prune()
+    removed = cache.prune(_kept(policies))
     for digest in removed:
         print(f"removed {digest}")
     if args.corrupt:

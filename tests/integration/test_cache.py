@@ -28,7 +28,7 @@ from testsupport.polling import wait_for
 from testsupport.proxy import Proxy, address_of
 from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import ImageCache
+from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_config, load_policy_dir
 from watcher.core.errors import ImageRejected
 from watcher.core.policy import ImageSpec
@@ -40,13 +40,14 @@ CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code in the
 MiB = 1024 * 1024
 
 
-def open_cache(env: Env) -> ImageCache:
+def open_cache(env: Env, **options: int) -> ImageWarmer:
+    """The warmer over a fresh store, as the daemon builds them."""
     config = load_config(env.config_path)
     policies = load_policy_dir(config.policies.dir)
-    cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
-                       pinned=lambda: policies)
-    cache.prepare()
-    return cache
+    store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
+    store.prepare()
+    store.load()
+    return ImageWarmer(store, S3Store(config.s3), policies=lambda: policies, **options)
 
 
 DOWNLOADS = "volume_watcher_downloads_total"
@@ -127,10 +128,7 @@ def tree(root: Path) -> dict[str, tuple[bool, int, int]]:
 async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
         env: Env, tmp_path: Path) -> None:
     env.upload_with_sidecar("big.qcow2", make_qcow2(tmp_path / "big.qcow2", size="16M"))
-    config = load_config(env.config_path)
-    cache = ImageCache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
-                       max_virtual_size=8 * 1024**2)
-    cache.prepare()
+    cache = open_cache(env, max_virtual_size=8 * 1024**2)
     with pytest.raises(ImageRejected) as caught:
         await cache.ensure(ImageSpec("big", env.bucket, "big.qcow2", None, "qcow2"))
     assert caught.value.reason == "virtual_size"
@@ -280,7 +278,7 @@ async def test_read_only_commands_report_an_empty_cache_without_creating_it(env:
 
 async def test_prune_and_start_up_remove_stale_leftovers_but_not_a_locked_download(
         env: Env) -> None:
-    cache = open_cache(env)
+    cache = open_cache(env).store
     stale = env.cache_dir / "tmp" / "crashed.part"
     stale.write_bytes(b"half a download")
     orphan = env.cache_dir / "objects" / f"{'e' * 64}.qcow2"

@@ -14,9 +14,9 @@ import contextlib
 import errno
 import json
 import os
-import resource
 import signal
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from watcher.core.inspect import (
 from watcher.core.policy import ImageFormat
 
 QEMU_IMG = "qemu-img"
+PRLIMIT = "prlimit"
 _STDERR_KEEP = 64 * 1024
 """Bytes of qemu-img's stderr kept for error messages; the tail holds the reason."""
 
@@ -62,17 +63,16 @@ def _qemu_env() -> dict[str, str]:
     return {**os.environ, "LC_ALL": "C"}
 
 
-def _limiter(limits: QemuImgLimits) -> Callable[[], None]:
-    """A pre-exec hook applying ``limits`` in the child; it only makes system calls."""
-    address_space = limits.address_space
+def _limited(argv: list[str], limits: QemuImgLimits) -> list[str]:
+    """``argv`` run under ``limits``: ``prlimit`` sets them on itself, then execs ``argv``.
+
+    Not a pre-exec hook: one forces a full ``fork`` of the daemon (page tables copied,
+    the GIL and the logging lock held meanwhile), which stalls the event loop for as long
+    as the copy takes; without one the child is started with a cheap ``vfork``.
+    """
     cpu = limits.cpu_seconds
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-        # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-
-    return apply
+    # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
+    return [PRLIMIT, f"--as={limits.address_space}", f"--cpu={cpu}:{cpu + 1}", "--", *argv]
 
 
 def _describe_exit(code: int | None) -> str:
@@ -95,29 +95,21 @@ async def qemu_img_info(
     raises ``ImageRejected("qemu_img_failed", ...)``.
     """
     argv = [QEMU_IMG, "info", "-f", fmt, "--output=json", str(path)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=_qemu_env(),
-        preexec_fn=_limiter(limits),
-    )
     try:
-        async with asyncio.timeout(limits.wall_seconds):
-            stdout, stderr = await proc.communicate()
-    except TimeoutError:
+        # Waited for in a thread; on timeout the child is killed and reaped.
+        done = await asyncio.to_thread(
+            subprocess.run, _limited(argv, limits), stdin=subprocess.DEVNULL,
+            capture_output=True, env=_qemu_env(), timeout=limits.wall_seconds)
+    except subprocess.TimeoutExpired:
         raise ImageRejected(
             "qemu_img_failed",
             f"qemu-img info on {path} did not finish within {limits.wall_seconds:g} s",
         ) from None
-    finally:
-        await _reap(proc)
-    err = stderr.decode("utf-8", "replace").strip()
-    if proc.returncode != 0:
+    stdout, err = done.stdout, done.stderr.decode("utf-8", "replace").strip()
+    if done.returncode != 0:
         raise ImageRejected(
             "qemu_img_failed",
-            f"qemu-img info on {path} {_describe_exit(proc.returncode)} "
+            f"qemu-img info on {path} {_describe_exit(done.returncode)} "
             f"(limits: {limits.address_space} bytes of memory, {limits.cpu_seconds} s of CPU): "
             f"{err or 'no error output'}",
         )

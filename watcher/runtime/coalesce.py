@@ -43,6 +43,19 @@ class Coalescer:
         """Runs going on or waiting to start."""
         return len(self._running) + len(self._waiting)
 
+    async def drain(self, timeout: float) -> list[str]:
+        """Let runs going on or waiting end for up to ``timeout`` seconds, then cancel the
+        rest; returns the keys that had to be cancelled."""
+        tasks = {**{t: k for k, t in self._waiting.items()},
+                 **{t: k for k, t in self._running.items()}}
+        if not tasks:
+            return []
+        _done, unfinished = await asyncio.wait(tasks, timeout=max(timeout, 0.0))
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        return sorted({tasks[t] for t in unfinished})
+
     async def close(self) -> None:
         """Cancel every run, going or waiting, and wait for them to end."""
         tasks = [*self._running.values(), *self._waiting.values()]

@@ -5,8 +5,9 @@ reconcile timer, HTTP server, watchdog) that must start in order, stop in order,
 never leave a half-written volume behind. Signal handlers only set flags; the
 supervisor reacts to them:
 
-- SIGTERM/SIGINT: stop taking work, drain running jobs for ``drain_timeout`` seconds
-  (shorter than systemd's ``TimeoutStopSec``), cancel what is left, exit.
+- SIGTERM/SIGINT: stop taking work, drain the consumer, the warms and the reprovisions
+  against one deadline (``drain_timeout``, 75 s: below the unit's ``TimeoutStopSec=90``),
+  cancel what is left, and log one ``stopped`` line naming whatever was still running.
 - SIGHUP: reload policies; a reload that fails keeps the previous policies running.
 
 Each unit of background work (one image warm, one reconcile pass, one domain sweep, one
@@ -19,7 +20,6 @@ exits) stops the daemon, and systemd then restarts it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -29,34 +29,50 @@ from typing import TYPE_CHECKING, Any
 from watcher import telemetry
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.s3 import S3Store
-from watcher.cache import ImageCache
+from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_policy_dir
-from watcher.core.decide import WarmRequest, is_outdated, plan_warms
-from watcher.core.errors import (
-    ConfigError,
-    ImageRejected,
-    NotUploadedYet,
-    SidecarUnavailable,
-    TemporaryError,
-    UnsafeName,
-    WatcherError,
-)
-from watcher.core.events import parse_bucket_notification
+from watcher.core.decide import is_outdated
+from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
+from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
 from watcher.settings import Config
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
-
     from watcher.adapters.hypervisor import DomainWatcher
     from watcher.reprovision import Reprovisioner
 
 log = telemetry.get_logger(component="supervisor")
+
+STOP_DEADLINE = 75.0
+"""Seconds from SIGTERM to exit, all drains together: below the unit's TimeoutStopSec=90."""
+
+
+class StopDeadline:
+    """One deadline shared by every drain; the last part of it is kept for cancelling."""
+
+    def __init__(self, total: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self.started = loop.time()
+        self.end = self.started + total
+        self.drains_end = self.end - min(5.0, total / 5)
+
+    def for_drains(self) -> float:
+        return max(0.0, self.drains_end - self._clock())
+
+    def drains_over(self) -> bool:
+        return self._clock() >= self.drains_end
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - self._clock())
+
+    def elapsed(self) -> float:
+        return self._clock() - self.started
 
 
 @dataclass
@@ -95,17 +111,22 @@ class PolicyStore:
 class Daemon:
     """Wires the adapters and jobs together and runs them until told to stop."""
 
-    def __init__(self, config: Config, *, drain_timeout: float = 60.0,
+    def __init__(self, config: Config, *, drain_timeout: float = STOP_DEADLINE,
                  with_libvirt: bool = True) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
+        """Seconds the whole stop may take (every drain shares them)."""
         self.policies = PolicyStore(config.policies.dir)
         self.s3 = S3Store(config.s3)
-        self.cache = ImageCache(
-            config.cache.dir, self.s3, max_size=config.cache.max_size,
-            max_virtual_size=config.cache.max_virtual_size,
+        self.store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
+        # The warmer is "the cache" to jobs: it hands out current images, fetching if need be.
+        self.cache = ImageWarmer(
+            self.store, self.s3, max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
-            pinned=self.policies.get)
+            policies=self.policies.get)
+        self._warms = Coalescer()
+        self.prewarm = Prewarmer(self.cache, self.policies.get, self._warms,
+                                 context_from_amqp_headers)
         self.consumer = BucketEventConsumer(
             config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
         self.domains: DomainWatcher | None = None
@@ -122,9 +143,6 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
-        self._failing_images: set[str] = set()
-        """Images whose last warm failed; their next success is logged as a recovery."""
-        self._warms = Coalescer()
 
     # ---- health -----------------------------------------------------------------------
 
@@ -135,7 +153,7 @@ class Daemon:
         return checks
 
     def status_line(self) -> str:
-        entries = len(self.cache.entries())
+        entries = self.store.count  # kept by the store: no record is read
         jobs = self.reprovisioner.running_jobs if self.reprovisioner else 0
         return f"{entries} images cached, {jobs} jobs running"
 
@@ -144,73 +162,13 @@ class Daemon:
     def handle_message(
         self, body: bytes, headers: Mapping[str, object],
     ) -> Coroutine[Any, Any, None] | None:
-        """Triage one AMQP message at once; return the warming to run, or None if there is none.
-
-        Most notifications name objects no policy refers to. They are counted and acked
-        here, without a task or a span. Raising (``MalformedEvent``) dead-letters the message.
-        """
-        telemetry.last_amqp_message.set(time.time())
-        events = parse_bucket_notification(body)
-        for event in events:
-            telemetry.events_received.labels(source="amqp", type=event.event_name).inc()
-        plan = plan_warms(events, self.policies.get())
-        if not plan:
-            return None
-        return self._warm_planned(plan, context_from_amqp_headers(headers))
-
-    async def _warm_planned(self, plan: list[WarmRequest], parent: Context) -> None:
-        with telemetry.tracer.start_as_current_span("bucket event", context=parent):
-            for request in plan:
-                await self.warm(request.image, trigger=request.trigger)
-
-    async def warm(self, image_name: str, *, trigger: str) -> None:
-        """Warm one image; bad images are reported, temporary failures raised to the caller.
-
-        Calls for an image that is being warmed share one follow-up run, which starts when
-        the current one ends: a burst of duplicate notifications costs two runs, and an
-        upload that raced the current run is still seen by the next.
-        """
-        await self._warms.run(image_name, lambda: self._warm_once(image_name, trigger))
-
-    async def _warm_once(self, image_name: str, trigger: str) -> None:
-        image = self.policies.get().images.get(image_name)
-        if image is None:
-            return
-        bound = log.bind(image=image.name, trigger=trigger)
-        try:
-            entry = await self.cache.ensure(image)
-        except NotUploadedYet as err:
-            # Either object may come first; the missing one's own event retriggers.
-            what = "the checksum sidecar" if isinstance(err, SidecarUnavailable) else "the image"
-            bound.info(f"waiting for {what}", detail=str(err))
-            return
-        except ImageRejected:
-            self._failing_images.add(image.name)  # the cache logged it, with the object
-            return
-        except UnsafeName as err:
-            self._failing_images.add(image.name)
-            bound.warning("image refused", reason="unsafe_name", error=str(err))
-            return
-        except TemporaryError:
-            self._failing_images.add(image.name)  # the cache logged the download failure
-            raise
-        except Exception:
-            self._failing_images.add(image.name)
-            telemetry.report_unexpected(bound, "warm", trigger=trigger)
-            raise
-        if image.name in self._failing_images:
-            self._failing_images.discard(image.name)
-            bound.info("image warm again", digest=entry.digest, recovered=True)
-        bound.debug("image warm", digest=entry.digest)
+        """The consumer's handler: the pre-warm job's triage (see ``Prewarmer``)."""
+        return self.prewarm.handle_message(body, headers)
 
     async def reconcile(self) -> None:
         """Warm every policy image; sweep domains. A missed event costs one interval."""
         started = time.monotonic()
-        images = self.policies.get().images_to_keep_warm()
-        for image in images:
-            # Each warm is its own unit and reports its own failure; the pass goes on.
-            with contextlib.suppress(Exception):
-                await self.warm(image.name, trigger="reconcile")
+        images = await self.prewarm.warm_all(trigger="reconcile")
         if self.domains is not None and self.domains.connected:
             try:
                 await self.domains.sweep()
@@ -219,8 +177,8 @@ class Daemon:
                 log.warning("domain sweep failed; retrying at the next interval", error=str(err))
             except Exception:
                 telemetry.report_unexpected(log, "sweep")
-        self.cache.evict()
-        log.info("reconciled", images=len(images),
+        await self.cache.evict()
+        log.info("reconciled", images=images,
                  seconds=round(time.monotonic() - started, 3))
 
     async def _count_outdated(self) -> None:
@@ -279,6 +237,15 @@ class Daemon:
             telemetry.connection_up.labels(service="amqp").set(int(self.consumer.connected))
             await wait_any(self.stop_requested, timeout=interval)
 
+    async def _cache_refresh_loop(self) -> None:
+        """Follow changes other processes (``cache prune``) make to the cache directory."""
+        while not self.stop_requested.is_set():
+            await wait_any(self.stop_requested, timeout=5.0)
+            try:
+                await self.store.refreshed()
+            except Exception:
+                telemetry.report_unexpected(log, "watchdog")
+
     async def _ready_when_connected(self) -> None:
         while not self.stop_requested.is_set():
             if all(self.readiness().values()):
@@ -300,7 +267,7 @@ class Daemon:
         """Run until SIGTERM (or ``stop_requested``); returns the process exit code."""
         if handle_signals:
             self.install_signal_handlers()
-        removed = await self.cache.recover()
+        removed = await self.store.recover()
         if not self.policies.load():
             log.warning("starting without policies; fix them and send SIGHUP",
                         directory=str(self.config.policies.dir))
@@ -313,6 +280,7 @@ class Daemon:
             "reconcile": self._reconcile_loop,
             "reload": self._reload_loop,
             "watchdog": self._watchdog_loop,
+            "cache-refresh": self._cache_refresh_loop,
             "ready": self._ready_when_connected,
         }
         if self.domains is not None and self.reprovisioner is not None:
@@ -339,21 +307,36 @@ class Daemon:
         return exit_code
 
     async def _shutdown(self, running: Mapping[asyncio.Task[Any], str]) -> None:
+        """Drain everything against one deadline; one ``stopped`` line names what was left."""
+        deadline = StopDeadline(self.drain_timeout)
         log.info("stopping: draining running jobs", deadline=self.drain_timeout)
         self.notifier.stopping()
-        await self.consumer.stop(drain_timeout=self.drain_timeout)
-        await self._warms.close()
+        still_running: list[str] = []
+        handlers = self.consumer.messages_in_flight
+        await self.consumer.stop(drain_timeout=deadline.for_drains())
+        if handlers and deadline.drains_over():
+            still_running.append(f"amqp handlers ({handlers})")
+        still_running += [f"warm {image}" for image in await self._warms.drain(
+            deadline.for_drains())]
+        await self.cache.close()
         if self.reprovisioner is not None:
-            await self.reprovisioner.drain(self.drain_timeout)
+            jobs = self.reprovisioner.running_jobs
+            await self.reprovisioner.drain(deadline.for_drains())
+            if jobs and deadline.drains_over():
+                still_running.append(f"reprovisions ({jobs})")
         for task in running:
             if not task.done():
                 task.cancel()
-        results = await asyncio.wait_for(
-            asyncio.gather(*running, return_exceptions=True), timeout=10)
-        for (_task, name), result in zip(running.items(), results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+        if running:
+            _done, stuck = await asyncio.wait(running, timeout=deadline.remaining())
+            still_running += [f"task {running[task]}" for task in stuck]
+        for task, name in running.items():
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 log.warning("task ended with an error during shutdown", task=name,
-                            error=repr(result))
+                            error=repr(task.exception()))
+        self.store.close()
         if self.http is not None:
             await self.http.stop()
-        log.info("stopped")
+        summary = log.warning if still_running else log.info
+        summary("stopped", seconds=round(deadline.elapsed(), 3), deadline=self.drain_timeout,
+                still_running=still_running)

@@ -1,0 +1,417 @@
+"""The content-addressed cache on disk, and an in-memory index of it.
+
+Why it exists: every host keeps the images its policies name ready on local disk, so a
+reprovision never waits on the network, and an image is trusted only once. This module
+owns the layout and its rules; fetching images is the warmer's business.
+
+Layout under ``cache.dir``::
+
+    objects/<sha256>.<format>   the image as uploaded (qcow2 stays compressed)
+    objects/<sha256>.json       its record: sources (bucket/key/ETag), sizes, times
+    refs/<image name>.json      the digest of the image's current version
+    tmp/                        downloads in progress (each ``.part`` flock-ed by its owner)
+    .lock                       serialises changes between processes; holds a generation
+
+An entry exists when its record exists. Both files appear by atomic rename after the
+download was hashed, compared with the sidecar and inspected, so a crash leaves at most
+a temp file. Records are small JSON files so an operator can read them with ``cat``.
+
+Records are read once (``load``) into an immutable index that lookups, listings and
+counts use without touching the disk; every change writes the files, then publishes a
+new index. Another process (``cache prune``) may change the directory too: every change
+renews the generation in ``.lock``, and a store that finds a generation it did not
+publish reads the records again, under the lock (``refresh``, and before any change).
+
+Blocking methods do the disk work; the daemon runs them on the store's one worker thread
+(``in_worker``), so the event loop never waits on a disk, an fsync or another process's
+lock, and changes are applied in order. Reading (``load``, lookups, ``verify``) creates,
+changes and removes nothing, so ``status`` and ``cache list`` are safe while the daemon
+runs. Leftovers of a crash are removed only by ``remove_leftovers`` (the daemon at
+start-up, ``cache prune``), under the cache lock, and never a temp file whose owner
+still holds its lock: a running download, or one kept aside until a newer sidecar
+matches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from watcher import telemetry
+from watcher.adapters.filesink import fsync_path
+from watcher.cache.entry import CacheEntry, Source, VerifyResult
+from watcher.cache.files import (
+    CacheLock,
+    PartFile,
+    listdir,
+    read_json,
+    remove_unless_locked,
+    sha256_file,
+    stat_key,
+    write_json,
+)
+from watcher.cache.index import Draft, Index, Ref
+from watcher.core.cache_rules import (
+    UseRecord,
+    choose_evictions,
+    is_cache_hit,
+    use_to_record,
+)
+from watcher.core.errors import UnsafeName
+from watcher.core.paths import digest_file, image_file, is_digest, is_image_name
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def now_stamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def age_seconds(stamp: str) -> float:
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+    except ValueError:
+        return float("inf")
+
+
+class CacheStore:
+    """The cache directory: records, refs, commits, removals, leftovers, verification."""
+
+    def __init__(self, directory: Path, *, max_size: int) -> None:
+        self.dir = directory
+        self.objects = directory / "objects"
+        self.refs = directory / "refs"
+        self.tmp = directory / "tmp"
+        self.max_size = max_size
+        self.log = telemetry.get_logger(component="cache")
+        self._lock = CacheLock(directory / ".lock", on_wait=lambda: self.log.info(
+            "waiting for the cache lock another process holds"))
+        self._index = Index()
+        self._worker: ThreadPoolExecutor | None = None
+
+    # ---- the worker thread --------------------------------------------------------------
+
+    async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking method on the store's worker thread; changes run one at a time."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="cache-store")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Stop waiting for the lock and let the worker end; for the daemon's stop."""
+        self._lock.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # ---- start-up ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the layout; for processes that write (the daemon, ``cache warm|prune``)."""
+        for d in (self.objects, self.refs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    async def recover(self) -> int:
+        """The daemon's start-up: create the layout, remove leftovers, read the records;
+        returns files removed."""
+        return await self.in_worker(self._recover)
+
+    def _recover(self) -> int:
+        self.prepare()
+        removed = self.remove_leftovers()
+        self.load()
+        return removed
+
+    def load(self) -> None:
+        """Read every record and ref (without the lock: a reader changes nothing)."""
+        generation = self._lock.generation()  # before reading: a change meanwhile shows later
+        self._publish(self._read_all(), generation)
+
+    async def refreshed(self) -> None:
+        """Re-read the records if another process changed them since they were read."""
+        if await asyncio.to_thread(self._lock.generation) != self._index.generation:
+            await self.in_worker(self.refresh)
+
+    def refresh(self) -> None:
+        if self._lock.generation() == self._index.generation:
+            return
+        with self._lock.held() as held:
+            self._publish(self._read_all(), held.mark())
+
+    def remove_leftovers(self) -> int:
+        """Remove what a crash left behind, under the cache lock; returns files removed.
+
+        Temp files still locked by their owner (a download in this or another process)
+        are kept.
+        """
+        if not self.dir.is_dir():
+            return 0
+        removed = 0
+        with self._lock.held():
+            # Every other temp file (records being written) is written under this lock.
+            for leftover in listdir(self.tmp):
+                removed += remove_unless_locked(leftover)
+            # A data file without its record was never committed (crash between the renames).
+            for data in listdir(self.objects):
+                if data.suffix != ".json" and not data.with_suffix(".json").exists():
+                    data.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            self.log.info("removed leftover temporary files", count=removed)
+        return removed
+
+    # ---- reading (memory only) -----------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return len(self._index.entries)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._index.total_bytes
+
+    def entries(self) -> list[CacheEntry]:
+        """Every committed entry, oldest use first."""
+        return sorted(self._index.entries.values(), key=lambda e: (e.last_used_at, e.digest))
+
+    def get(self, digest: str) -> CacheEntry | None:
+        return self._index.entries.get(digest)
+
+    def current(self, image_name: str) -> CacheEntry | None:
+        """The last known current version of an image, without touching the network."""
+        ref = self._index.refs.get(image_name)
+        return self.get(ref.digest) if ref else None
+
+    def ref(self, image_name: str) -> Ref | None:
+        return self._index.refs.get(image_name)
+
+    def ref_path(self, image_name: str) -> Path:
+        """Where an image's ref lives; ``UnsafeName`` for a name that is no identifier."""
+        return image_file(self.refs, image_name, ".json")
+
+    def lookup(self, digest: str | None, source: Source) -> CacheEntry | None:
+        """The entry that answers a request for ``source`` (with ``digest`` if published)."""
+        if digest is None:
+            found = self._index.by_source.get(source)
+            entry = self.get(found) if found else None
+        else:
+            entry = self.get(digest)
+        if entry is not None and is_cache_hit(source, entry.sources,
+                                              published_digest=digest is not None):
+            return entry
+        return None
+
+    def pinned_digests(self, image_names: Collection[str]) -> set[str]:
+        """Digests that are the current version of one of ``image_names``."""
+        return {entry.digest for name in image_names
+                if (entry := self.current(name)) is not None}
+
+    def use_to_record(self, entry: CacheEntry, image_name: str, source: Source) -> UseRecord:
+        latest = self.get(entry.digest) or entry
+        ref = self.ref(image_name)
+        return use_to_record(
+            source=source, entry_sources=latest.sources, entry_image=latest.image,
+            image=image_name, ref_digest=ref.digest if ref else None,
+            ref_etag=ref.etag if ref else None, digest=entry.digest,
+            seconds_since_use=age_seconds(latest.last_used_at))
+
+    # ---- changes (blocking) ----------------------------------------------------------------
+
+    def new_part(self) -> PartFile:
+        """A temp file for a download, locked as live."""
+        return PartFile.create(self.tmp)
+
+    def commit(self, part: Path, entry: CacheEntry) -> CacheEntry:
+        """Make ``entry`` (its data in ``part``) visible as its image's current version.
+
+        The data file first, then its record, each by atomic rename; then the image's ref,
+        all under one hold of the lock so no prune sees the entry without its ref. Same
+        bytes already cached under another key: one file, one more source.
+        """
+        with self._changing() as draft:
+            existing = draft.entries.get(entry.digest)
+            base = existing or entry
+            final = replace(base, last_used_at=now_stamp(), image=entry.image,
+                            bucket=entry.bucket, key=entry.key, etag=entry.etag,
+                            sources=_merge(base.sources, entry.sources))
+            if existing is None:
+                part.replace(entry.path)
+            self._write_record(final, draft)
+            if existing is None:
+                fsync_path(self.objects)
+            self._write_ref(entry.image, final, Source(entry.bucket, entry.key, entry.etag),
+                            draft)
+        return final
+
+    def record_use(self, digest: str, image_name: str, source: Source) -> CacheEntry | None:
+        """Record a use: LRU time, the source, the image's ref; None if the entry is gone."""
+        with self._changing() as draft:
+            latest = draft.entries.get(digest)
+            if latest is None:
+                return None  # removed by another process meanwhile
+            ref = draft.refs.get(image_name)
+            todo = use_to_record(
+                source=source, entry_sources=latest.sources, entry_image=latest.image,
+                image=image_name, ref_digest=ref.digest if ref else None,
+                ref_etag=ref.etag if ref else None, digest=digest,
+                seconds_since_use=age_seconds(latest.last_used_at))
+            if not todo.record:
+                return latest
+            updated = replace(latest, last_used_at=now_stamp(), image=image_name,
+                              bucket=source.bucket, key=source.key, etag=source.etag,
+                              sources=_merge(latest.sources, (source,)))
+            self._write_record(updated, draft)
+            if todo.ref:
+                self._write_ref(image_name, updated, source, draft)
+        return updated
+
+    def evict(self, keep_images: Collection[str]) -> list[str]:
+        """Remove least-recently-used entries not current for ``keep_images`` until the cache
+        fits ``max_size``."""
+        return self._remove_unpinned(self.max_size, keep_images)
+
+    def prune(self, keep_images: Collection[str]) -> list[str]:
+        """Remove every entry that is not the current version of one of ``keep_images``."""
+        return self._remove_unpinned(0, keep_images)
+
+    def _remove_unpinned(self, limit: int, keep_images: Collection[str]) -> list[str]:
+        with self._changing() as draft:
+            if draft.total_bytes <= limit:
+                return []  # the usual case: no candidate list to build for thousands of entries
+            pinned = {ref.digest for name, ref in draft.refs.items() if name in keep_images}
+            choice = choose_evictions((e.stored() for e in draft.entries.values()),
+                                      pinned, limit)
+            for digest in choice.evict:
+                entry = draft.entries[digest]
+                self._remove(entry, draft)
+                telemetry.cache_evictions.inc()
+                self.log.info("evicted", digest=digest, image=entry.image, size=entry.size)
+            if choice.remaining_bytes > limit > 0:
+                self.log.warning("cache is over max_size with only pinned images left",
+                                 bytes=choice.remaining_bytes, max_size=limit)
+        return list(choice.evict)
+
+    def verify(self) -> list[VerifyResult]:
+        """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""
+        return [_check(entry)[0] for entry in self.entries()]
+
+    def remove_corrupt(self) -> list[VerifyResult]:
+        """Re-hash every entry: remove the corrupt ones (fetched again when needed), stamp
+        ``verified_at`` on the others. Hashes outside the cache lock; returns the corrupt."""
+        corrupt = []
+        for entry in self.entries():
+            result, seen = _check(entry)
+            with self._changing() as draft:
+                # Act only on the file that was hashed: it may have been replaced meanwhile.
+                now = draft.entries.get(entry.digest)
+                if now is None or stat_key(now.path) != seen:
+                    continue
+                if result.ok:
+                    self._write_record(replace(now, verified_at=now_stamp()), draft)
+                    continue
+                self._remove(now, draft)
+            corrupt.append(result)
+            self.log.warning("corrupt cache entry removed", digest=entry.digest,
+                             detail=result.detail)
+        return corrupt
+
+    # ---- files and the index -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[Draft]:
+        """Hold the lock over a change; publish the result, and a new generation, after it.
+
+        Records another process changed are read again first, so a change never works on
+        what it read before.
+        """
+        with self._lock.held() as held:
+            if held.mark() != self._index.generation:
+                self._publish(self._read_all(), held.mark())
+            draft = Draft.of(self._index)
+            try:
+                yield draft
+            finally:
+                if draft.changed:  # also after a failure: what was written is on disk
+                    self._install(draft.index(held.renew()))
+
+    def _publish(self, maps: tuple[dict[str, CacheEntry], dict[str, Ref]],
+                 generation: str | None) -> None:
+        entries, refs = maps
+        by_source = {s: e.digest for e in entries.values() for s in e.sources}
+        total = sum(e.size for e in entries.values())
+        self._install(Index(entries, refs, by_source, total, generation))
+
+    def _install(self, index: Index) -> None:
+        self._index = index  # one assignment: readers see the old index or the new one
+        telemetry.cache_entries.set(len(index.entries))
+        telemetry.cache_bytes.set(index.total_bytes)
+
+    def _read_all(self) -> tuple[dict[str, CacheEntry], dict[str, Ref]]:
+        entries = {}
+        for record in self.objects.glob("*.json"):
+            entry = self._read_entry(record)
+            if entry is not None:
+                entries[entry.digest] = entry
+        refs = {}
+        for path in self.refs.glob("*.json"):
+            data = self._read_json(path)
+            if data and is_image_name(path.stem) and is_digest(data.get("digest")):
+                etag = data.get("etag")
+                refs[path.stem] = Ref(str(data["digest"]), str(etag) if etag else None)
+        return entries, refs
+
+    def _read_entry(self, record: Path) -> CacheEntry | None:
+        data = self._read_json(record)
+        if not data:
+            return None
+        try:
+            return CacheEntry.from_record(self.objects, data)
+        except (TypeError, KeyError, ValueError, UnsafeName) as err:
+            self.log.warning("unreadable cache record ignored", record=str(record), error=str(err))
+            return None
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        return read_json(path, lambda p, err: self.log.warning(
+            "unreadable cache file ignored", file=str(p), error=str(err)))
+
+    def _write_record(self, entry: CacheEntry, draft: Draft) -> None:
+        draft.changed = True
+        write_json(digest_file(self.objects, entry.digest, ".json"), entry.record(), self.tmp)
+        draft.put(entry)
+
+    def _write_ref(self, image_name: str, entry: CacheEntry, source: Source,
+                   draft: Draft) -> None:
+        draft.changed = True
+        write_json(self.ref_path(image_name), {
+            "digest": entry.digest, "bucket": source.bucket, "key": source.key,
+            "etag": source.etag, "resolved_at": now_stamp()}, self.tmp)
+        draft.refs[image_name] = Ref(entry.digest, source.etag)
+
+    def _remove(self, entry: CacheEntry, draft: Draft) -> None:
+        draft.drop(entry.digest)
+        # Record first: without it the entry no longer exists, even if unlinking data fails.
+        digest_file(self.objects, entry.digest, ".json").unlink(missing_ok=True)
+        entry.path.unlink(missing_ok=True)
+
+
+def _check(entry: CacheEntry) -> tuple[VerifyResult, tuple[int, ...] | None]:
+    seen = stat_key(entry.path)
+    try:
+        digest = sha256_file(entry.path)
+    except OSError as err:
+        return VerifyResult(entry.digest, False, f"unreadable: {err}"), seen
+    if digest != entry.digest:
+        return VerifyResult(entry.digest, False, f"content hashes to {digest}"), seen
+    return VerifyResult(entry.digest, True, "ok"), seen
+
+
+def _merge(old: Collection[Source], new: Collection[Source]) -> tuple[Source, ...]:
+    return tuple(dict.fromkeys([*old, *new]))

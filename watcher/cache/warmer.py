@@ -1,0 +1,272 @@
+"""Fetching an image into the cache: resolve, sidecar, download, verify, inspect, commit.
+
+Why it exists: a policy image names an S3 object (or a prefix), not a digest. Turning it
+into a verified cache entry takes the network (the current object, its sidecar, the
+bytes), qemu-img (inspection) and memory across calls: object versions already rejected
+are not downloaded again, a download whose sidecar was stale is kept aside for a newer
+one, and concurrent requests for the same bytes share one download. The files
+themselves are the store's (``watcher.cache.store``); every disk write goes through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from watcher import telemetry
+from watcher.adapters.qemu_img import inspect_image_file
+from watcher.adapters.s3 import ObjectInfo, S3Store
+from watcher.cache.entry import CacheEntry, Source
+from watcher.cache.files import PartFile
+from watcher.cache.flights import SingleFlight
+from watcher.cache.store import CacheStore, now_stamp
+from watcher.core.errors import (
+    ImageRejected,
+    ObjectUnavailable,
+    PermanentError,
+    SidecarUnavailable,
+    TemporaryError,
+)
+from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
+from watcher.core.paths import digest_file
+from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
+from watcher.core.repeats import RepeatFilter
+from watcher.core.sidecar import parse_sidecar
+
+
+class ImageWarmer:
+    """Keeps the current version of every policy image in the store, verified."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        s3: S3Store,
+        *,
+        max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+        max_concurrent_downloads: int = 2,
+        policies: Callable[[], PolicySet] | None = None,
+    ) -> None:
+        self.store = store
+        self.s3 = s3
+        self.max_virtual_size = max_virtual_size
+        self._policies = policies
+        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
+        self._flights = SingleFlight()
+        self.log = telemetry.get_logger(component="cache")
+        # Downloads whose sidecar did not match yet, kept (and locked) for a newer one.
+        self._pending: dict[Source, tuple[PartFile, str, int]] = {}
+        # Object versions already rejected: not downloaded again until they change.
+        self._rejected: dict[Source, ImageRejected] = {}
+        self._problems = RepeatFilter()
+
+    # ---- reading: the store's, for callers that warm and read (the reprovisioner) -------
+
+    def current(self, image_name: str) -> CacheEntry | None:
+        return self.store.current(image_name)
+
+    def get(self, digest: str) -> CacheEntry | None:
+        return self.store.get(digest)
+
+    def entries(self) -> list[CacheEntry]:
+        return self.store.entries()
+
+    # ---- warming ----------------------------------------------------------------------------
+
+    async def ensure(self, image: ImageSpec) -> CacheEntry:
+        """The current version of ``image``: from the cache, or downloaded, verified, inspected.
+
+        Raises ``ObjectUnavailable`` or ``SidecarUnavailable`` while the image or the
+        sidecar it needs is not uploaded yet, ``ImageRejected`` for a bad image,
+        ``UnsafeName`` for an image name that cannot be a file name, ``TemporaryError``
+        when S3 is unreachable.
+        """
+        # Refused before any download: the name becomes a file name once the image is cached.
+        self.store.ref_path(image.name)
+        with telemetry.tracer.start_as_current_span("warm", attributes={"image": image.name}):
+            obj = await self._resolve(image)
+            digest = await self._published_digest(image, obj)
+            source = Source(obj.bucket, obj.key, obj.etag)
+            known_bad = self._rejected.get(source)
+            if known_bad is not None and known_bad.reason != "checksum_mismatch":
+                # The same bytes will fail the same way; a new upload has a new ETag.
+                self._report_rejection(image, source, digest, known_bad)
+                raise known_bad
+            await self.store.refreshed()  # another process may have changed the cache
+            hit = self.store.lookup(digest, source)
+            if hit is not None:
+                used = await self._use(hit, image, source)
+                if used is not None:
+                    telemetry.cache_hits.inc()
+                    return used
+            flight_key = digest or f"{obj.bucket}/{obj.key}@{obj.etag}"
+            entry = await self._flights.run(
+                flight_key, lambda: self._fetch(image, obj, source, digest))
+            # A caller that joined another image's download (same bytes) records its own ref.
+            entry = await self._use(entry, image, source) or entry
+            # Only now is the new version the image's current one, so the old may go.
+            await self.evict()
+            return entry
+
+    async def close(self) -> None:
+        """Cancel running downloads and drop the ones kept aside (the daemon is stopping)."""
+        await self._flights.cancel()
+        for part, _, _ in self._pending.values():
+            part.release()
+        self._pending.clear()
+
+    async def evict(self) -> list[str]:
+        """Evict least-recently-used entries that no policy image needs, down to max_size."""
+        if self.store.total_bytes <= self.store.max_size:
+            return []  # fits: no need to queue behind the lock (the store checks again)
+        return await self.store.in_worker(self.store.evict, self._images_to_keep())
+
+    def _images_to_keep(self) -> frozenset[str]:
+        if self._policies is None:
+            return frozenset()
+        return frozenset(i.name for i in self._policies().images_to_keep_warm())
+
+    async def _use(self, entry: CacheEntry, image: ImageSpec,
+                   source: Source) -> CacheEntry | None:
+        """Record a use (LRU time, source, ref); None if the entry went meanwhile."""
+        todo = self.store.use_to_record(entry, image.name, source)
+        if not (todo.record or todo.ref):
+            return self.store.get(entry.digest) or entry  # a duplicate: nothing to write
+        return await self.store.in_worker(self.store.record_use, entry.digest, image.name,
+                                          source)
+
+    async def _resolve(self, image: ImageSpec) -> ObjectInfo:
+        if image.key is not None:
+            obj = await asyncio.to_thread(self.s3.stat, image.bucket, image.key)
+            if obj is None:
+                raise ObjectUnavailable(
+                    f"image {image.name}: waiting for s3://{image.bucket}/{image.key}")
+            return obj
+        assert image.prefix is not None
+        listed = await asyncio.to_thread(self.s3.list_objects, image.bucket, image.prefix)
+        versions = [o for o in listed if not o.key.endswith(SIDECAR_SUFFIX)]
+        if not versions:
+            raise ObjectUnavailable(
+                f"image {image.name}: waiting for an object under "
+                f"s3://{image.bucket}/{image.prefix}")
+        return max(versions, key=lambda o: (o.last_modified or datetime.min.replace(tzinfo=UTC),
+                                            o.key))
+
+    async def _published_digest(self, image: ImageSpec, obj: ObjectInfo) -> str | None:
+        sidecar_key = obj.key + SIDECAR_SUFFIX
+        content = await asyncio.to_thread(self.s3.read_small, obj.bucket, sidecar_key)
+        if content is None:
+            if image.checksum_required:
+                raise SidecarUnavailable(
+                    f"image {image.name}: waiting for s3://{obj.bucket}/{sidecar_key}")
+            return None
+        return parse_sidecar(content, obj.key.rsplit("/", 1)[-1])
+
+    async def _fetch(self, image: ImageSpec, obj: ObjectInfo, source: Source,
+                     expected: str | None) -> CacheEntry:
+        pending = self._pending.get(source)
+        if pending is not None and expected is not None and pending[1] == expected:
+            # Downloaded earlier against a stale sidecar; the fresh sidecar now matches.
+            part, digest, size = self._pending.pop(source)
+            self.log.info("sidecar now matches an earlier download", image=image.name,
+                          digest=digest)
+        else:
+            telemetry.cache_misses.inc()
+            part, digest, size = await self._download(image, obj)
+        try:
+            if expected is not None and digest != expected:
+                self._keep_pending(source, part, digest, size)
+                raise ImageRejected(
+                    "checksum_mismatch",
+                    f"image {image.name}: s3://{obj.bucket}/{obj.key} has SHA-256 {digest}, "
+                    f"its sidecar says {expected}; not cached",
+                )
+            with telemetry.tracer.start_as_current_span("inspect", attributes={"digest": digest}):
+                facts = await inspect_image_file(
+                    part.path, image.format, max_virtual_size=self.max_virtual_size)
+            now = now_stamp()
+            entry = CacheEntry(
+                digest=digest, path=digest_file(self.store.objects, digest, f".{image.format}"),
+                format=image.format, virtual_size=facts.virtual_size, size=size,
+                image=image.name, bucket=obj.bucket, key=obj.key, etag=obj.etag,
+                sources=(source,), created_at=now, last_used_at=now, verified_at=now,
+                checksum="sidecar" if expected is not None else "computed",
+            )
+            entry = await self.store.in_worker(self.store.commit, part.path, entry)
+        except ImageRejected as err:
+            telemetry.images_rejected.labels(reason=err.reason).inc()
+            self._rejected[source] = err
+            self._report_rejection(image, source, digest, err)
+            raise
+        finally:
+            if not any(p is part for p, _, _ in self._pending.values()):
+                part.release()  # after a commit the file is in objects/: only the lock goes
+        self.log.info("image cached", image=image.name, digest=digest, size=size,
+                      virtual_size=entry.virtual_size, key=obj.key)
+        return entry
+
+    async def _download(self, image: ImageSpec, obj: ObjectInfo) -> tuple[PartFile, str, int]:
+        part = await asyncio.to_thread(self.store.new_part)
+        started = time.monotonic()
+        async with self._downloads:
+            telemetry.jobs_in_progress.labels(kind="download").inc()
+            try:
+                with telemetry.tracer.start_as_current_span(
+                        "download", attributes={"bucket": obj.bucket, "key": obj.key}):
+                    result = await asyncio.to_thread(
+                        self.s3.download, obj.bucket, obj.key, part.path,
+                        expected_etag=obj.etag, on_bytes=telemetry.download_bytes.inc)
+            except BaseException as err:
+                telemetry.downloads.labels(result="failed").inc()
+                part.release()
+                if isinstance(err, Exception):
+                    self._report_download_failure(image, obj, err)
+                raise
+            finally:
+                telemetry.jobs_in_progress.labels(kind="download").dec()
+        telemetry.downloads.labels(result="ok").inc()
+        self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
+                      seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
+        return part, result.sha256, result.size
+
+    def _keep_pending(self, source: Source, part: PartFile, digest: str, size: int) -> None:
+        old = self._pending.pop(source, None)
+        if old is not None and old[0] is not part:
+            old[0].release()
+        self._pending[source] = (part, digest, size)
+
+    # ---- reporting ----------------------------------------------------------------------------
+
+    def _report_rejection(self, image: ImageSpec, source: Source, digest: str | None,
+                          err: ImageRejected) -> None:
+        """A warning per (object version, reason); repeats of one are rate-limited."""
+        repeats = self._problems.admit((source, err.reason), time.monotonic())
+        if repeats is not None:
+            self.log.warning("image rejected", image=image.name, bucket=source.bucket,
+                             key=source.key, version=source.etag, digest=digest,
+                             reason=err.reason, error=str(err), repeats_unlogged=repeats)
+
+    def _report_download_failure(self, image: ImageSpec, obj: ObjectInfo,
+                                 err: Exception) -> None:
+        reason = failure_reason(err)
+        source = Source(obj.bucket, obj.key, obj.etag)
+        repeats = self._problems.admit((source, reason), time.monotonic())
+        if repeats is not None:
+            self.log.warning("image download failed", image=image.name, bucket=obj.bucket,
+                             key=obj.key, version=obj.etag, reason=reason,
+                             error=f"{type(err).__name__}: {err}", repeats_unlogged=repeats)
+
+
+def failure_reason(err: BaseException) -> str:
+    """A short stable word for a failed download: the errno name (``ENOSPC``) when the
+    cause was an OS error, else whether it was temporary or permanent."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return errno.errorcode.get(cause.errno, f"errno {cause.errno}")
+        cause = cause.__cause__
+    if isinstance(err, TemporaryError):
+        return "temporary"
+    return "permanent" if isinstance(err, PermanentError) else type(err).__name__
