@@ -35,3 +35,13 @@ def plan_warms(events: Iterable[ObjectEvent], policies: PolicySet) -> list[WarmR
                 seen.add(image.name)
                 plan.append(WarmRequest(image.name, f"{event.bucket}/{event.key}"))
     return plan
+
+
+def is_outdated(provisioned_sha256: str | None, current_digest: str | None) -> bool:
+    """Whether a domain written with ``provisioned_sha256`` lags its image's current version.
+
+    ``current_digest`` is the digest the cache holds as the image's current version. A
+    domain never provisioned, or an image not cached yet, is not outdated: there is
+    nothing to compare.
+    """
+    return bool(provisioned_sha256 and current_digest and provisioned_sha256 != current_digest)
