@@ -46,6 +46,7 @@ from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
+from watcher.runtime.keyed import KeyedWorker
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
 
@@ -109,13 +110,17 @@ class Daemon:
             config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
         self.domains: DomainWatcher | None = None
         self.reprovisioner: Reprovisioner | None = None
+        self.reprovisions: KeyedWorker[str] | None = None
         if with_libvirt:
-            from watcher.reprovision import Reprovisioner
+            from watcher.adapters.hypervisor import DomainWatcher
+            from watcher.reprovision import RETRY_BACKOFF, Reprovisioner
 
-            self.reprovisioner = Reprovisioner.create(
-                uri=config.libvirt.uri, images=self.cache, policies=self.policies.get,
-                volumes=config.volumes, settings=config.reprovision)
-            self.domains = self.reprovisioner.hypervisor
+            self.domains = DomainWatcher(config.libvirt.uri, self._domain_reported)
+            self.reprovisioner = Reprovisioner(
+                self.domains, self.cache, self.policies.get, config.volumes)
+            self.reprovisions = KeyedWorker(
+                self.reprovisioner, unit="reprovision", key_field="uuid",
+                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF)
         self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
         self.notifier = SystemdNotifier()
         self.stop_requested = asyncio.Event()
@@ -124,6 +129,10 @@ class Daemon:
         self._failing_images: set[str] = set()
         """Images whose last warm failed; their next success is logged as a recovery."""
         self._warms = Coalescer()
+
+    def _domain_reported(self, uuid: str) -> None:
+        if self.reprovisions is not None:
+            self.reprovisions.submit(uuid)
 
     # ---- health -----------------------------------------------------------------------
 
@@ -311,9 +320,9 @@ class Daemon:
             "watchdog": self._watchdog_loop,
             "ready": self._ready_when_connected,
         }
-        if self.domains is not None and self.reprovisioner is not None:
+        if self.domains is not None and self.reprovisions is not None:
             tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
-            tasks["reprovision"] = lambda: self.reprovisioner.run(self.stop_requested)  # type: ignore[union-attr]
+            tasks["reprovision"] = lambda: self.reprovisions.run(self.stop_requested)  # type: ignore[union-attr]
         running = {asyncio.create_task(factory(), name=name): name
                    for name, factory in tasks.items()}
         stopper = asyncio.create_task(self.stop_requested.wait(), name="stop")
@@ -339,8 +348,8 @@ class Daemon:
         self.notifier.stopping()
         await self.consumer.stop(drain_timeout=self.drain_timeout)
         await self._warms.close()
-        if self.reprovisioner is not None:
-            await self.reprovisioner.drain(self.drain_timeout)
+        if self.reprovisions is not None:
+            await self.reprovisions.drain(self.drain_timeout)
         for task in running:
             if not task.done():
                 task.cancel()
