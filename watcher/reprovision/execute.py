@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from watcher import telemetry
 from watcher.adapters import lvm
@@ -137,38 +137,42 @@ class Executor:
         return lvm.rollback_snapshot(self.lv, cow_snapshot_size(self.lv, step.min_size))
 
     async def _run(self, step: Step) -> None:
-        uuid, image = self.facts.uuid, self.facts.image
-        if isinstance(step, MarkProvisioning):
-            await self.hypervisor.set_state(uuid, DomainState(
-                "provisioning", step.image, step.digest, _now()))
-        elif isinstance(step, CheckShutOff):
-            await self._check_shut_off(step)
-        elif isinstance(step, GrowVolume):
-            grown = await self.hypervisor.grow_volume(step.path, step.size)
-            if grown.capacity < step.size:
-                raise Refused(f"growing {step.path} to {step.size} bytes left {grown.capacity}")
-            self.log.info("volume grown", path=step.path, capacity=grown.capacity)
-            if self.lv is not None:
-                self.lv = await lvm.recognise(step.path)
-        elif isinstance(step, ExtendLv):
-            assert self.lv is not None
-            self.lv = await lvm.grow(self.lv, step.size)
-            self.log.info("logical volume grown", lv=self.lv.name, size=self.lv.size)
-        elif isinstance(step, Discard):
-            await lvm.discard(step.path)
-        elif isinstance(step, WriteImage):
-            await self._write(step)
-        elif isinstance(step, MarkProvisioned):
-            await self.hypervisor.set_state(uuid, DomainState(
-                "provisioned", step.image, step.digest, _now()))
-        elif isinstance(step, StartDomain):
-            try:
-                await self.hypervisor.start(uuid)
-                self.log.info("domain started after reprovision")
-            except WatcherError as exc:
-                self.log.warning("starting the domain after reprovision failed", error=str(exc))
-        else:
-            raise AssertionError(f"no executor for {step!r} ({image.name})")
+        handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
+            MarkProvisioning: self._mark, MarkProvisioned: self._mark,
+            CheckShutOff: self._check_shut_off, GrowVolume: self._grow_volume,
+            ExtendLv: self._extend_lv, Discard: self._discard, WriteImage: self._write,
+            StartDomain: self._start,
+        }
+        await handlers[type(step)](step)
+
+    async def _mark(self, step: MarkProvisioning | MarkProvisioned) -> None:
+        kind: Literal["provisioning", "provisioned"] = (
+            "provisioning" if isinstance(step, MarkProvisioning) else "provisioned")
+        await self.hypervisor.set_state(self.facts.uuid, DomainState(
+            kind, step.image, step.digest, _now()))
+
+    async def _grow_volume(self, step: GrowVolume) -> None:
+        grown = await self.hypervisor.grow_volume(step.path, step.size)
+        if grown.capacity < step.size:
+            raise Refused(f"growing {step.path} to {step.size} bytes left {grown.capacity}")
+        self.log.info("volume grown", path=step.path, capacity=grown.capacity)
+        if self.lv is not None:
+            self.lv = await lvm.recognise(step.path)
+
+    async def _extend_lv(self, step: ExtendLv) -> None:
+        assert self.lv is not None
+        self.lv = await lvm.grow(self.lv, step.size)
+        self.log.info("logical volume grown", lv=self.lv.name, size=self.lv.size)
+
+    async def _discard(self, step: Discard) -> None:
+        await lvm.discard(step.path)
+
+    async def _start(self, step: StartDomain) -> None:
+        try:
+            await self.hypervisor.start(self.facts.uuid)
+            self.log.info("domain started after reprovision")
+        except WatcherError as exc:
+            self.log.warning("starting the domain after reprovision failed", error=str(exc))
 
     async def _check_shut_off(self, step: CheckShutOff) -> None:
         if await self.hypervisor.is_shut_off(self.facts.uuid):
