@@ -157,7 +157,10 @@ class Executor:
             raise Refused(f"growing {step.path} to {step.size} bytes left {grown.capacity}")
         self.log.info("volume grown", path=step.path, capacity=grown.capacity)
         if self.lv is not None:
+            # An LV of a 'logical' pool: LVM's view of it is needed for the snapshot.
             self.lv = await lvm.recognise(step.path)
+            if self.lv is None:
+                raise Refused(f"{step.path} is no longer a logical volume after growing it")
 
     async def _extend_lv(self, step: ExtendLv) -> None:
         assert self.lv is not None
