@@ -192,6 +192,28 @@ class AmqpTuning:
     too few to flood the journal."""
 
 
+@dataclass(frozen=True)
+class ReprovisionTuning:
+    """Retries of one reprovision job."""
+
+    retry_backoff: Backoff = field(
+        default_factory=partial(Backoff, base=2.0, cap=60.0, attempts=6))
+    """Temporary failures (S3, the libvirt connection, a busy device) retried in one worker
+    run, over about two minutes; after that the request stays in the domain's metadata and
+    the next event or sweep tries again."""
+
+
+@dataclass(frozen=True)
+class RuntimeTuning:
+    """The supervisor's own clock."""
+
+    stop_deadline: float = 75.0
+    """Seconds from SIGTERM to exit, every drain together: below the unit's
+    ``TimeoutStopSec=90``, so systemd never has to kill a half-finished write."""
+
+
 LIBVIRT_TUNING = LibvirtTuning()
 S3_TUNING = S3Tuning()
 AMQP_TUNING = AmqpTuning()
+REPROVISION_TUNING = ReprovisionTuning()
+RUNTIME_TUNING = RuntimeTuning()

@@ -105,8 +105,9 @@ def test_a_failed_reload_keeps_the_previous_policies_and_sigterm_exits_cleanly(
         digest = env.upload_with_sidecar(key, make_qcow2(tmp_path / "v1.qcow2"))
         asyncio.run(publish(env.exchange, minio_event(env.bucket, key)))
         # The record lands on disk a moment before the store's counts are updated.
+        entries = "volume_watcher_cache_entries 1.0"
         asyncio.run(wait_for(lambda: (env.cache_dir / "objects" / f"{digest}.json").exists()
-                             and "volume_watcher_cache_entries 1.0" in get(daemon.url("/metrics"))[1],
+                             and entries in get(daemon.url("/metrics"))[1],
                              what="image warmed under the previous policies"))
         metrics = get(daemon.url("/metrics"))[1]
         for line in ('volume_watcher_events_received_total{source="amqp",'

@@ -3,7 +3,8 @@
 Each guest boots a 512-byte boot sector that prints its image's banner on COM1, which
 libvirt logs to a file: a guest that booted v1, was tagged and shut off, and then prints
 v2 was rewritten by the watcher. The watcher runs in the test's event loop (a
-``DomainWatcher`` and a ``Reprovisioner`` with a local image source instead of S3).
+``DomainWatcher`` and the keyed worker running a ``Reprovisioner`` with a local image
+source instead of S3).
 Domains, pools and loop devices get unique names and are removed even when a test fails.
 """
 
@@ -13,16 +14,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from tests.bootimage import domain_xml, write_qcow2_image
 from testsupport.polling import wait_for
@@ -34,6 +33,7 @@ from watcher.core.backoff import Backoff
 from watcher.core.domain import NAMESPACE, DomainState, parse_state
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.reprovision import Reprovisioner
+from watcher.runtime.keyed import KeyedWorker
 from watcher.settings import LibvirtTuning, ReprovisionSettings, VolumesSettings
 
 pytestmark = pytest.mark.libvirt
@@ -219,11 +219,7 @@ def world(world_readable_tmp: Path, unique_name: str, hook_installed: None) -> I
 class Watcher:
     hypervisor: DomainWatcher
     reprovisioner: Reprovisioner
-    logs: list[MutableMapping[str, Any]]
-    """What the reprovisioner logged, debug lines included."""
-
-    def logged(self, event: str, domain: str) -> bool:
-        return any(e["event"] == event and e.get("domain") == domain for e in self.logs)
+    jobs: KeyedWorker[str]
 
 
 @contextlib.asynccontextmanager
@@ -232,33 +228,32 @@ async def watching(world: World, policies: PolicySet, volumes: VolumesSettings,
                    max_concurrent: int = 2, uri: str = URI) -> AsyncIterator[Watcher]:
     """The watcher's two tasks running in this loop until the block ends."""
     stop = asyncio.Event()
-    reprovisioner: Reprovisioner | None = None
+    jobs: KeyedWorker[str] | None = None
 
     def report(uuid: str) -> None:
-        assert reprovisioner is not None
-        reprovisioner.request(uuid)
+        assert jobs is not None
+        jobs.submit(uuid)
 
     hypervisor = DomainWatcher(
         uri, report, tuning=LibvirtTuning(reconnect_backoff=Backoff(base=0.2, cap=1.0, attempts=0)))
     settings = ReprovisionSettings(max_concurrent=max_concurrent)
-    capture = structlog.testing.LogCapture()
-    log = structlog.wrap_logger(None, processors=[capture],
-                                wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    reprovisioner = Reprovisioner(hypervisor, world.images, lambda: policies, volumes, settings,
-                                  log, write_image=write,
-                                  retry=Backoff(base=0.2, cap=1, attempts=3))
+    reprovisioner = Reprovisioner(hypervisor, world.images, lambda: policies, volumes,
+                                  write_image=write)
+    jobs = KeyedWorker(reprovisioner, unit="reprovision", key_field="uuid",
+                       max_concurrent=settings.max_concurrent,
+                       retry=Backoff(base=0.2, cap=1, attempts=3))
     tasks = [asyncio.create_task(hypervisor.run(stop), name="libvirt"),
-             asyncio.create_task(reprovisioner.run(stop), name="reprovision")]
+             asyncio.create_task(jobs.run(stop), name="reprovision")]
     try:
         await wait_for(lambda: hypervisor.connected or any(t.done() for t in tasks),
                        what="the watcher to connect")
         for task in tasks:
             if task.done():
                 task.result()
-        yield Watcher(hypervisor, reprovisioner, capture.entries)
+        yield Watcher(hypervisor, reprovisioner, jobs)
     finally:
         stop.set()
-        await reprovisioner.drain(10)
+        await jobs.drain(10)
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=15)
 
 
@@ -326,11 +321,12 @@ async def test_domain_tagged_while_running_is_untouched_until_it_shuts_off(
     async with watching(world, world.policies(), volumes) as watcher:
         await virsh("start", name)
         await wait_for_banner(log, BANNER_V1)
+        uuid = (await virsh("domuuid", name)).stdout.strip()
+        looked = watcher.jobs.runs[uuid]
         before = sha256_of(path)
         await tag(name)
-        # The metadata-change event arrives and is set aside.
-        await wait_for(lambda: watcher.logged("reprovision pending", name),
-                       what="the request to be looked at and set aside")
+        # The metadata-change event arrives, the job looks at the domain and sets it aside.
+        await wait_for(lambda: watcher.jobs.runs[uuid] > looked, what="the job to see the tag")
 
         assert sha256_of(path) == before
         assert await metadata_state(name) == DomainState("reprovision")

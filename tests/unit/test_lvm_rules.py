@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from watcher.core.lvm_rules import LvInfo, refusal_reason
+from watcher.core.lvm_rules import LvInfo, cow_snapshot_size, refusal_reason
 
 PLAIN = LvInfo(vg="vg0", lv="web1-root", path="/dev/vg0/web1-root", size=10 << 30,
                active=True, device_open=False, is_snapshot=False, is_thin_pool=False,
@@ -36,3 +36,16 @@ PLAIN = LvInfo(vg="vg0", lv="web1-root", path="/dev/vg0/web1-root", size=10 << 3
 def test_refusal_reason_names_why_an_lv_must_not_be_written(
         changes: dict[str, object], expected: str | None) -> None:
     assert refusal_reason(replace(PLAIN, **changes)) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("size", "requested", "expected"),
+    [
+        pytest.param(10 << 30, 1 << 30, (10 << 30) + (10 << 30) // 50 + (4 << 20),
+                     id="a-small-request-grows-to-cover-a-full-write"),
+        pytest.param(10 << 30, 20 << 30, 20 << 30, id="a-larger-request-is-kept"),
+    ],
+)
+def test_a_rollback_snapshot_covers_the_whole_lv(size: int, requested: int,
+                                                  expected: int) -> None:
+    assert cow_snapshot_size(replace(PLAIN, size=size), requested) == expected

@@ -1,5 +1,10 @@
 """The LVM edge: recognise a root disk as a logical volume, grow it, discard it, protect it.
 
+Why it exists: most operators point a domain's disk straight at ``/dev/VG/LV``, often with
+no libvirt pool, so the reprovision job needs LVM's own view of the device before it
+writes. The LVM suite (inside a User-Mode Linux guest, where device-mapper exists) runs
+exactly these functions.
+
 A reprovision overwrites a VM's root LV, so before writing the watcher must know what
 the block device really is (an LV? a snapshot? a thin pool? open by someone?), may have
 to grow it to the image's size, frees a thin LV's blocks before a sparse write, and
@@ -22,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from watcher.core.errors import PermanentError
-from watcher.core.lvm_rules import LvInfo, refusal_reason
+from watcher.core.lvm_rules import LvInfo, cow_snapshot_size, refusal_reason
 
 __all__ = [
-    "LvInfo", "LvmError", "discard", "extend", "lv_for_device", "lv_info",
-    "refusal_reason", "rollback_snapshot",
+    "LvInfo", "LvRefused", "LvmError", "discard", "extend", "grow", "guarded_write",
+    "lv_at", "lv_for_device", "lv_info", "recognise", "refusal_reason", "rollback_snapshot",
 ]
 
 ROLLBACK_SUFFIX = "-vw-rollback"
@@ -54,6 +59,10 @@ class LvmError(PermanentError):
         self.argv = list(argv)
         self.exit_code = exit_code
         self.stderr = stderr
+
+
+class LvRefused(PermanentError):
+    """The LV must not be written; the message is the ``failed`` reason."""
 
 
 def _env() -> dict[str, str]:
@@ -197,6 +206,34 @@ async def lv_for_device(path: str) -> LvInfo | None:
     return await asyncio.to_thread(_match_by_path, real, rows)
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def lv_at(real_path: str) -> LvInfo | None:
+    """The LV at ``real_path``, or None when it is not a block device or not an LV."""
+    if not await asyncio.to_thread(_is_block_device, real_path):
+        return None
+    return await lv_for_device(real_path)
+
+
+async def recognise(real_path: str) -> LvInfo | None:
+    """The LV at ``real_path`` (None when it is not a block device or not an LV).
+
+    Raises ``LvRefused`` when the LV exists but must not be written.
+    """
+    info = await lv_at(real_path)
+    if info is None:
+        return None
+    reason = refusal_reason(info)
+    if reason is not None:
+        raise LvRefused(reason)
+    return info
+
+
 async def extend(info: LvInfo, min_size: int) -> LvInfo:
     """Grow ``info``'s LV to at least ``min_size`` bytes (rounded up to whole extents).
 
@@ -209,6 +246,14 @@ async def extend(info: LvInfo, min_size: int) -> LvInfo:
     target = math.ceil(min_size / current.extent_size) * current.extent_size
     await _run(["lvextend", "--size", f"{target}b", current.name])
     return await lv_info(info.name)
+
+
+async def grow(info: LvInfo, min_size: int) -> LvInfo:
+    """``extend``, refusing with ``LvRefused`` when the LV did not reach ``min_size``."""
+    grown = await extend(info, min_size)
+    if grown.size < min_size:
+        raise LvRefused(f"growing {info.name} to {min_size} bytes left {grown.size}")
+    return grown
 
 
 async def discard(path: str) -> None:
@@ -284,3 +329,23 @@ async def rollback_snapshot(
         raise
     if not keep:
         await _run(["lvremove", "--yes", snapshot.name])
+
+
+@contextlib.asynccontextmanager
+async def guarded_write(info: LvInfo | None, snapshot_size: int | None) -> AsyncIterator[bool]:
+    """Prepare an LV for a write; yields whether the writer may pass ``--target-is-zero``.
+
+    With ``snapshot_size`` (and an LV), a failure inside the block merges a rollback
+    snapshot back so the LV reads exactly as before, then re-raises; success removes it.
+    A thin LV is discarded first (after the snapshot exists: it still holds the old
+    blocks). The reprovision job runs these same pieces as separate steps of its plan.
+    """
+    if info is None:
+        yield False
+        return
+    guard = (rollback_snapshot(info, cow_snapshot_size(info, snapshot_size))
+             if snapshot_size else contextlib.nullcontext())
+    async with guard:
+        if info.is_thin:
+            await discard(info.path)
+        yield info.is_thin

@@ -293,13 +293,13 @@ async def write_image(
         await _reap(proc)
     stderr = stderr_tail.decode("utf-8", "replace")
     if proc.returncode != 0:
-        raise ImageWriteError(
+        raise ImageWriteError.build(
             str(target), proc.returncode, stderr, temporary=_is_transient(stderr),
         )
     try:
         await asyncio.to_thread(fsync_path, target)
     except OSError as exc:
-        raise ImageWriteError(
+        raise ImageWriteError.build(
             str(target), None, f"flushing {target} failed: {exc}",
             temporary=exc.errno in (errno.EBUSY, errno.EAGAIN),
         ) from exc

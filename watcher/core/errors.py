@@ -82,14 +82,36 @@ class ObjectUnavailable(NotUploadedYet):
 
 
 class ImageWriteError(WatcherError):
-    """Writing an image onto a volume failed; says where, how and what qemu-img said."""
+    """Writing an image onto a volume failed; says where, how and what qemu-img said.
 
-    def __init__(self, device: str, exit_code: int | None, stderr: str, *, temporary: bool) -> None:
+    Never raised itself: ``build`` picks ``PermanentImageWriteError`` or
+    ``TemporaryImageWriteError`` when the failure is known, so whoever catches it can
+    tell at once whether a retry may help.
+    """
+
+    def __init__(self, device: str, exit_code: int | None, stderr: str) -> None:
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
         super().__init__(f"writing {device} failed (exit {exit_code}): {detail}")
         self.device = device
         self.exit_code = exit_code
         self.stderr = stderr
-        self.temporary = temporary
-        self.rolled_back = False
-        """Set once a rollback snapshot restored the volume's previous content."""
+
+    @staticmethod
+    def build(device: str, exit_code: int | None, stderr: str, *,
+              temporary: bool) -> ImageWriteError:
+        """The error for a failed write; ``temporary`` for a busy device."""
+        kind = TemporaryImageWriteError if temporary else PermanentImageWriteError
+        return kind(device, exit_code, stderr)
+
+    @property
+    def temporary(self) -> bool:
+        """Whether the same write may succeed later."""
+        return isinstance(self, TemporaryError)
+
+
+class PermanentImageWriteError(ImageWriteError, PermanentError):
+    """The write failed in a way a retry repeats (a target too small, an I/O error)."""
+
+
+class TemporaryImageWriteError(ImageWriteError, TemporaryError):
+    """The device was busy; the same write may succeed later."""

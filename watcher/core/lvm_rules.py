@@ -71,3 +71,14 @@ def refusal_reason(info: LvInfo) -> str | None:
     if info.device_open:
         return f"{info.name} is open by another process or device"
     return None
+
+
+def cow_snapshot_size(info: LvInfo, requested: int) -> int:
+    """The size to give a thick LV's rollback snapshot of at least ``requested`` bytes.
+
+    At least the whole LV plus room for the snapshot's own metadata, because a full
+    write changes every block and a snapshot that overflows is invalidated and can no
+    longer be merged back. The policy's size is therefore a lower bound; thin snapshots
+    ignore it.
+    """
+    return max(requested, info.size + info.size // 50 + info.extent_size)

@@ -38,9 +38,10 @@ from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
+from watcher.runtime.keyed import KeyedWorker
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
-from watcher.settings import Config
+from watcher.settings import RUNTIME_TUNING, Config
 
 if TYPE_CHECKING:
     from watcher.adapters.hypervisor import DomainWatcher
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
 
 log = telemetry.get_logger(component="supervisor")
 
-STOP_DEADLINE = 75.0
-"""Seconds from SIGTERM to exit, all drains together: below the unit's TimeoutStopSec=90."""
+STOP_DEADLINE = RUNTIME_TUNING.stop_deadline
+"""Seconds from SIGTERM to exit, all drains together (``watcher.settings.RuntimeTuning``)."""
 
 
 class StopDeadline:
@@ -131,18 +132,26 @@ class Daemon:
             config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
         self.domains: DomainWatcher | None = None
         self.reprovisioner: Reprovisioner | None = None
+        self.reprovisions: KeyedWorker[str] | None = None
         if with_libvirt:
-            from watcher.reprovision import Reprovisioner
+            from watcher.adapters.hypervisor import DomainWatcher
+            from watcher.reprovision import RETRY_BACKOFF, Reprovisioner
 
-            self.reprovisioner = Reprovisioner.create(
-                uri=config.libvirt.uri, images=self.cache, policies=self.policies.get,
-                volumes=config.volumes, settings=config.reprovision)
-            self.domains = self.reprovisioner.hypervisor
+            self.domains = DomainWatcher(config.libvirt.uri, self._domain_reported)
+            self.reprovisioner = Reprovisioner(
+                self.domains, self.cache, self.policies.get, config.volumes)
+            self.reprovisions = KeyedWorker(
+                self.reprovisioner, unit="reprovision", key_field="uuid",
+                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF)
         self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
         self.notifier = SystemdNotifier()
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
+
+    def _domain_reported(self, uuid: str) -> None:
+        if self.reprovisions is not None:
+            self.reprovisions.submit(uuid)
 
     # ---- health -----------------------------------------------------------------------
 
@@ -283,9 +292,9 @@ class Daemon:
             "cache-refresh": self._cache_refresh_loop,
             "ready": self._ready_when_connected,
         }
-        if self.domains is not None and self.reprovisioner is not None:
+        if self.domains is not None and self.reprovisions is not None:
             tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
-            tasks["reprovision"] = lambda: self.reprovisioner.run(self.stop_requested)  # type: ignore[union-attr]
+            tasks["reprovision"] = lambda: self.reprovisions.run(self.stop_requested)  # type: ignore[union-attr]
         running = {asyncio.create_task(factory(), name=name): name
                    for name, factory in tasks.items()}
         stopper = asyncio.create_task(self.stop_requested.wait(), name="stop")
@@ -319,11 +328,9 @@ class Daemon:
         still_running += [f"warm {image}" for image in await self._warms.drain(
             deadline.for_drains())]
         await self.cache.close()
-        if self.reprovisioner is not None:
-            jobs = self.reprovisioner.running_jobs
-            await self.reprovisioner.drain(deadline.for_drains())
-            if jobs and deadline.drains_over():
-                still_running.append(f"reprovisions ({jobs})")
+        if self.reprovisions is not None:
+            still_running += [f"reprovision {uuid}" for uuid in
+                              await self.reprovisions.drain(deadline.for_drains())]
         for task in running:
             if not task.done():
                 task.cancel()

@@ -1,0 +1,207 @@
+"""Running a reprovision plan: each step through its adapter, logged and traced.
+
+Why it exists: ``watcher.core.plan`` decides what to do; this module only does it, one
+step at a time and in order, so what runs is exactly what the plan (and its log line)
+says. A rollback snapshot taken by one step guards every later step until
+``DropSnapshot``: a failure in between merges it back before the error travels on, and
+the error then says whether the volume was rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from watcher import telemetry
+from watcher.adapters import lvm
+from watcher.core.domain import DomainState
+from watcher.core.errors import PermanentError, PermanentImageWriteError, WatcherError
+from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
+from watcher.core.plan import (
+    CheckShutOff,
+    Discard,
+    DropSnapshot,
+    ExtendLv,
+    GrowVolume,
+    JobFacts,
+    MarkProvisioned,
+    MarkProvisioning,
+    Plan,
+    Snapshot,
+    StartDomain,
+    Step,
+    WriteImage,
+)
+
+
+class WriteImageFunction(Protocol):
+    """The signature of ``watcher.adapters.qemu_img.write_image``."""
+
+    def __call__(self, source: Path, source_format: str, target: Path, *,
+                 target_is_zero: bool = False,
+                 on_progress: Callable[[float], None] | None = None) -> Awaitable[None]: ...
+
+
+class Capacity(Protocol):
+    @property
+    def capacity(self) -> int: ...
+
+
+class DomainCalls(Protocol):
+    """The libvirt calls a plan makes (``DomainWatcher`` has them)."""
+
+    async def set_state(self, uuid: str, state: DomainState) -> None: ...
+
+    async def is_shut_off(self, uuid: str) -> bool: ...
+
+    async def grow_volume(self, path: str, capacity: int) -> Capacity: ...
+
+    async def start(self, uuid: str) -> None: ...
+
+
+class Refused(PermanentError):
+    """The job will not (go on to) write this volume; the message is the ``failed`` reason."""
+
+
+class Deferred(WatcherError):
+    """The domain started before the write began; the request waits for the next stop."""
+
+
+class WriteFailed(PermanentError):
+    """The write failed for good; the message says whether the volume was rolled back."""
+
+    def __init__(self, cause: PermanentImageWriteError, *, rolled_back: bool) -> None:
+        outcome = ("the volume was rolled back to its previous content" if rolled_back
+                   else "the volume may hold a partial image")
+        super().__init__(f"{cause}; {outcome}")
+        self.cause = cause
+        self.rolled_back = rolled_back
+
+
+_SPAN_NAMES: dict[type[Any], str] = {
+    MarkProvisioning: "metadata update", MarkProvisioned: "metadata update",
+    CheckShutOff: "check shut off", GrowVolume: "grow", ExtendLv: "grow",
+    Snapshot: "snapshot", Discard: "discard", WriteImage: "write",
+    DropSnapshot: "snapshot", StartDomain: "start",
+}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Executor:
+    """Runs one plan for one domain."""
+
+    hypervisor: DomainCalls
+    write_image: WriteImageFunction
+    facts: JobFacts
+    source: Path
+    """The cache entry's data file."""
+    log: Any
+    lv: LvInfo | None = None
+    """The root LV as it is now: a grow step changes it, the snapshot step needs it."""
+
+    async def run(self, plan: Plan) -> None:
+        """Run every step; raise what stopped it (``Deferred``, a refusal, a failure)."""
+        self.lv = self.facts.target.lv if self.facts.target else None
+        for note in plan.notes:
+            self.log.warning(note)
+        guarded = False
+        try:
+            async with contextlib.AsyncExitStack() as guard:
+                for step in plan.steps:
+                    self.log.debug("reprovision step", step=str(step))
+                    with telemetry.tracer.start_as_current_span(_SPAN_NAMES[type(step)]) as span:
+                        span.set_attribute("step", str(step))
+                        if isinstance(step, Snapshot):
+                            await guard.enter_async_context(self._snapshot(step))
+                            guarded = True
+                        elif isinstance(step, DropSnapshot):
+                            await guard.aclose()  # success: the snapshot is removed
+                            guarded = False
+                        else:
+                            await self._run(step)
+        except PermanentImageWriteError as exc:
+            # Still guarded here means the snapshot was merged back: a failed merge
+            # raises LvmError instead.
+            raise WriteFailed(exc, rolled_back=guarded) from exc
+
+    def _snapshot(self, step: Snapshot) -> contextlib.AbstractAsyncContextManager[LvInfo]:
+        assert self.lv is not None and self.lv.name == step.lv
+        return lvm.rollback_snapshot(self.lv, cow_snapshot_size(self.lv, step.min_size))
+
+    async def _run(self, step: Step) -> None:
+        handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
+            MarkProvisioning: self._mark, MarkProvisioned: self._mark,
+            CheckShutOff: self._check_shut_off, GrowVolume: self._grow_volume,
+            ExtendLv: self._extend_lv, Discard: self._discard, WriteImage: self._write,
+            StartDomain: self._start,
+        }
+        await handlers[type(step)](step)
+
+    async def _mark(self, step: MarkProvisioning | MarkProvisioned) -> None:
+        kind: Literal["provisioning", "provisioned"] = (
+            "provisioning" if isinstance(step, MarkProvisioning) else "provisioned")
+        await self.hypervisor.set_state(self.facts.uuid, DomainState(
+            kind, step.image, step.digest, _now()))
+
+    async def _grow_volume(self, step: GrowVolume) -> None:
+        grown = await self.hypervisor.grow_volume(step.path, step.size)
+        if grown.capacity < step.size:
+            raise Refused(f"growing {step.path} to {step.size} bytes left {grown.capacity}")
+        self.log.info("volume grown", path=step.path, capacity=grown.capacity)
+        if self.lv is not None:
+            # An LV of a 'logical' pool: LVM's view of it is needed for the snapshot.
+            self.lv = await lvm.recognise(step.path)
+            if self.lv is None:
+                raise Refused(f"{step.path} is no longer a logical volume after growing it")
+
+    async def _extend_lv(self, step: ExtendLv) -> None:
+        assert self.lv is not None
+        self.lv = await lvm.grow(self.lv, step.size)
+        self.log.info("logical volume grown", lv=self.lv.name, size=self.lv.size)
+
+    async def _discard(self, step: Discard) -> None:
+        await lvm.discard(step.path)
+
+    async def _start(self, step: StartDomain) -> None:
+        try:
+            await self.hypervisor.start(self.facts.uuid)
+            self.log.info("domain started after reprovision")
+        except WatcherError as exc:
+            self.log.warning("starting the domain after reprovision failed", error=str(exc))
+
+    async def _check_shut_off(self, step: CheckShutOff) -> None:
+        if await self.hypervisor.is_shut_off(self.facts.uuid):
+            return
+        if step.when == "before write":
+            # Started between the decision and the interlock: keep the request for later.
+            await self.hypervisor.set_state(self.facts.uuid, DomainState(
+                "reprovision", self.facts.requested_image))
+            raise Deferred("the domain started before the write began")
+        raise Refused("the domain was started while its volume was being written; the "
+                      "volume content is undefined")
+
+    async def _write(self, step: WriteImage) -> None:
+        name, image = self.facts.domain, self.facts.image
+        last_logged = -10.0
+
+        def progress(percent: float) -> None:
+            nonlocal last_logged
+            telemetry.write_progress.labels(domain=name).set(percent / 100)
+            if percent - last_logged >= 10 or percent >= 100:
+                last_logged = percent
+                self.log.info("writing volume", progress=round(percent, 1))
+
+        telemetry.write_progress.labels(domain=name).set(0)
+        self.log.info("writing volume", path=step.path, digest=image.digest,
+                      bytes=image.virtual_size)
+        await self.write_image(self.source, image.format, Path(step.path),
+                               target_is_zero=step.target_is_zero, on_progress=progress)
+        telemetry.write_progress.labels(domain=name).set(1)

@@ -1,0 +1,86 @@
+"""A reprovision job's facts, read once: the root disk, its volume, its LV, the image.
+
+Why it exists: the job decides once (``watcher.core.plan``) on a frozen ``JobFacts``
+instead of asking libvirt and LVM a little at a time between decisions. Reading is lazy
+on purpose, and uses the plan's own rules to know when to stop: nothing is looked up
+behind a disk the plan refuses, and a volume the allow-list refuses is never opened just
+to read its size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from dataclasses import replace
+
+from watcher.adapters import lvm
+from watcher.adapters.hypervisor import DomainFacts, DomainWatcher
+from watcher.cache import CacheEntry
+from watcher.core.domain import DomainState, RootDiskSource, RootDiskUnusable, root_disk
+from watcher.core.plan import (
+    ImageFacts,
+    JobFacts,
+    PoolVolume,
+    TargetFacts,
+    VolumeRules,
+    disk_refusal,
+    volume_refusal,
+)
+from watcher.core.policy import DomainRule
+
+
+def _size_of(target: TargetFacts) -> tuple[int | None, str | None]:
+    """Bytes of a regular file or block device, or why they cannot be known."""
+    path = target.real_path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, f"cannot open root disk {target.shown}: {exc.strerror}"
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return os.fstat(fd).st_size, None
+        if stat.S_ISBLK(mode):
+            return os.lseek(fd, 0, os.SEEK_END), None
+        return None, f"{path} is neither a regular file nor a block device"
+    except OSError as exc:
+        return None, f"cannot open root disk {target.shown}: {exc.strerror}"
+    finally:
+        os.close(fd)
+
+
+async def resolve_target(hypervisor: DomainWatcher, disk: RootDiskSource) -> TargetFacts:
+    """The volume behind ``disk``: its path, real path, libvirt volume and LV."""
+    if disk.type == "volume":
+        assert disk.pool is not None and disk.volume is not None
+        path = await hypervisor.volume_path(disk.pool, disk.volume)
+    else:
+        assert disk.path is not None
+        path = disk.path
+    real = await asyncio.to_thread(os.path.realpath, path)
+    volume = await hypervisor.volume_for_path(path)
+    lv = await lvm.lv_at(real)
+    pool_volume = (PoolVolume(volume.pool, volume.pool_type, volume.capacity)
+                   if volume is not None else None)
+    return TargetFacts(path, real, pool_volume, lv)
+
+
+async def gather(hypervisor: DomainWatcher, domain: DomainFacts, request: DomainState,
+                 rule: DomainRule, image: str, entry: CacheEntry,
+                 volumes: VolumeRules) -> JobFacts:
+    """What ``core.plan.plan`` needs to decide on writing ``entry`` onto ``domain``."""
+    facts = JobFacts(domain.name, domain.uuid, request.image,
+                     ImageFacts(image, entry.digest, entry.format, entry.virtual_size),
+                     disk=None)
+    try:
+        facts = replace(facts, disk=root_disk(domain.xml, rule.root_disk))
+    except RootDiskUnusable as exc:
+        return replace(facts, disk_problem=str(exc))
+    if disk_refusal(facts) is not None or facts.disk is None:
+        return facts
+    target = await resolve_target(hypervisor, facts.disk)
+    if volume_refusal(target, volumes) is None and target.capacity is None:
+        size, problem = await asyncio.to_thread(_size_of, target)
+        target = replace(target, size=size, size_problem=problem)
+    return replace(facts, target=target)
