@@ -33,6 +33,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -82,6 +83,7 @@ class HttpServer:
         self._open: dict[asyncio.Task[None], _Connection] = {}
         # Every handler still running, evicted ones included, for stop() to wait on.
         self._tasks: set[asyncio.Task[None]] = set()
+        self._transports = _Transports()
         self._log = telemetry.get_logger(component="http")
 
     @property
@@ -101,9 +103,13 @@ class HttpServer:
             self._max_connections = max(1, soft // 2)
         # A deep accept queue: a burst of connects must not overflow it and leave a probe
         # waiting a second for its SYN to be retried.
-        self._server = await asyncio.start_server(
-            self._handle, self._host, self._port, limit=self._max_header_bytes,
-            backlog=1024)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _TrackedProtocol:
+            reader = asyncio.StreamReader(limit=self._max_header_bytes, loop=loop)
+            return _TrackedProtocol(reader, self._handle, self._transports)
+
+        self._server = await loop.create_server(protocol, self._host, self._port, backlog=1024)
         self._log.info("http server listening", host=self._host or "*", port=self.port,
                        max_connections=self._max_connections)
 
@@ -113,11 +119,21 @@ class HttpServer:
         if server is None:
             return
         server.close()
+        # Every connection, also one accepted just now whose handler has not run yet; a
+        # few loop turns let accepts already under way reach the protocol, which aborts them.
+        self._transports.closed = True
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for transport in list(self._transports):
+            transport.abort()
         for task in list(self._tasks):
             self._drop(task)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
+        # Aborted transports close their sockets on the next loop turns.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     def _drop(self, task: asyncio.Task[None]) -> None:
         conn = self._open.pop(task, None)
@@ -136,6 +152,9 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        if self._server is None:
+            writer.transport.abort()  # accepted while stopping
+            return
         if len(self._open) >= self._max_connections and not self._evict_oldest_awaiting_head():
             writer.transport.abort()  # every slot is answering: they end within write_timeout
             return
@@ -244,3 +263,33 @@ class HttpServer:
 
 def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+class _Transports(set[asyncio.Transport]):
+    """The server's open connections, handler or not; ``closed`` once it stops."""
+
+    closed = False
+
+
+class _TrackedProtocol(asyncio.StreamReaderProtocol):
+    """A stream protocol that keeps its transport in the server's set while it is open."""
+
+    def __init__(self, reader: asyncio.StreamReader, handle: Any,
+                 transports: _Transports) -> None:
+        super().__init__(reader, handle)
+        self._tracked = transports
+        self._own: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self._tracked.closed:
+            transport.abort()  # accepted while the server stops
+            return
+        self._own = transport
+        self._tracked.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._own is not None:
+            self._tracked.discard(self._own)
+        super().connection_lost(exc)

@@ -189,10 +189,21 @@ async def attack() -> AsyncIterator[Attack]:
         return proc
 
     yield start
+    await _stop_attackers(procs)
+
+
+async def _stop_attackers(procs: list[asyncio.subprocess.Process]) -> None:
     for proc in procs:
         if proc.returncode is None:
             proc.terminate()
         await proc.wait()
+
+
+async def _stop_after_the_attack(srv: HttpServer, *attackers: asyncio.subprocess.Process) -> None:
+    """End the attack first: a connection still being accepted while the server stops is
+    closed only by the garbage collector, which warns in whatever test runs then."""
+    await _stop_attackers(list(attackers))
+    await srv.stop()
 
 
 async def _timed_get(port: int, path: str) -> tuple[int | str, float]:
@@ -210,8 +221,10 @@ async def test_probes_are_answered_while_another_process_holds_500_idle_and_slow
 ) -> None:
     srv = HttpServer("127.0.0.1:0", checks)  # the daemon's defaults
     await srv.start()
+    attackers: list[asyncio.subprocess.Process] = []
     try:
         attacker = await attack(srv.port, idle=250, slow=250)
+        attackers.append(attacker)
         # Spread over more than one header deadline, so probes also meet the churn of
         # attackers being cut off and connecting again.
         results: dict[str, list[tuple[int | str, float]]] = {"/healthz": [], "/metrics": []}
@@ -221,7 +234,7 @@ async def test_probes_are_answered_while_another_process_holds_500_idle_and_slow
             await asyncio.sleep(0.15)
         assert attacker.returncode is None, "the attack stopped before the probes did"
     finally:
-        await srv.stop()
+        await _stop_after_the_attack(srv, *attackers)
     for path, seen in results.items():
         assert all(status == 200 and took < 1.0 for status, took in seen), (path, seen)
 
@@ -231,11 +244,13 @@ async def test_a_full_server_admits_a_probe_by_dropping_the_oldest_unfinished_co
 ) -> None:
     srv = HttpServer("127.0.0.1:0", checks, max_connections=8)
     await srv.start()
+    attackers: list[asyncio.subprocess.Process] = []
     try:
-        await attack(srv.port, idle=8, slow=0)  # every slot taken, taken again when freed
+        # Every slot taken, and taken again when freed.
+        attackers.append(await attack(srv.port, idle=8, slow=0))
         seen = [await _timed_get(srv.port, "/healthz") for _ in range(10)]
     finally:
-        await srv.stop()
+        await _stop_after_the_attack(srv, *attackers)
     assert all(status == 200 and took < 1.0 for status, took in seen), seen
 
 
