@@ -311,8 +311,15 @@ class ImageCache:
 
     # ---- warming ----------------------------------------------------------------------
 
-    async def ensure(self, image: ImageSpec) -> CacheEntry:
+    async def ensure(self, image: ImageSpec, *,
+                     before_download: Callable[[Source], Awaitable[None]] | None = None,
+                     ) -> CacheEntry:
         """The current version of ``image``: from the cache, or downloaded, verified, inspected.
+
+        ``before_download`` is awaited when this version must be downloaded, before the
+        download is shared with other callers (pre-warming waits its fleet spread there;
+        a reprovision passes none and downloads at once, and a pre-warm that waited then
+        finds its download in the cache).
 
         Raises ``ObjectUnavailable`` or ``SidecarUnavailable`` while the image or the
         sidecar it needs is not uploaded yet, ``ImageRejected`` for a bad image,
@@ -331,6 +338,9 @@ class ImageCache:
                 self._report_rejection(image, source, digest, known_bad)
                 raise known_bad
             hit = self._lookup(digest, source)
+            if hit is None and before_download is not None:
+                await before_download(source)
+                hit = self._lookup(digest, source)
             if hit is not None:
                 telemetry.cache_hits.inc()
                 return self._use(hit, image, source)

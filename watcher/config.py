@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from watcher.core.errors import ConfigError, Problem
+from watcher.core.fleet import HOST_NAME_RULE, is_host_name
 from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
@@ -80,7 +81,7 @@ class AmqpSettings:
     routing_key: str = ""
     """Binding key of this host's queue; MinIO publishes with its configured routing key."""
     queue: str = ""
-    """Durable queue of this host; "" = ``libvirt-volume-watcher.<hostname>``."""
+    """Durable queue of this host; "" = ``libvirt-volume-watcher.<host.name>``."""
     prefetch: int = 256
     """Unacked messages the broker may send ahead; each is acked only after it was handled.
 
@@ -88,6 +89,12 @@ class AmqpSettings:
     notifications name keys no policy knows and take microseconds each); downloads are
     bounded separately by ``cache.max_concurrent_downloads``.
     """
+
+    # Fleet: see the fleet block below.
+    queue_type: str = "classic"
+    """classic, or quorum: replicated, with ``delivery_limit`` dead-lettering poison."""
+    delivery_limit: int = 5
+    """Quorum queues only: deliveries of one message before it is dead-lettered."""
 
     def queue_name(self, hostname: str | None = None) -> str:
         return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"
@@ -138,6 +145,44 @@ class TracingSettings:
     """OTLP/HTTP endpoint for spans; "" = no export."""
 
 
+# --- fleet: many hosts on one bucket and one broker ----------------------------------------
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    name: str = ""
+    """This host's name in the fleet: its queue, its status object, ``hosts:`` globs and
+    the trace resource; "" = the machine's hostname."""
+
+    @property
+    def resolved(self) -> str:
+        return self.name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    status_bucket: str = ""
+    """Bucket for ``.libvirt-volume-watcher/hosts/<host>.json``; "" = no status written."""
+
+
+@dataclass(frozen=True)
+class PrewarmSettings:
+    spread: float = 0.0
+    """Seconds; a host waits a fixed per-host delay in [0, spread) before downloading a new
+    version, so a fleet's downloads of one upload do not hit S3 in the same second."""
+
+
+QUEUE_TYPES = ("classic", "quorum")
+FLEET_SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
+    "host": ("name",),
+    "fleet": ("status_bucket",),
+    "prewarm": ("spread",),
+}
+
+
+# --- the whole config ------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Config:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
@@ -151,6 +196,9 @@ class Config:
     volumes: VolumesSettings = field(default_factory=VolumesSettings)
     reprovision: ReprovisionSettings = field(default_factory=ReprovisionSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    host: HostSettings = field(default_factory=HostSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
     source: Path | None = None
     """The file this config was read from."""
 
@@ -162,13 +210,15 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
     "libvirt": ("uri",),
     "s3": ("endpoint", "access_key", "access_key_file", "secret_key", "secret_key_file",
            "region"),
-    "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch"),
+    "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch",
+             "queue_type", "delivery_limit"),
     "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads"),
     "policies": ("dir",),
     "http": ("listen",),
     "volumes": ("allow", "lvm_vgs"),
     "reprovision": ("max_concurrent",),
     "tracing": ("otlp_endpoint",),
+    **FLEET_SECTION_KEYS,
 }
 TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -176,6 +226,7 @@ ENVIRONMENT = "environment"
 """The ``file`` of a Problem about an environment variable."""
 
 _VG_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -340,6 +391,9 @@ class _ConfigReader:
             volumes=self._volumes(sections["volumes"]),
             reprovision=self._reprovision(sections["reprovision"]),
             tracing=self._tracing(sections["tracing"]),
+            host=self._host(sections["host"]),
+            fleet=self._fleet(sections["fleet"]),
+            prewarm=self._prewarm(sections["prewarm"]),
             source=self.path.absolute(),
         )
 
@@ -385,6 +439,7 @@ class _ConfigReader:
                 values[key] = text
         if (prefetch := self.fields.positive_int(m, "prefetch", "amqp")) is not None:
             values["prefetch"] = prefetch
+        values.update(self._amqp_fleet(m))
         return AmqpSettings(**values)
 
     def _cache(self, m: LineMap) -> CacheSettings:
@@ -448,6 +503,43 @@ class _ConfigReader:
             return TracingSettings(otlp_endpoint="")
         endpoint = self._url(m, "otlp_endpoint", "tracing", ("http", "https"))
         return TracingSettings() if endpoint is None else TracingSettings(otlp_endpoint=endpoint)
+
+    # --- fleet sections
+
+    def _host(self, m: LineMap) -> HostSettings:
+        name = self.fields.string(m, "name", "host", empty_ok=True)
+        if name is None or name == "":
+            return HostSettings()
+        if not is_host_name(name):
+            self.fields.report(m.value_line("name"), f"host.name: expected {HOST_NAME_RULE} "
+                                                     f"(it names a queue and an S3 key), "
+                                                     f"got {describe(name)}")
+            return HostSettings()
+        return HostSettings(name=name)
+
+    def _fleet(self, m: LineMap) -> FleetSettings:
+        bucket = self.fields.string(m, "status_bucket", "fleet", empty_ok=True)
+        if bucket and not _BUCKET_NAME.fullmatch(bucket):
+            self.fields.report(m.value_line("status_bucket"), "fleet.status_bucket: expected an "
+                               f"S3 bucket name (3-63 of a-z 0-9 . -), got {describe(bucket)}")
+            return FleetSettings()
+        return FleetSettings(status_bucket=bucket or "")
+
+    def _prewarm(self, m: LineMap) -> PrewarmSettings:
+        value = m.get("spread")
+        if value == 0 and not isinstance(value, bool):
+            return PrewarmSettings()  # 0, the default, is off
+        spread = self.fields.positive_number(m, "spread", "prewarm")
+        return PrewarmSettings() if spread is None else PrewarmSettings(spread=spread)
+
+    def _amqp_fleet(self, m: LineMap) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if (queue_type := self.fields.choice(m, "queue_type", "amqp", QUEUE_TYPES)) is not None:
+            values["queue_type"] = queue_type
+        limit = self.fields.positive_int(m, "delivery_limit", "amqp")
+        if limit is not None:
+            values["delivery_limit"] = limit
+        return values
 
     # --- value kinds
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -46,6 +47,7 @@ from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.http import HttpServer
 from watcher.runtime.coalesce import Coalescer
+from watcher.runtime.fleet import FleetMember
 from watcher.runtime.observability import context_from_amqp_headers
 from watcher.runtime.sdnotify import SystemdNotifier
 
@@ -65,6 +67,8 @@ class PolicyStore:
     directory: Any
     current: PolicySet = field(default_factory=PolicySet)
     loaded: bool = False
+    host: str | None = None
+    """This host's name, for the policies' ``hosts:`` globs."""
 
     def load(self) -> bool:
         try:
@@ -80,7 +84,7 @@ class PolicyStore:
             telemetry.policy_reloads.labels(result="failed").inc()
             telemetry.report_unexpected(log, "reload", directory=str(self.directory))
             return False
-        self.current = policies
+        self.current = policies if self.host is None else policies.on_host(self.host)
         self.loaded = True
         telemetry.policy_reloads.labels(result="ok").inc()
         telemetry.policy_images.set(len(policies.images))
@@ -98,7 +102,7 @@ class Daemon:
                  with_libvirt: bool = True) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
-        self.policies = PolicyStore(config.policies.dir)
+        self.policies = PolicyStore(config.policies.dir, host=config.host.resolved)
         self.s3 = S3Store(config.s3)
         self.cache = ImageCache(
             config.cache.dir, self.s3, max_size=config.cache.max_size,
@@ -106,7 +110,8 @@ class Daemon:
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
             pinned=self.policies.get)
         self.consumer = BucketEventConsumer(
-            config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
+            config.amqp, self.handle_message,
+            queue_name=config.amqp.queue_name(config.host.resolved))
         self.domains: DomainWatcher | None = None
         self.reprovisioner: Reprovisioner | None = None
         if with_libvirt:
@@ -121,6 +126,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
+        self.fleet = FleetMember(config, self.cache, self.policies.get, self.stop_requested)
         self._failing_images: set[str] = set()
         """Images whose last warm failed; their next success is logged as a recovery."""
         self._warms = Coalescer()
@@ -177,7 +183,7 @@ class Daemon:
             return
         bound = log.bind(image=image.name, trigger=trigger)
         try:
-            entry = await self.cache.ensure(image)
+            entry = await self.fleet.warm(image.name, functools.partial(self.cache.ensure, image))
         except NotUploadedYet as err:
             # Either object may come first; the missing one's own event retriggers.
             what = "the checksum sidecar" if isinstance(err, SidecarUnavailable) else "the image"
@@ -210,19 +216,21 @@ class Daemon:
             # Each warm is its own unit and reports its own failure; the pass goes on.
             with contextlib.suppress(Exception):
                 await self.warm(image.name, trigger="reconcile")
+        outdated = None
         if self.domains is not None and self.domains.connected:
             try:
                 await self.domains.sweep()
-                await self._count_outdated()
+                outdated = await self._count_outdated()
             except WatcherError as err:
                 log.warning("domain sweep failed; retrying at the next interval", error=str(err))
             except Exception:
                 telemetry.report_unexpected(log, "sweep")
         self.cache.evict()
+        self.fleet.reconciled(outdated)
         log.info("reconciled", images=len(images),
                  seconds=round(time.monotonic() - started, 3))
 
-    async def _count_outdated(self) -> None:
+    async def _count_outdated(self) -> list[str] | None:
         """Domains provisioned with an older digest than their image's cached current one."""
         from watcher.adapters.hypervisor import domain_overview
 
@@ -231,14 +239,15 @@ class Daemon:
                                            self.policies.get())
         except WatcherError as err:
             log.warning("could not count outdated domains", error=str(err))
-            return
-        outdated = 0
+            return None
+        outdated = []
         for row in rows:
             current = self.cache.current(str(row.get("image") or ""))
             provisioned = row.get("provisioned_sha256")
             if current is not None and provisioned and provisioned != current.digest:
-                outdated += 1
-        telemetry.domains_outdated.set(outdated)
+                outdated.append(str(row["domain"]))
+        telemetry.domains_outdated.set(len(outdated))
+        return outdated
 
     # ---- loops ------------------------------------------------------------------------
 
@@ -311,6 +320,8 @@ class Daemon:
             "watchdog": self._watchdog_loop,
             "ready": self._ready_when_connected,
         }
+        if self.config.fleet.status_bucket:
+            tasks["fleet-status"] = self.fleet.run
         if self.domains is not None and self.reprovisioner is not None:
             tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
             tasks["reprovision"] = lambda: self.reprovisioner.run(self.stop_requested)  # type: ignore[union-attr]
