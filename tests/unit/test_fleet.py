@@ -3,14 +3,18 @@ staleness and the hosts x images table, plus the fleet's config keys and policy 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from watcher.config import load_config
+from tests.conftest import reset_global_tracer_provider
+from watcher.config import Config, FleetSettings, HostSettings, TracingSettings, load_config
 from watcher.core.errors import ConfigError
 from watcher.core.fleet import (
     fleet_view,
@@ -23,7 +27,10 @@ from watcher.core.fleet import (
     view_json,
     view_lines,
 )
+from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
+from watcher.runtime.fleet import MIN_WRITE_INTERVAL, FleetMember
+from watcher.runtime.observability import configure_tracing
 
 NOW = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
 DIGEST_A = "a" * 64
@@ -238,3 +245,70 @@ def test_bad_fleet_settings_are_reported_at_their_line(
     [problem] = caught.value.problems
     assert (problem.file, problem.line) == (str(path), line)
     assert words in problem.message, problem.message
+
+
+# --- this host's status writer and trace resource ----------------------------------------
+
+
+class _RecordingStore:
+    """Stands in for the bucket; ``write`` runs in the writer's executor thread."""
+
+    bucket = "fleet-status"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.writes: list[dict[str, object]] = []
+        self.wrote = asyncio.Event()
+        self._loop = loop
+
+    def write(self, document: dict[str, object]) -> None:
+        self.writes.append(document)
+        self._loop.call_soon_threadsafe(self.wrote.set)
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.writes) < count:
+                self.wrote.clear()
+                await self.wrote.wait()
+
+
+class _NoCache:
+    def current(self, name: str) -> None:
+        return None
+
+
+async def test_status_writes_are_debounced_and_a_reconcile_always_writes() -> None:
+    stop = asyncio.Event()
+    config = Config(host=HostSettings(name="hv-01"), fleet=FleetSettings(status_bucket="s"))
+    member = FleetMember(config, _NoCache(), PolicySet, stop)  # type: ignore[arg-type]
+    store = _RecordingStore(asyncio.get_running_loop())
+    member._store = store  # type: ignore[assignment]
+    writer = asyncio.create_task(member.run())
+    try:
+        member.reconciled(["web-1"])
+        await store.until(1)
+        for attempt in range(30):  # a burst of changes within the second shares one write
+            member.failed["u"] = f"reason-{attempt}"
+            member.changed()
+            await asyncio.sleep(0.01)
+        await store.until(2)
+        member.reconciled(None)  # a reconcile writes, also when nothing changed
+        await store.until(3)
+        assert [w["failed"] for w in store.writes] == [{}, {"u": "reason-29"}, {"u": "reason-29"}]
+        assert [w["outdated_domains"] for w in store.writes] == [["web-1"]] * 3
+        times = [datetime.fromisoformat(str(w["updated_at"])) for w in store.writes]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= MIN_WRITE_INTERVAL - 0.05, gaps
+    finally:
+        stop.set()
+        await writer
+
+
+def test_the_trace_resource_names_the_host() -> None:
+    reset_global_tracer_provider()
+    provider = configure_tracing(TracingSettings(), exporter=InMemorySpanExporter(),
+                                 host_name="hv-01")
+    try:
+        assert provider.resource.attributes["host.name"] == "hv-01"
+    finally:
+        provider.shutdown()
+        reset_global_tracer_provider()
