@@ -3,29 +3,38 @@
 The services are shared by every test run on the host, so a test never stops RabbitMQ,
 the S3 server or libvirtd to see how the watcher copes with an outage. It points the
 watcher at this relay instead and breaks only the watcher's own connections: all of them
-at once (``cut``), all of them and every new one for a while (``outage``), one response
-after so many bytes (``cut_response_after``, a flaky link), or one response held mid-way
-until the test lets it go (``hold_response_after``). It relays TCP, or a Unix socket
-(libvirt's ``qemu+unix:///system?socket=PATH``), in plain threads, so it works the same
-for code on an event loop, in threads, and in child processes.
+at once (``cut``), all of them and every new one for a while (``outage``, or ``down`` until
+``up``), one response after so many bytes (``cut_response_after``, a flaky link), or one
+response held mid-way until the test lets it go (``hold_response_after``). It relays TCP,
+or a Unix socket (libvirt's ``qemu+unix:///system?socket=PATH``), in plain threads, so it
+works the same for code on an event loop, in threads, and in child processes.
+
+With ``record_http`` it also reads the HTTP request lines going upstream (``requests``),
+so a fleet test counts each host's GETs of an object (``gets``) and times the downloads
+of the objects it ``watched`` (``downloads``, ``peak_concurrency``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import struct
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 Address = tuple[str, int] | str
 """``(host, port)`` for TCP, or the path of a Unix socket."""
 
 CHUNK = 65536
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/[^ ?]*)\S* HTTP/1\.1\r\n")
+_TAIL = 1024
+"""Request bytes kept between reads so a request line split across two reads is still seen."""
 
 
 def address_of(url: str) -> tuple[str, int]:
@@ -58,6 +67,31 @@ def _listen(address: Address) -> socket.socket:
     return socket.create_server(address)
 
 
+@dataclass
+class Download:
+    """One GET of a watched object: from its request line until its bytes went through."""
+
+    path: str
+    started: float
+    """``time.monotonic()`` when the request line went upstream."""
+    size: int
+    received: int = 0
+    ended: float | None = None
+
+
+def peak_concurrency(downloads: Iterable[Download]) -> int:
+    """The most downloads that were running at the same moment."""
+    edges = []
+    for d in downloads:
+        edges.append((d.started, 1))
+        edges.append((d.ended if d.ended is not None else float("inf"), -1))
+    running = peak = 0
+    for _t, step in sorted(edges):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
 @dataclass(eq=False)
 class _Link:
     """One client connection and its upstream twin."""
@@ -69,13 +103,24 @@ class _Link:
     hold_sent: int | None = None
     """Response bytes relayed since the request that armed the hold, while holding."""
     cut: bool = False
+    request_tail: bytes = b""
+    """The end of the last request bytes, for ``record_http``."""
+    download: Download | None = None
+    """The watched download this connection carries now, for ``record_http``."""
 
 
 class Proxy:
     """Relays ``listen`` to ``upstream`` until closed; see the module docstring."""
 
-    def __init__(self, upstream: Address, *, listen: Address = ("127.0.0.1", 0)) -> None:
+    def __init__(self, upstream: Address, *, listen: Address = ("127.0.0.1", 0),
+                 record_http: bool = False) -> None:
         self.upstream = upstream
+        self.record_http = record_http
+        self.requests: list[tuple[float, str, str]] = []
+        """``(time.monotonic(), method, path)`` of every request, with ``record_http``."""
+        self.watched: dict[str, int] = {}
+        """Object path (``/bucket/key``) -> size: GETs of these become ``downloads``."""
+        self.downloads: list[Download] = []
         self.cuts = 0
         """Responses cut by ``cut_response_after`` so far."""
         self.bytes_to_client = 0
@@ -124,15 +169,22 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """Inside the block the service is gone: connections cut, new ones closed at once."""
+    def down(self) -> None:
+        """The link is gone until ``up``: connections cut, new ones closed at once."""
         self._refusing.set()
         self.cut()
+
+    def up(self) -> None:
+        self._refusing.clear()
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """Inside the block the service is gone (``down``), after it ``up`` again."""
+        self.down()
         try:
             yield
         finally:
-            self._refusing.clear()
+            self.up()
 
     def cut_response_after(self, nbytes: int, *, reset: bool = True,
                            on_cut: Callable[[], None] | None = None) -> None:
@@ -151,6 +203,10 @@ class Proxy:
 
     def release(self) -> None:
         self._released.set()
+
+    def gets(self, path: str) -> int:
+        """GET requests of ``path`` (``/bucket/key``) so far, with ``record_http``."""
+        return sum(1 for _t, method, p in list(self.requests) if method == "GET" and p == path)
 
     def close(self) -> None:
         self._closing.set()
@@ -202,6 +258,8 @@ class Proxy:
                     request = link.client.recv(CHUNK)
                     if not request:
                         return
+                    if self.record_http:
+                        self._note_requests(link, request)
                     with self._lock:
                         if (self._hold_request is not None and self._hold_request in request
                                 and not self._released.is_set()):
@@ -236,6 +294,11 @@ class Proxy:
             self.bytes_to_client += len(response)
         link.client.sendall(response)
         link.sent += len(response)
+        download = link.download
+        if download is not None and download.ended is None:
+            download.received += len(response)
+            if download.received >= download.size:
+                download.ended = time.monotonic()
         if cut_now:
             if self._on_cut is not None:
                 self._on_cut()
@@ -252,3 +315,19 @@ class Proxy:
                         return False
                 link.hold_sent = None
         return True
+
+    def _note_requests(self, link: _Link, data: bytes) -> None:
+        """Record the request lines in ``data``; a GET of a watched path starts a download."""
+        tail = link.request_tail
+        window = tail + data
+        for match in _REQUEST_LINE.finditer(window):
+            if match.end() <= len(tail):
+                continue  # seen with the previous read
+            now = time.monotonic()
+            method, path = match.group(1).decode(), match.group(2).decode()
+            self.requests.append((now, method, path))
+            link.download = None
+            if method == "GET" and path in self.watched:
+                link.download = Download(path, now, self.watched[path])
+                self.downloads.append(link.download)
+        link.request_tail = window[-_TAIL:]

@@ -1,8 +1,8 @@
 """The command line: ``libvirt-volume-watcher`` (also ``python -m watcher``).
 
 Commands follow the contract in the README: ``run``, ``check``, ``reprovision``,
-``status`` and ``cache list|warm|verify|prune``. Exit codes: 0 success, 1 a problem
-the command reports (invalid config, failed verification...), 2 bad usage. Results go
+``status``, ``cache list|warm|verify|prune`` and ``fleet status``. Exit codes: 0 success,
+1 a problem the command reports (invalid config, failed verification...), 2 bad usage. Results go
 to stdout and logs to stderr, so ``--json`` output can be piped; ``status``, ``cache
 list`` and ``cache verify`` only read the cache.
 """
@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
                       "policy image"))
     prune.add_argument("--corrupt", action="store_true",
                        help="also re-hash every entry and remove the corrupt ones")
+
+    fleet = sub.add_parser("fleet", help="every host's status, from fleet.status_bucket")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    with_config(fleet_sub.add_parser("status", help="hosts x images; stale hosts marked")
+                ).add_argument("--json", action="store_true")
     return parser
 
 
@@ -95,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(config, args.log_format, args.log_level)
         if args.command == "status":
             return _status(config, as_json=args.json)
+        if args.command == "fleet":
+            return _fleet_status(config, as_json=args.json)
         return _cache(config, args)
     except ConfigError as err:
         for problem in err.problems:
@@ -111,7 +118,23 @@ def _check(path: Path) -> int:
         print(problem)
     if not problems:
         print(f"{path}: ok")
+        _print_host_scope(load_config(path))
     return 1 if problems else 0
+
+
+def _print_host_scope(config: Config) -> None:
+    """What the policies' ``hosts:`` globs mean on this host."""
+    host = config.host.resolved
+    policies = load_policy_dir(config.policies.dir).on_host(host)
+    for name, image in sorted(policies.images.items()):
+        where = ", ".join(image.hosts) or "all hosts"
+        verdict = "pre-warmed here" if policies.is_for_host(image) else "not pre-warmed here"
+        print(f"host {host}: image {name} (hosts: {where}): {verdict}")
+    for rule in policies.rules:
+        if rule.hosts:
+            verdict = "applies here" if rule.matches(rule.match, host) else "does not apply here"
+            print(f"host {host}: rule {rule.match!r} at {rule.origin} "
+                  f"(hosts: {', '.join(rule.hosts)}): {verdict}")
 
 
 def _run(config: Config, log_format: str, log_level: str) -> int:
@@ -120,7 +143,7 @@ def _run(config: Config, log_format: str, log_level: str) -> int:
 
     configure_logging(json=None if log_format == "auto" else log_format == "json",
                       level=log_level)
-    provider = configure_tracing(config.tracing)
+    provider = configure_tracing(config.tracing, host_name=config.host.resolved)
 
     async def main_loop() -> int:
         return await Daemon(config).run()
@@ -129,6 +152,25 @@ def _run(config: Config, log_format: str, log_level: str) -> int:
         return asyncio.run(main_loop())
     finally:
         provider.shutdown()
+
+
+def _fleet_status(config: Config, *, as_json: bool) -> int:
+    from datetime import UTC, datetime
+
+    from watcher.adapters.fleet_status import FleetStatusStore
+    from watcher.core.fleet import fleet_view, view_json, view_lines
+
+    if not config.fleet.status_bucket:
+        print("error: fleet.status_bucket is not set in the config", file=sys.stderr)
+        return 1
+    view = fleet_view(FleetStatusStore(config.s3, config.fleet.status_bucket).read_all(),
+                      datetime.now(UTC))
+    if as_json:
+        print(json.dumps(view_json(view), indent=2))
+    else:
+        for line in view_lines(view):
+            print(line)
+    return 0
 
 
 def _reprovision(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from watcher.core.address import parse_listen
 from watcher.core.errors import ConfigError, Problem
+from watcher.core.fleet import HOST_NAME_RULE, is_host_name
 from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
 from watcher.core.units import parse_size
@@ -40,9 +41,12 @@ from watcher.settings import (
     AmqpSettings,
     CacheSettings,
     Config,
+    FleetSettings,
+    HostSettings,
     HttpSettings,
     LibvirtSettings,
     PoliciesSettings,
+    PrewarmSettings,
     ReprovisionSettings,
     S3Settings,
     TracingSettings,
@@ -57,17 +61,23 @@ DEFAULT_CONFIG_PATH = Path("/etc/libvirt-volume-watcher/config.yaml")
 # --- loading -------------------------------------------------------------------------------
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+QUEUE_TYPES = ("classic", "quorum")
 SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
     "libvirt": ("uri",),
     "s3": ("endpoint", "access_key", "access_key_file", "secret_key", "secret_key_file",
            "region"),
-    "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch"),
+    "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch",
+             "queue_type", "delivery_limit"),
     "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads"),
     "policies": ("dir",),
     "http": ("listen",),
     "volumes": ("allow", "lvm_vgs"),
     "reprovision": ("max_concurrent",),
     "tracing": ("otlp_endpoint",),
+    # fleet: many hosts on one bucket and one broker
+    "host": ("name",),
+    "fleet": ("status_bucket",),
+    "prewarm": ("spread",),
 }
 TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -75,6 +85,7 @@ ENVIRONMENT = "environment"
 """The ``file`` of a Problem about an environment variable."""
 
 _VG_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,9 @@ class _ConfigReader:
             volumes=self._volumes(sections["volumes"]),
             reprovision=self._reprovision(sections["reprovision"]),
             tracing=self._tracing(sections["tracing"]),
+            host=self._host(sections["host"]),
+            fleet=self._fleet(sections["fleet"]),
+            prewarm=self._prewarm(sections["prewarm"]),
             source=self.path.absolute(),
         )
 
@@ -270,6 +284,8 @@ class _ConfigReader:
         routing_key = self.fields.string(m, "routing_key", "amqp", empty_ok=True)
         queue = self.fields.string(m, "queue", "amqp", empty_ok=True)
         prefetch = self.fields.positive_int(m, "prefetch", "amqp")
+        queue_type = self.fields.choice(m, "queue_type", "amqp", QUEUE_TYPES)
+        delivery_limit = self.fields.positive_int(m, "delivery_limit", "amqp")
         return AmqpSettings(
             url=_given(url, default.url),
             exchange=_given(exchange, default.exchange),
@@ -277,6 +293,8 @@ class _ConfigReader:
             routing_key=_given(routing_key, default.routing_key),
             queue=_given(queue, default.queue),
             prefetch=_given(prefetch, default.prefetch),
+            queue_type=_given(queue_type, default.queue_type),
+            delivery_limit=_given(delivery_limit, default.delivery_limit),
         )
 
     def _amqp_url(self, m: LineMap) -> str | None:
@@ -346,6 +364,30 @@ class _ConfigReader:
             return TracingSettings(otlp_endpoint="")
         endpoint = self._url(m, "otlp_endpoint", "tracing", ("http", "https"))
         return TracingSettings(otlp_endpoint=_given(endpoint, TracingSettings().otlp_endpoint))
+
+    def _host(self, m: LineMap) -> HostSettings:
+        name = self.fields.string(m, "name", "host", empty_ok=True)
+        if name and not is_host_name(name):
+            self.fields.report(m.value_line("name"), f"host.name: expected {HOST_NAME_RULE} "
+                                                     "(it names a queue and an S3 key), "
+                                                     f"got {describe(name)}")
+            name = None
+        return HostSettings(name=_given(name, HostSettings().name))
+
+    def _fleet(self, m: LineMap) -> FleetSettings:
+        bucket = self.fields.string(m, "status_bucket", "fleet", empty_ok=True)
+        if bucket and not _BUCKET_NAME.fullmatch(bucket):
+            self.fields.report(m.value_line("status_bucket"), "fleet.status_bucket: expected an "
+                               f"S3 bucket name (3-63 of a-z 0-9 . -), got {describe(bucket)}")
+            bucket = None
+        return FleetSettings(status_bucket=_given(bucket, FleetSettings().status_bucket))
+
+    def _prewarm(self, m: LineMap) -> PrewarmSettings:
+        value = m.get("spread")
+        if value == 0 and not isinstance(value, bool):
+            return PrewarmSettings(spread=0.0)  # 0, the default, is off
+        spread = self.fields.positive_number(m, "spread", "prewarm")
+        return PrewarmSettings(spread=_given(spread, PrewarmSettings().spread))
 
     # --- value kinds
 

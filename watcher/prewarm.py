@@ -4,7 +4,8 @@ Why it exists: this is the job that runs on every AMQP message, so it decides qu
 (most notifications name objects no policy refers to: counted, acked, nothing more),
 runs the warms that remain one image at a time with duplicates coalesced, and reports
 each image's failures once when they start and once when they recover. The runtime
-builds its parts (the warmer, the coalescer, the trace-context reader) and passes them in.
+builds its parts (the warmer, the coalescer, the trace-context reader, this host's
+``FleetMember``, which spreads downloads and tracks the status) and passes them in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from watcher.core.errors import (
 )
 from watcher.core.events import parse_bucket_notification
 from watcher.core.policy import PolicySet
+from watcher.fleet import FleetMember
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -45,8 +47,10 @@ class Prewarmer:
 
     def __init__(self, warmer: ImageWarmer, policies: Callable[[], PolicySet],
                  coalescer: Coalescing,
-                 trace_parent: Callable[[Mapping[str, object]], Context]) -> None:
+                 trace_parent: Callable[[Mapping[str, object]], Context],
+                 fleet: FleetMember) -> None:
         self.warmer = warmer
+        self.fleet = fleet
         self._policies = policies
         self._coalescer = coalescer
         self._trace_parent = trace_parent
@@ -99,7 +103,8 @@ class Prewarmer:
             return
         bound = log.bind(image=image.name, trigger=trigger)
         try:
-            entry = await self.warmer.ensure(image)
+            entry = await self.fleet.warm(image.name, lambda before: self.warmer.ensure(
+                image, before_download=before))
         except NotUploadedYet as err:
             # Either object may come first; the missing one's own event retriggers.
             what = "the checksum sidecar" if isinstance(err, SidecarUnavailable) else "the image"

@@ -66,7 +66,7 @@ class AmqpSettings:
     routing_key: str = ""
     """Binding key of this host's queue; MinIO publishes with its configured routing key."""
     queue: str = ""
-    """Durable queue of this host; "" = ``libvirt-volume-watcher.<hostname>``."""
+    """Durable queue of this host; "" = ``libvirt-volume-watcher.<host.name>``."""
     prefetch: int = 256
     """Unacked messages the broker may send ahead; each is acked only after it was handled.
 
@@ -74,6 +74,13 @@ class AmqpSettings:
     notifications name keys no policy knows and take microseconds each); downloads are
     bounded separately by ``cache.max_concurrent_downloads``.
     """
+    queue_type: str = "classic"
+    """classic or quorum. Classic is what a single broker runs best; quorum replicates the
+    queue across a broker cluster and dead-letters a message after ``delivery_limit``
+    deliveries, so a poison message cannot crash a consumer in a loop."""
+    delivery_limit: int = 5
+    """Quorum queues only: deliveries of one unsettled message before it is dead-lettered.
+    Five rides out a few consumer restarts (each redelivers) without looping for long."""
 
     def queue_name(self, hostname: str | None = None) -> str:
         return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"
@@ -128,6 +135,32 @@ class TracingSettings:
 
 
 @dataclass(frozen=True)
+class HostSettings:
+    name: str = ""
+    """This host's name in the fleet: its queue, its status object, the ``hosts:`` globs of
+    policies and the trace resource; "" = the machine's hostname, unique in most fleets."""
+
+    @property
+    def resolved(self) -> str:
+        return self.name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    status_bucket: str = ""
+    """Bucket for ``.libvirt-volume-watcher/hosts/<host>.json``; "" = no status written,
+    since a single host needs no fleet view and may lack write rights on any bucket."""
+
+
+@dataclass(frozen=True)
+class PrewarmSettings:
+    spread: float = 0.0
+    """Seconds; a host waits a fixed per-host delay in [0, spread) before downloading a new
+    version, so a fleet's downloads of one upload do not hit S3 in the same second. 0 (off)
+    suits a single host or a bucket that serves the whole fleet at once."""
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     s3: S3Settings = field(default_factory=S3Settings)
@@ -140,6 +173,9 @@ class Config:
     volumes: VolumesSettings = field(default_factory=VolumesSettings)
     reprovision: ReprovisionSettings = field(default_factory=ReprovisionSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    host: HostSettings = field(default_factory=HostSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
     source: Path | None = None
     """The file this config was read from."""
 
@@ -204,6 +240,21 @@ class ReprovisionTuning:
 
 
 @dataclass(frozen=True)
+class FleetTuning:
+    """How a host publishes its fleet status."""
+
+    status_backoff: Backoff = field(
+        default_factory=partial(Backoff, base=0.5, cap=1.0, attempts=2))
+    """Two tries per status write: a status not written now is rewritten at the next change
+    or reconcile, so retrying longer would only hold the writer up."""
+    status_timeout: float = 10.0
+    """Seconds for one status request: a few KiB, far below a download's 30 s."""
+    min_write_interval: float = 1.0
+    """Seconds between two status writes: changes in between share the next write, so a
+    burst of warms costs one PUT per second per host at most."""
+
+
+@dataclass(frozen=True)
 class RuntimeTuning:
     """The supervisor's own clock."""
 
@@ -216,4 +267,5 @@ LIBVIRT_TUNING = LibvirtTuning()
 S3_TUNING = S3Tuning()
 AMQP_TUNING = AmqpTuning()
 REPROVISION_TUNING = ReprovisionTuning()
+FLEET_TUNING = FleetTuning()
 RUNTIME_TUNING = RuntimeTuning()

@@ -143,12 +143,12 @@ ERROR_CASES = [
                  id="unknown-top-level-key"),
     pytest.param([("p.yaml", UBUNTU + "    fromat: raw\n")],
                  [("p.yaml:6", "images.ubuntu: unknown key 'fromat'; allowed keys: "
-                               "bucket, checksum, format, key, prefix")],
+                               "bucket, checksum, format, hosts, key, prefix")],
                  id="unknown-image-key"),
     pytest.param([("p.yaml", UBUNTU + "domains:\n  - match: x\n    image: ubuntu\n"
                                       "    autostart: true\n")],
                  [("p.yaml:9", "domains[0]: unknown key 'autostart'; allowed keys: grow, "
-                               "image, match, root_disk, snapshot, start")],
+                               "hosts, image, match, root_disk, snapshot, start")],
                  id="unknown-rule-key"),
     pytest.param([("p.yaml", "images:\n  u:\n    key: k\n    format: qcow2\n")],
                  [("p.yaml:2", "images.u: missing required key 'bucket'")],

@@ -11,6 +11,11 @@ only once the handler has finished:
   it at once in a hot loop, while the periodic reconcile of the bucket repairs it anyway;
 - cancelled while shutting down -> nack with requeue, so another run handles it.
 
+With ``amqp.queue_type: quorum`` the host's queue (and its dead-letter queue) is a quorum
+queue, replicated across the broker's cluster, with ``x-delivery-limit``: a message whose
+consumer dies every time it is handled is dead-lettered after that many deliveries
+instead of crashing the host in a loop.
+
 Acks are batched: finished deliveries are acknowledged together a few milliseconds later
 (``multiple=True`` up to the highest delivery tag whose predecessors all finished, single
 acks for finished ones behind a delivery still running). One frame per message was a third
@@ -324,7 +329,8 @@ class BucketEventConsumer:
                 timeout=self._tuning.operation_timeout,
             )
             self._dead_letter_queue = await channel.declare_queue(
-                self.dead_letter_queue_name, durable=True, timeout=self._tuning.operation_timeout
+                self.dead_letter_queue_name, durable=True, arguments=self._type_arguments(),
+                timeout=self._tuning.operation_timeout,
             )
             await self._dead_letter_queue.bind(
                 self._dead_letter_exchange,
@@ -337,6 +343,7 @@ class BucketEventConsumer:
                 arguments={
                     "x-dead-letter-exchange": self.dead_letter_exchange_name,
                     "x-dead-letter-routing-key": self.dead_letter_queue_name,
+                    **self._delivery_limit_arguments(),
                 },
                 timeout=self._tuning.operation_timeout,
             )
@@ -357,6 +364,17 @@ class BucketEventConsumer:
             raise PermanentError(f"RabbitMQ refused access: {exc}") from exc
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise TemporaryError(f"declaring queue {self._queue_name!r} failed: {exc}") from exc
+
+    def _type_arguments(self) -> dict[str, Any]:
+        """``x-queue-type`` for a quorum queue (replicated); classic queues declare none."""
+        return {"x-queue-type": "quorum"} if self._settings.queue_type == "quorum" else {}
+
+    def _delivery_limit_arguments(self) -> dict[str, Any]:
+        """A quorum queue dead-letters a message delivered ``delivery_limit`` times without
+        being settled (its consumer crashed each time) instead of redelivering it forever."""
+        if self._settings.queue_type != "quorum":
+            return {}
+        return {**self._type_arguments(), "x-delivery-limit": self._settings.delivery_limit}
 
     async def _exchange_exists(
         self, connection: AbstractRobustConnection, exchange_type: aio_pika.ExchangeType

@@ -12,6 +12,7 @@ messages through ``log``.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import re
 import threading
@@ -163,6 +164,16 @@ class S3Store:
                 response.release_conn()
 
         return self._retrying(f"GET {bucket}/{key}", attempt)
+
+    def put_small(self, bucket: str, key: str, data: bytes,
+                  content_type: str = "application/json") -> None:
+        """Write a small object (a fleet status document) in one PUT."""
+
+        def attempt() -> None:
+            self._client.put_object(bucket, key, io.BytesIO(data), len(data),
+                                    content_type=content_type)
+
+        self._retrying(f"PUT {bucket}/{key}", attempt)
 
     # -- download ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from watcher import telemetry
@@ -75,8 +75,15 @@ class ImageWarmer:
 
     # ---- warming ----------------------------------------------------------------------------
 
-    async def ensure(self, image: ImageSpec) -> CacheEntry:
+    async def ensure(self, image: ImageSpec, *,
+                     before_download: Callable[[Source], Awaitable[None]] | None = None,
+                     ) -> CacheEntry:
         """The current version of ``image``: from the cache, or downloaded, verified, inspected.
+
+        ``before_download`` is awaited when this version is not cached, before the download
+        is shared with other callers: pre-warming waits its fleet spread there, while a
+        reprovision passes none and downloads at once, so a pre-warm that waited may then
+        find the version in the cache.
 
         Raises ``ObjectUnavailable`` or ``SidecarUnavailable`` while the image or the
         sidecar it needs is not uploaded yet, ``ImageRejected`` for a bad image,
@@ -96,6 +103,10 @@ class ImageWarmer:
                 raise known_bad
             await self.store.refreshed()  # another process may have changed the cache
             hit = self.store.lookup(digest, source)
+            if hit is None and before_download is not None:
+                await before_download(source)
+                await self.store.refreshed()
+                hit = self.store.lookup(digest, source)
             if hit is not None:
                 used = await self._use(hit, image, source)
                 if used is not None:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from watcher.core.fleet import host_matches
+
 ImageFormat = Literal["qcow2", "raw"]
 SIDECAR_SUFFIX = ".sha256"
 
@@ -33,6 +35,8 @@ class ImageSpec:
     """Without a sidecar the image is refused; when False it is cached under its computed digest."""
     origin: str = ""
     """``file:line`` where the image was defined, for messages."""
+    hosts: tuple[str, ...] = ()
+    """Globs on the host name of the hosts that pre-warm it; empty = every host."""
 
     def refers_to(self, bucket: str, key: str) -> bool:
         """True when ``bucket/key`` is this image or one of its versions (sidecars excluded)."""
@@ -63,9 +67,13 @@ class DomainRule:
     snapshot: int | None = None
     """Size in bytes of an LVM rollback snapshot taken before writing; None = no snapshot."""
     origin: str = ""
+    hosts: tuple[str, ...] = ()
+    """Globs on the host name of the hosts where the rule applies; empty = every host."""
 
-    def matches(self, domain_name: str) -> bool:
-        return fnmatch.fnmatchcase(domain_name, self.match)
+    def matches(self, domain_name: str, host: str | None = None) -> bool:
+        """The domain's name matches, on a host the rule applies to (None: any host)."""
+        return fnmatch.fnmatchcase(domain_name, self.match) and (
+            host is None or host_matches(self.hosts, host))
 
 
 @dataclass(frozen=True)
@@ -74,22 +82,35 @@ class PolicySet:
 
     images: Mapping[str, ImageSpec] = field(default_factory=dict)
     rules: tuple[DomainRule, ...] = ()
+    host: str | None = None
+    """The host these policies run on, for ``hosts:`` globs; None = scoping off (all apply)."""
+
+    def on_host(self, host: str) -> PolicySet:
+        """The same policies as they apply on ``host``."""
+        return PolicySet(images=self.images, rules=self.rules, host=host)
 
     def rule_for(self, domain_name: str) -> DomainRule | None:
-        """The first rule whose glob matches the domain, or None."""
-        return next((r for r in self.rules if r.matches(domain_name)), None)
+        """The first rule for this host whose glob matches the domain, or None."""
+        return next((r for r in self.rules if r.matches(domain_name, self.host)), None)
 
     def images_for_object(self, bucket: str, key: str) -> list[ImageSpec]:
-        """Images for which ``bucket/key`` is a version or the sidecar of a version."""
+        """Images of this host for which ``bucket/key`` is a version or the sidecar of one."""
         return [
             img for img in self.images.values()
-            if img.refers_to(bucket, key) or img.refers_to_sidecar(bucket, key)
+            if (img.refers_to(bucket, key) or img.refers_to_sidecar(bucket, key))
+            and self.is_for_host(img)
         ]
 
+    def is_for_host(self, image: ImageSpec) -> bool:
+        """True when this host pre-warms ``image`` (its ``hosts:`` globs match)."""
+        return self.host is None or host_matches(image.hosts, self.host)
+
     def images_to_keep_warm(self) -> list[ImageSpec]:
-        """Every defined image, in name order.
+        """Every image defined for this host, in name order.
 
         An image defined in a policy file is one this host expects to need, whether or not a
         rule names it yet, so reconcile keeps all of them warm and eviction pins them all.
+        An image whose ``hosts:`` leave this host out is fetched only when a reprovision
+        here asks for it.
         """
-        return [self.images[n] for n in sorted(self.images)]
+        return [self.images[n] for n in sorted(self.images) if self.is_for_host(self.images[n])]

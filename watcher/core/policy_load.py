@@ -18,8 +18,8 @@ from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineList, LineMap, describe, parse_yaml
 
 TOP_LEVEL_KEYS = ("images", "domains")
-IMAGE_KEYS = ("bucket", "key", "prefix", "format", "checksum")
-RULE_KEYS = ("match", "image", "root_disk", "grow", "start", "snapshot")
+IMAGE_KEYS = ("bucket", "key", "prefix", "format", "checksum", "hosts")
+RULE_KEYS = ("match", "image", "root_disk", "grow", "start", "snapshot", "hosts")
 IMAGE_FORMATS: tuple[ImageFormat, ...] = ("qcow2", "raw")
 CHECKSUM_MODES = ("required", "optional")
 
@@ -129,6 +129,7 @@ def _read_image(reader: FieldReader, name: str, spec: LineMap, where: str) -> Im
                                  "(the newest object under it)")
     image_format = reader.choice(spec, "format", where, IMAGE_FORMATS)
     checksum = reader.choice(spec, "checksum", where, CHECKSUM_MODES) or "required"
+    hosts = _host_globs(reader, spec, where)
     if len(reader.problems) > before or bucket is None or image_format is None:
         return None
     return ImageSpec(
@@ -139,6 +140,7 @@ def _read_image(reader: FieldReader, name: str, spec: LineMap, where: str) -> Im
         format="qcow2" if image_format == "qcow2" else "raw",
         checksum_required=checksum == "required",
         origin=f"{reader.file}:{spec.line}",
+        hosts=hosts,
     )
 
 
@@ -175,6 +177,7 @@ def _read_rule(reader: FieldReader, item: LineMap, where: str) -> DomainRule | N
     grow = reader.boolean(item, "grow", where)
     start = reader.boolean(item, "start", where)
     snapshot = _snapshot_size(reader, item, where)
+    hosts = _host_globs(reader, item, where)
     if len(reader.problems) > before or match is None or image is None:
         return None
     return DomainRule(
@@ -185,6 +188,7 @@ def _read_rule(reader: FieldReader, item: LineMap, where: str) -> DomainRule | N
         start=bool(start),
         snapshot=snapshot,
         origin=f"{reader.file}:{item.line}",
+        hosts=hosts,
     )
 
 
@@ -203,3 +207,13 @@ def _snapshot_size(reader: FieldReader, item: LineMap, where: str) -> int | None
                       f"{where}.snapshot: the snapshot size must be larger than 0")
         return None
     return size
+
+
+def _host_globs(reader: FieldReader, item: LineMap, where: str) -> tuple[str, ...]:
+    """``hosts:`` is an optional list of globs on host names (``["hv-*"]``); absent = all."""
+    globs = reader.string_list(item, "hosts", where)
+    raw = item.get("hosts")
+    if isinstance(raw, LineList) and len(raw) == 0:
+        reader.report(item.value_line("hosts"), f"{where}.hosts: an empty list matches no "
+                                                "host; leave 'hosts' out for every host")
+    return tuple(glob for glob, _line in globs or [])

@@ -120,6 +120,7 @@ def configure_tracing(
     *,
     service_name: str = "libvirt-volume-watcher",
     exporter: SpanExporter | None = None,
+    host_name: str | None = None,
 ) -> TracerProvider:
     """Install the global tracer provider and return it (the daemon shuts it down on exit).
 
@@ -128,7 +129,10 @@ def configure_tracing(
     spans are still created (so log lines carry trace ids) but never exported.
     OpenTelemetry allows one global provider per process: call this once.
     """
-    resource = Resource.create({"service.name": service_name, "service.version": __version__})
+    attributes = {"service.name": service_name, "service.version": __version__}
+    if host_name:
+        attributes["host.name"] = host_name  # the fleet's name for this host
+    resource = Resource.create(attributes)
     provider = TracerProvider(resource=resource)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -35,6 +35,7 @@ from watcher.core.decide import is_outdated
 from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
+from watcher.fleet import FleetMember
 from watcher.http import HttpServer
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
@@ -83,6 +84,8 @@ class PolicyStore:
     directory: Any
     current: PolicySet = field(default_factory=PolicySet)
     loaded: bool = False
+    host: str | None = None
+    """This host's name, for the policies' ``hosts:`` globs."""
 
     def load(self) -> bool:
         try:
@@ -98,7 +101,7 @@ class PolicyStore:
             telemetry.policy_reloads.labels(result="failed").inc()
             telemetry.report_unexpected(log, "reload", directory=str(self.directory))
             return False
-        self.current = policies
+        self.current = policies if self.host is None else policies.on_host(self.host)
         self.loaded = True
         telemetry.policy_reloads.labels(result="ok").inc()
         telemetry.policy_images.set(len(policies.images))
@@ -117,7 +120,7 @@ class Daemon:
         self.config = config
         self.drain_timeout = drain_timeout
         """Seconds the whole stop may take (every drain shares them)."""
-        self.policies = PolicyStore(config.policies.dir)
+        self.policies = PolicyStore(config.policies.dir, host=config.host.resolved)
         self.s3 = S3Store(config.s3)
         self.store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
         # The warmer is "the cache" to jobs: it hands out current images, fetching if need be.
@@ -125,11 +128,14 @@ class Daemon:
             self.store, self.s3, max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
             policies=self.policies.get)
+        self.stop_requested = asyncio.Event()
+        self.fleet = FleetMember(config, self.store, self.policies.get, self.stop_requested)
         self._warms = Coalescer()
         self.prewarm = Prewarmer(self.cache, self.policies.get, self._warms,
-                                 context_from_amqp_headers)
+                                 context_from_amqp_headers, self.fleet)
         self.consumer = BucketEventConsumer(
-            config.amqp, self.handle_message, queue_name=config.amqp.queue_name())
+            config.amqp, self.handle_message,
+            queue_name=config.amqp.queue_name(config.host.resolved))
         self.domains: DomainWatcher | None = None
         self.reprovisioner: Reprovisioner | None = None
         self.reprovisions: KeyedWorker[str] | None = None
@@ -145,7 +151,6 @@ class Daemon:
                 max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF)
         self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
         self.notifier = SystemdNotifier()
-        self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
 
@@ -178,19 +183,21 @@ class Daemon:
         """Warm every policy image; sweep domains. A missed event costs one interval."""
         started = time.monotonic()
         images = await self.prewarm.warm_all(trigger="reconcile")
+        outdated = None
         if self.domains is not None and self.domains.connected:
             try:
                 await self.domains.sweep()
-                await self._count_outdated()
+                outdated = await self._count_outdated()
             except WatcherError as err:
                 log.warning("domain sweep failed; retrying at the next interval", error=str(err))
             except Exception:
                 telemetry.report_unexpected(log, "sweep")
         await self.cache.evict()
+        self.fleet.reconciled(outdated)
         log.info("reconciled", images=images,
                  seconds=round(time.monotonic() - started, 3))
 
-    async def _count_outdated(self) -> None:
+    async def _count_outdated(self) -> list[str] | None:
         """Domains provisioned with an older digest than their image's cached current one.
 
         Read on the live event connection; the caller checked that it is up.
@@ -202,14 +209,15 @@ class Daemon:
                 lambda name: policies.rule_for(name) is not None)
         except WatcherError as err:
             log.warning("could not count outdated domains", error=str(err))
-            return
-        outdated = 0
+            return None
+        outdated = []
         for row in rows:
             rule = policies.rule_for(row.domain)
             current = self.cache.current(rule.image) if rule is not None else None
             if is_outdated(row.provisioned_sha256, current.digest if current else None):
-                outdated += 1
-        telemetry.domains_outdated.set(outdated)
+                outdated.append(row.domain)
+        telemetry.domains_outdated.set(len(outdated))
+        return outdated
 
     # ---- loops ------------------------------------------------------------------------
 
@@ -292,6 +300,8 @@ class Daemon:
             "cache-refresh": self._cache_refresh_loop,
             "ready": self._ready_when_connected,
         }
+        if self.fleet.publishes:
+            tasks["fleet-status"] = self.fleet.run
         if self.domains is not None and self.reprovisions is not None:
             tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
             tasks["reprovision"] = lambda: self.reprovisions.run(self.stop_requested)  # type: ignore[union-attr]
