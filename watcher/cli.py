@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--connect", help="libvirt URI (default: the config's, else qemu:///system)")
     rep.add_argument("-c", "--config", type=Path, default=None)
 
+    explain = with_config(sub.add_parser(
+        "explain", help="what a reprovision of DOMAIN would do now, without doing it"))
+    explain.add_argument("domain")
+    explain.add_argument("--json", action="store_true")
+
     status = with_config(sub.add_parser("status", help="domains, images and the cache"))
     status.add_argument("--json", action="store_true")
 
@@ -100,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(config, args.log_format, args.log_level)
         if args.command == "status":
             return _status(config, as_json=args.json)
+        if args.command == "explain":
+            return _explain(config, args.domain, as_json=args.json)
         if args.command == "fleet":
             return _fleet_status(config, as_json=args.json)
         return _cache(config, args)
@@ -196,6 +203,18 @@ def _cache_for(config: Config) -> Any:
     store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
     store.load()
     return store, policies
+
+
+def _explain(config: Config, domain: str, *, as_json: bool) -> int:
+    from watcher.explain import explain
+
+    store, policies = _cache_for(config)
+    answer = asyncio.run(explain(config, policies.on_host(config.host.resolved), store, domain))
+    if as_json:
+        print(json.dumps(answer.as_json(), indent=2))
+    else:
+        print("\n".join(answer.lines()))
+    return 0
 
 
 def _kept(policies: Any) -> set[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,9 +33,16 @@ from watcher.cache import CacheEntry
 from watcher.core.backoff import Backoff
 from watcher.core.domain import NAMESPACE, DomainState, parse_state
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.explain import explain
 from watcher.reprovision import Reprovisioner
 from watcher.runtime.keyed import KeyedWorker
-from watcher.settings import LibvirtTuning, ReprovisionSettings, VolumesSettings
+from watcher.settings import (
+    Config,
+    LibvirtSettings,
+    LibvirtTuning,
+    ReprovisionSettings,
+    VolumesSettings,
+)
 
 pytestmark = pytest.mark.libvirt
 
@@ -529,3 +537,64 @@ async def test_watcher_reconnects_after_its_libvirt_connection_drops_and_handles
         assert state.kind == "provisioned", state
         await virsh("start", name)
         await wait_for_banner(log, BANNER_V2)
+
+
+# --- explain: the same decisions as a dry run ---------------------------------------------
+
+def config_for(world: World) -> Config:
+    return dataclasses.replace(Config(), libvirt=LibvirtSettings(uri="qemu:///system"),
+                               volumes=world.allow_own_files())
+
+
+async def test_explain_shows_rule_disk_volume_verdicts_and_steps_without_writing(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root", 64 * MiB)
+    world.write_v1(path)
+    name, _ = world.define("fits", path)
+    before = sha256_of(path)
+
+    answer = await explain(config_for(world), world.policies(), world.images, name)
+
+    assert answer.rule is not None and answer.rule.startswith(f"{world.prefix}-*")
+    assert answer.image == "v2" and answer.cached == world.images.entries["v2"].digest
+    assert answer.disk is not None and path in answer.disk
+    assert answer.volume is not None and path in answer.volume
+    assert answer.allowed == "allowed"
+    assert answer.size is not None and "it fits" in answer.size
+    assert answer.now.startswith("a request would write the image")
+    assert any(step.startswith("write") for step in answer.steps), answer.steps
+    assert answer.state is None
+    # A dry run: the volume and the metadata are as they were.
+    assert sha256_of(path) == before
+    assert await metadata_state(name) is None
+    assert "write" in "\n".join(answer.lines())
+
+
+async def test_explain_names_the_refusals_a_job_would_give(world: World) -> None:
+    pool, _ = world.dir_pool()
+    small = world.volume(pool, "small", IMAGE_SIZE // 2)
+    name, _ = world.define("small", small)
+    await tag(name)
+
+    answer = await explain(config_for(world), world.policies(), world.images, name)
+    assert answer.state == "<reprovision/>" or (answer.state or "").startswith("<reprovision")
+    assert answer.now.startswith("a request would fail"), answer.now
+    assert "grow" in answer.now or "small" in answer.now
+    assert answer.steps == []
+
+    outside = dataclasses.replace(config_for(world), volumes=dataclasses.replace(
+        config_for(world).volumes, allow=("/nowhere/*",)))
+    refused = await explain(outside, world.policies(), world.images, name)
+    assert refused.allowed is not None and refused.allowed.startswith("refused")
+    assert refused.now.startswith("a request would fail")
+
+
+async def test_explain_of_a_domain_no_rule_matches_says_so(world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root", 64 * MiB)
+    name, _ = world.define("other", path)
+    policies = dataclasses.replace(world.policies(), rules=())
+    answer = await explain(config_for(world), policies, world.images, name)
+    assert answer.rule is None
+    assert answer.now == "a request would fail: no policy matches"

@@ -13,9 +13,10 @@ import asyncio
 import os
 import stat
 from dataclasses import replace
+from typing import Protocol
 
 from watcher.adapters import lvm
-from watcher.adapters.hypervisor import DomainFacts, DomainWatcher
+from watcher.adapters.hypervisor import DomainFacts, VolumeFacts
 from watcher.cache import CacheEntry
 from watcher.core.domain import DomainState, RootDiskSource, RootDiskUnusable, root_disk
 from watcher.core.plan import (
@@ -28,6 +29,14 @@ from watcher.core.plan import (
     volume_refusal,
 )
 from watcher.core.policy import DomainRule
+
+
+class VolumeLookups(Protocol):
+    """The libvirt calls reading a job's facts needs (the daemon's or ``explain``'s)."""
+
+    async def volume_path(self, pool: str, volume: str) -> str: ...
+
+    async def volume_for_path(self, path: str) -> VolumeFacts | None: ...
 
 
 def _size_of(target: TargetFacts) -> tuple[int | None, str | None]:
@@ -50,7 +59,7 @@ def _size_of(target: TargetFacts) -> tuple[int | None, str | None]:
         os.close(fd)
 
 
-async def resolve_target(hypervisor: DomainWatcher, disk: RootDiskSource) -> TargetFacts:
+async def resolve_target(hypervisor: VolumeLookups, disk: RootDiskSource) -> TargetFacts:
     """The volume behind ``disk``: its path, real path, libvirt volume and LV."""
     if disk.type == "volume":
         assert disk.pool is not None and disk.volume is not None
@@ -66,7 +75,7 @@ async def resolve_target(hypervisor: DomainWatcher, disk: RootDiskSource) -> Tar
     return TargetFacts(path, real, pool_volume, lv)
 
 
-async def gather(hypervisor: DomainWatcher, domain: DomainFacts, request: DomainState,
+async def gather(hypervisor: VolumeLookups, domain: DomainFacts, request: DomainState,
                  rule: DomainRule, image: str, entry: CacheEntry,
                  volumes: VolumeRules) -> JobFacts:
     """What ``core.plan.plan`` needs to decide on writing ``entry`` onto ``domain``."""

@@ -95,6 +95,13 @@ class DomainRow:
     """Why the last reprovision failed; None unless the element carries one."""
 
 
+def _ignore_error(_context: object, _error: object) -> None:
+    """libvirt's default handler prints every error on stderr; ours are raised and translated."""
+
+
+libvirt.registerErrorHandler(_ignore_error, None)
+
+
 def translate(exc: libvirt.libvirtError) -> Exception:
     """The watcher error for a libvirt error: connection trouble is temporary."""
     message = str(exc.get_error_message() or exc)
