@@ -3,7 +3,7 @@
 The watcher's own retry loops (S3, libvirt, reprovision jobs) draw their delays here so
 that many hosts recovering from one outage do not hammer a service in lockstep. AMQP
 reconnects run in aio-pika's loop, which jitters its fixed interval instead
-(``adapters/amqp.py``).
+(``adapters/amqp/``).
 """
 
 from __future__ import annotations

@@ -11,16 +11,9 @@ only once the handler has finished:
   it at once in a hot loop, while the periodic reconcile of the bucket repairs it anyway;
 - cancelled while shutting down -> nack with requeue, so another run handles it.
 
-With ``amqp.queue_type: quorum`` the host's queue (and its dead-letter queue) is a quorum
-queue, replicated across the broker's cluster, with ``x-delivery-limit``: a message whose
-consumer dies every time it is handled is dead-lettered after that many deliveries
-instead of crashing the host in a loop.
-
-Acks are batched: finished deliveries are acknowledged together a few milliseconds later
-(``multiple=True`` up to the highest delivery tag whose predecessors all finished, single
-acks for finished ones behind a delivery still running). One frame per message was a third
-of the CPU spent on a notification. A handler that needs no I/O returns None, and its
-message is acked without spawning a task.
+Acks are batched a few milliseconds later (``acks``). A handler that needs no I/O
+returns None, and its message is acked without spawning a task. The exchange and queues
+are declared by ``topology`` (MinIO's exchange is used as it exists).
 
 The connection is ``aio_pika.connect_robust``: the first connection must succeed (a daemon
 started against a wrong URL fails at once), and later losses are repaired forever, with a
@@ -28,23 +21,15 @@ jittered wait between attempts. The robust channel re-declares the exchanges and
 and resumes consuming. Messages that were in flight when the connection dropped cannot be
 settled any more; RabbitMQ redelivers them on the new connection (the handler is
 idempotent: delivery is at-least-once).
-
-The notification exchange belongs to MinIO, which declares it with its own flags (its
-documented defaults have durable off). An existing exchange is therefore used as it is,
-and re-declared passively after a reconnect (until it exists again, the reconnect keeps
-retrying); only an absent one is declared, durable, of the configured type.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
@@ -58,6 +43,9 @@ from aio_pika.abc import (
 from aio_pika.connection import make_url
 
 from watcher import telemetry
+from watcher.adapters.amqp import topology
+from watcher.adapters.amqp.acks import AckWindow
+from watcher.adapters.amqp.connection import JitteredRobustConnection, redacted
 from watcher.core.errors import MalformedEvent, PermanentError, TemporaryError
 from watcher.settings import AMQP_TUNING, AmqpSettings, AmqpTuning
 
@@ -69,68 +57,6 @@ handler is one). Raising, at once or from the awaitable, dead-letters the messag
 """
 
 Settlement = Literal["dead-letter", "requeue"]
-
-
-class AckWindow:
-    """Deliveries of one channel that are not settled yet, in delivery order.
-
-    Pure bookkeeping: ``take`` says which finished deliveries to acknowledge and how, and
-    the caller sends the frames. Delivery tags grow per channel, so the insertion order of
-    the dict is the delivery order.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[int, tuple[AbstractIncomingMessage, bool]] = {}
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def delivered(self, tag: int, message: AbstractIncomingMessage) -> None:
-        self._open[tag] = (message, False)
-
-    def finished(self, tag: int) -> None:
-        """The delivery's handler succeeded; its ack may now be sent."""
-        if tag in self._open:
-            self._open[tag] = (self._open[tag][0], True)
-
-    def forget(self, tag: int) -> None:
-        """The delivery was settled on its own (rejected or requeued)."""
-        self._open.pop(tag, None)
-
-    def take(self) -> tuple[AbstractIncomingMessage | None, list[AbstractIncomingMessage]]:
-        """``(last, singles)``: ack ``last`` with ``multiple=True`` (it and every open
-        delivery before it finished), then each of ``singles`` alone. Both leave the window.
-        """
-        last: AbstractIncomingMessage | None = None
-        singles: list[AbstractIncomingMessage] = []
-        in_prefix = True
-        for tag, (message, done) in list(self._open.items()):
-            if not done:
-                in_prefix = False
-                continue
-            del self._open[tag]
-            if in_prefix:
-                last = message
-            else:
-                singles.append(message)
-        return last, singles
-
-
-class JitteredRobustConnection(aio_pika.RobustConnection):
-    """A robust connection whose reconnect attempts are spread out.
-
-    After a broker restart every host of a fleet would otherwise retry in lockstep, all
-    ``reconnect_interval`` seconds apart. Each wait is drawn anew between half and one and
-    a half times the configured interval (aio-pika reads the attribute before each wait).
-    """
-
-    @property
-    def reconnect_interval(self) -> float:
-        return self._base_reconnect_interval * random.uniform(0.5, 1.5)
-
-    @reconnect_interval.setter
-    def reconnect_interval(self, seconds: float) -> None:
-        self._base_reconnect_interval = seconds
 
 
 class EventLog(Protocol):
@@ -189,11 +115,11 @@ class BucketEventConsumer:
 
     @property
     def dead_letter_exchange_name(self) -> str:
-        return f"{self._queue_name}.dlx"
+        return topology.dead_letter_exchange_name(self._queue_name)
 
     @property
     def dead_letter_queue_name(self) -> str:
-        return f"{self._queue_name}.dead"
+        return topology.dead_letter_queue_name(self._queue_name)
 
     # -- state for readiness and metrics ---------------------------------------------
 
@@ -253,7 +179,7 @@ class BucketEventConsumer:
         except Exception as exc:  # any failure of the first attempt: refused, auth, timeout
             await connection.close()
             raise TemporaryError(
-                f"cannot connect to the AMQP broker at {_redacted(self._settings.url)}: {exc}"
+                f"cannot connect to the AMQP broker at {redacted(self._settings.url)}: {exc}"
             ) from exc
         self._connection = connection
         self._link_up = True
@@ -299,58 +225,17 @@ class BucketEventConsumer:
     # -- internals -------------------------------------------------------------------
 
     async def _declare_and_consume(self, connection: AbstractRobustConnection) -> None:
-        settings = self._settings
-        try:
-            exchange_type = aio_pika.ExchangeType(settings.exchange_type)
-        except ValueError as exc:
-            raise PermanentError(f"unknown AMQP exchange type {settings.exchange_type!r}") from exc
         try:
             channel = connection.channel(publisher_confirms=False)
             self._channel = channel
             await channel.initialize(timeout=self._tuning.operation_timeout)
-            await channel.set_qos(prefetch_count=settings.prefetch,
+            await channel.set_qos(prefetch_count=self._settings.prefetch,
                                   timeout=self._tuning.operation_timeout)
-
-            # The robust channel re-declares the exchange with these same flags on every
-            # reconnect: passively when it was found, so never over its owner's flags.
-            if await self._exchange_exists(connection, exchange_type):
-                self._exchange = await channel.declare_exchange(
-                    settings.exchange, passive=True, timeout=self._tuning.operation_timeout
-                )
-            else:
-                self._exchange = await channel.declare_exchange(
-                    settings.exchange, exchange_type, durable=True,
-                    timeout=self._tuning.operation_timeout,
-                )
-            self._dead_letter_exchange = await channel.declare_exchange(
-                self.dead_letter_exchange_name,
-                aio_pika.ExchangeType.DIRECT,
-                durable=True,
-                timeout=self._tuning.operation_timeout,
-            )
-            self._dead_letter_queue = await channel.declare_queue(
-                self.dead_letter_queue_name, durable=True, arguments=self._type_arguments(),
-                timeout=self._tuning.operation_timeout,
-            )
-            await self._dead_letter_queue.bind(
-                self._dead_letter_exchange,
-                routing_key=self.dead_letter_queue_name,
-                timeout=self._tuning.operation_timeout,
-            )
-            self._queue = await channel.declare_queue(
-                self._queue_name,
-                durable=True,
-                arguments={
-                    "x-dead-letter-exchange": self.dead_letter_exchange_name,
-                    "x-dead-letter-routing-key": self.dead_letter_queue_name,
-                    **self._delivery_limit_arguments(),
-                },
-                timeout=self._tuning.operation_timeout,
-            )
-            await self._queue.bind(
-                self._exchange, routing_key=settings.routing_key,
-                timeout=self._tuning.operation_timeout,
-            )
+            declared = await topology.declare(connection, channel, self._settings,
+                                              self._tuning, self._queue_name, self._log)
+            self._exchange = declared.exchange
+            self._dead_letter_exchange = declared.dead_letter_exchange
+            self._queue, self._dead_letter_queue = declared.queue, declared.dead_letter_queue
             self._consumer_tag = await self._queue.consume(
                 self._on_delivery, timeout=self._tuning.operation_timeout
             )
@@ -364,58 +249,6 @@ class BucketEventConsumer:
             raise PermanentError(f"RabbitMQ refused access: {exc}") from exc
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise TemporaryError(f"declaring queue {self._queue_name!r} failed: {exc}") from exc
-
-    def _type_arguments(self) -> dict[str, Any]:
-        """``x-queue-type`` for a quorum queue (replicated); classic queues declare none."""
-        return {"x-queue-type": "quorum"} if self._settings.queue_type == "quorum" else {}
-
-    def _delivery_limit_arguments(self) -> dict[str, Any]:
-        """A quorum queue dead-letters a message delivered ``delivery_limit`` times without
-        being settled (its consumer crashed each time) instead of redelivering it forever."""
-        if self._settings.queue_type != "quorum":
-            return {}
-        return {**self._type_arguments(), "x-delivery-limit": self._settings.delivery_limit}
-
-    async def _exchange_exists(
-        self, connection: AbstractRobustConnection, exchange_type: aio_pika.ExchangeType
-    ) -> bool:
-        """Whether the notification exchange exists; refuses one of another type.
-
-        MinIO declares its exchange itself, with its own durable and auto-delete flags, so
-        an existing one is used as it is. A passive declare cannot see the type, so a
-        second probe declares it with the configured type: RabbitMQ compares the type
-        before any flag, so an error about another argument means the type is right. Both
-        probes use plain channels: a refused declare closes its channel, and a robust one
-        would reopen itself.
-        """
-        name = self._settings.exchange
-        try:
-            async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
-                await probe.declare_exchange(name, passive=True,
-                                             timeout=self._tuning.operation_timeout)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-        try:
-            async with aio_pika.Channel(connection, publisher_confirms=False) as probe:
-                await probe.declare_exchange(
-                    name, exchange_type, durable=True, timeout=self._tuning.operation_timeout
-                )
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            found = _inequivalent_type(str(exc))
-            if found is not None:
-                raise PermanentError(
-                    f"AMQP exchange {name!r} exists with type {found!r} but "
-                    f"amqp.exchange_type is {exchange_type.value!r}; set amqp.exchange_type "
-                    f"(and amqp.routing_key) to match MinIO's notify_amqp settings"
-                ) from exc
-        except aiormq.exceptions.ChannelAccessRefused:
-            # No configure permission on someone else's exchange: use it unchecked.
-            self._log.warning(
-                "amqp exchange type not checked: no configure permission",
-                exchange=name,
-                exchange_type=exchange_type.value,
-            )
-        return True
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         """Called by aio-pika for each delivery: triage at once, spawn a task only for work."""
@@ -608,18 +441,3 @@ class BucketEventConsumer:
         self._log.info("amqp connection recovered; consuming again", queue=self._queue_name)
 
 
-def _inequivalent_type(error: str) -> str | None:
-    """The existing type named by RabbitMQ's "inequivalent arg 'type' ... current is 'X'"
-    refusal, or None when the refusal is about another argument."""
-    match = re.search(r"inequivalent arg 'type'.*current is '([^']*)'", error)
-    return match.group(1) if match else None
-
-
-def _redacted(url: str) -> str:
-    """The broker URL without its password, fit for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
