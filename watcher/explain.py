@@ -107,6 +107,11 @@ async def explain(config: Config, policies: PolicySet, store: CurrentImages,
         rule = policies.rule_for(facts.name)
         if rule is not None:
             answer.rule = f"{rule.match} ({rule.origin})" if rule.origin else rule.match
+            if rule.hosts:
+                answer.rule += f"; hosts {', '.join(rule.hosts)} include {policies.host}"
+        elif any(r.matches(facts.name, None) for r in policies.rules):
+            answer.notes.append(f"a rule matches {facts.name} on other hosts (hosts:), "
+                                f"not on {policies.host}")
         action = decide(DomainSnapshot(facts.name, uuid, True, facts.managed_save, request),
                         policies)
         if isinstance(action, Fail):

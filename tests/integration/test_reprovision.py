@@ -598,3 +598,11 @@ async def test_explain_of_a_domain_no_rule_matches_says_so(world: World) -> None
     answer = await explain(config_for(world), policies, world.images, name)
     assert answer.rule is None
     assert answer.now == "a request would fail: no policy matches"
+
+    # A rule for other hosts only: it does not match here, and explain says why.
+    elsewhere = dataclasses.replace(world.policies(), host="hv-here", rules=(
+        DomainRule(f"{world.prefix}-*", "v2", hosts=("hv-there-*",)),))
+    scoped = await explain(config_for(world), elsewhere, world.images, name)
+    assert scoped.rule is None
+    assert scoped.now == "a request would fail: no policy matches"
+    assert any("other hosts" in note and "hv-here" in note for note in scoped.notes)
