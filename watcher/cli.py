@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, check_all, load_config, load_policy_dir
+from watcher.core.address import parse_listen
 from watcher.core.decide import is_outdated
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
@@ -56,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--image", help="image name to write instead of the policy's")
     rep.add_argument("--connect", help="libvirt URI (default: the config's, else qemu:///system)")
     rep.add_argument("-c", "--config", type=Path, default=None)
+    rep.add_argument("--wait", action="store_true",
+                     help="follow the request to its end; exit 0 only when provisioned")
+    rep.add_argument("--shutdown", action="store_true",
+                     help="with --wait: shut the domain down (ACPI, then hard after --timeout)")
+    rep.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                     help="seconds an ACPI shutdown may take before a hard stop (default 120)")
+    rep.add_argument("--cancel", action="store_true",
+                     help="remove a pending request instead (not one being written)")
 
     explain = with_config(sub.add_parser(
         "explain", help="what a reprovision of DOMAIN would do now, without doing it"))
@@ -187,12 +196,35 @@ def _reprovision(args: argparse.Namespace) -> int:
         print(f"error: --image {args.image!r} is not an image name ({IMAGE_NAME_RULE})",
               file=sys.stderr)
         return 1
-    uri = args.connect
-    if uri is None:
-        uri = load_config(args.config).libvirt.uri if args.config else "qemu:///system"
+    if args.shutdown and not args.wait:
+        print("error: --shutdown goes with --wait", file=sys.stderr)
+        return 2
+    config = load_config(args.config) if args.config else None
+    uri = args.connect or (config.libvirt.uri if config else "qemu:///system")
+    if args.cancel:
+        from watcher.adapters.hypervisor.queries import cancel_request
+
+        cancel_request(uri, args.domain)
+        print(f"{args.domain}: reprovision request cancelled")
+        return 0
     request_reprovision(uri, args.domain, args.image)
     print(f"{args.domain}: reprovision requested; it is rewritten when it is shut off")
-    return 0
+    if not args.wait:
+        return 0
+    from watcher.follow import follow
+
+    listen = config.http.listen if config else ""
+    metrics = f"http://{_local(listen)}/metrics" if listen else None
+    return follow(uri, args.domain, shutdown=args.shutdown, timeout=args.timeout,
+                  metrics_url=metrics, say=lambda line: print(line, flush=True))
+
+
+def _local(listen: str) -> str:
+    """Where this host reaches a listener bound to ``listen`` (all interfaces: loopback)."""
+    host, port = parse_listen(listen)
+    if host in (None, "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _cache_for(config: Config) -> Any:

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -606,3 +608,65 @@ async def test_explain_of_a_domain_no_rule_matches_says_so(world: World) -> None
     assert scoped.rule is None
     assert scoped.now == "a request would fail: no policy matches"
     assert any("other hosts" in note and "hv-here" in note for note in scoped.notes)
+
+
+# --- reprovision --wait / --shutdown / --cancel, the CLI a script drives -------------------
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m watcher ARGS`` as a process, as automation runs it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watcher", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+async def test_a_pending_request_can_be_cancelled_but_not_twice(world: World) -> None:
+    pool, _ = world.dir_pool()
+    world.volume(pool, "root.img", IMAGE_SIZE)
+    name, _log = world.define("cancel", f"{pool}/root.img", disk_type="volume")
+    tagged = await cli("reprovision", name, "--connect", URI)
+    assert tagged.returncode == 0, tagged.stderr
+    state = await metadata_state(name)
+    assert state is not None and state.kind == "reprovision"
+
+    cancelled = await cli("reprovision", name, "--cancel", "--connect", URI)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert await metadata_state(name) is None
+    again = await cli("reprovision", name, "--cancel", "--connect", URI)
+    assert again.returncode == 1 and "no pending request" in again.stderr
+
+
+async def test_wait_with_shutdown_stops_the_domain_follows_the_job_and_exits_0(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    path = world.volume(pool, "root.img", IMAGE_SIZE)
+    world.write_v1(path)
+    name, log = world.define("wait", f"{pool}/root.img", disk_type="volume")
+    async with watching(world, world.policies(), world.allow_own_files()):
+        await virsh("start", name)
+        await wait_for_banner(log, BANNER_V1)
+        # The boot sector halts and ignores ACPI: the hard stop after --timeout ends it.
+        started = time.monotonic()
+        result = await cli("reprovision", name, "--wait", "--shutdown", "--timeout", "2",
+                           "--connect", URI)
+        took = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopping it hard" in result.stdout
+    assert "provisioned with v2" in result.stdout
+    assert took >= 2
+    state = await metadata_state(name)
+    assert state is not None and state.kind == "provisioned"
+    assert state.sha256 == world.images.entries["v2"].digest
+
+
+async def test_wait_exits_1_when_the_job_fails(world: World) -> None:
+    pool, _ = world.dir_pool()
+    world.volume(pool, "root.img", IMAGE_SIZE // 2)  # too small, grow: false
+    name, _log = world.define("waitfail", f"{pool}/root.img", disk_type="volume")
+    async with watching(world, world.policies(grow=False), world.allow_own_files()):
+        result = await cli("reprovision", name, "--wait", "--connect", URI)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed:" in result.stdout and "grow: false" in result.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
@@ -21,10 +22,11 @@ from watcher.adapters.hypervisor.base import (
     HypervisorError,
     HypervisorUnavailable,
     read_domain_rows,
+    read_metadata,
     translate,
     write_metadata,
 )
-from watcher.core.domain import DomainState, render_state
+from watcher.core.domain import NAMESPACE, DomainState, parse_state, render_state
 
 T = TypeVar("T")
 
@@ -63,6 +65,58 @@ def request_reprovision(uri: str, domain: str, image: str | None) -> None:
             raise HypervisorError(f"{domain} is transient; only defined domains can be rewritten")
         try:
             write_metadata(dom, render_state(DomainState("reprovision", image=image)))
+        except libvirt.libvirtError as exc:
+            raise translate(exc) from exc
+
+
+def cancel_request(uri: str, domain: str) -> DomainState | None:
+    """Remove a pending ``<reprovision/>`` request; returns the state that stays.
+
+    Only a request not yet taken up can be withdrawn: ``provisioning`` means the volume is
+    being written (or a crashed write will resume), and that is not for a user to stop
+    half-way. ``HypervisorError`` then, naming the state.
+    """
+    with _connection(uri) as conn:
+        dom = _lookup_domain(conn, domain)
+        try:
+            state = parse_state(read_metadata(dom))
+            if state is None or state.kind != "reprovision":
+                what = "no request" if state is None else f"state {state.kind!r}"
+                raise HypervisorError(f"{domain} has {what}; there is no pending request "
+                                      "to cancel")
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            return parse_state(read_metadata(dom))
+        except libvirt.libvirtError as exc:
+            raise translate(exc) from exc
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a domain stands, as ``reprovision --wait`` follows it."""
+
+    state: DomainState | None
+    shut_off: bool
+
+
+def progress(uri: str, domain: str) -> Progress:
+    """The domain's watcher state and whether it is shut off (one short connection)."""
+    with _connection(uri) as conn:
+        dom = _lookup_domain(conn, domain)
+        try:
+            shut_off = dom.state()[0] in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
+            return Progress(parse_state(read_metadata(dom)), shut_off)
+        except libvirt.libvirtError as exc:
+            raise translate(exc) from exc
+
+
+def shut_down(uri: str, domain: str, *, force: bool) -> None:
+    """ACPI shutdown, or with ``force`` pull the plug (``virsh destroy``)."""
+    with _connection(uri) as conn:
+        dom = _lookup_domain(conn, domain)
+        try:
+            if dom.isActive():
+                dom.destroy() if force else dom.shutdown()
         except libvirt.libvirtError as exc:
             raise translate(exc) from exc
 
