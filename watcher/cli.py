@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("domain")
     explain.add_argument("--json", action="store_true")
 
-    status = with_config(sub.add_parser("status", help="domains, images and the cache"))
+    status = with_config(sub.add_parser(
+        "status", help="domains, images and the cache; or one DOMAIN in detail"))
+    status.add_argument("domain", nargs="?", help="one domain in detail")
     status.add_argument("--json", action="store_true")
 
     cache = sub.add_parser("cache", help="operate on the image cache")
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "run":
             return _run(config, args.log_format, args.log_level)
+        if args.command == "status" and args.domain:
+            return _status_of(config, args.domain, as_json=args.json)
         if args.command == "status":
             return _status(config, as_json=args.json)
         if args.command == "explain":
@@ -251,6 +255,32 @@ def _explain(config: Config, domain: str, *, as_json: bool) -> int:
 
 def _kept(policies: Any) -> set[str]:
     return {image.name for image in policies.images_to_keep_warm()}
+
+
+def _status_of(config: Config, domain: str, *, as_json: bool) -> int:
+    """One domain in detail: the job's view (``explain``) plus its state and progress."""
+    from watcher.explain import explain
+    from watcher.follow import write_progress
+
+    store, policies = _cache_for(config)
+    answer = asyncio.run(explain(config, policies.on_host(config.host.resolved), store, domain))
+    state = answer.parsed
+    listen = config.http.listen
+    progress = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)
+                if listen and state is not None and state.kind == "provisioning" else None)
+    detail = {"domain": answer.domain, "uuid": answer.uuid, "power": answer.power,
+              "state": state.kind if state else None, "element": answer.state,
+              "image": answer.image, "rule": answer.rule,
+              "provisioned_sha256": state.sha256 if state else None,
+              "reason": state.reason if state else None, "root_disk": answer.disk,
+              "volume": answer.volume, "write_progress": progress, "next": answer.now}
+    if as_json:
+        print(json.dumps(detail, indent=2))
+        return 0
+    for key, value in detail.items():
+        if value is not None and value != "":
+            print(f"{key + ':':<20} {value}")
+    return 0
 
 
 def _status(config: Config, *, as_json: bool) -> int:

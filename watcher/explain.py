@@ -64,9 +64,11 @@ class Explanation:
     """What would happen if the domain were tagged now."""
     steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    parsed: DomainState | None = field(default=None, repr=False)
+    """The state element, parsed (for ``status DOMAIN``)."""
 
     def as_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "parsed"}
 
     def lines(self) -> list[str]:
         rows = [("domain", f"{self.domain} ({self.uuid})" if self.uuid else self.domain),
@@ -103,6 +105,7 @@ async def explain(config: Config, policies: PolicySet, store: CurrentImages,
             answer.now = "the watcher ignores this domain until its metadata is fixed"
             return answer
         answer.state = render_state(state) if state is not None else None
+        answer.parsed = state
         request = state if state is not None and state.is_request else DomainState("reprovision")
         rule = policies.rule_for(facts.name)
         if rule is not None:

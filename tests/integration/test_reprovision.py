@@ -670,3 +670,20 @@ async def test_wait_exits_1_when_the_job_fails(world: World) -> None:
         result = await cli("reprovision", name, "--wait", "--connect", URI)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "failed:" in result.stdout and "grow: false" in result.stdout
+
+    # status DOMAIN shows the failure in detail, as JSON and nothing else on stdout.
+    policies_dir = world.dir / "policies"
+    policies_dir.mkdir()
+    (policies_dir / "p.yaml").write_text(
+        "images:\n  v2: {bucket: local, key: v2.qcow2, format: qcow2}\n"
+        f"domains:\n  - {{match: '{world.prefix}-*', image: v2}}\n")
+    config = world.dir / "config.yaml"
+    config.write_text(f"libvirt: {{uri: '{URI}'}}\npolicies: {{dir: '{policies_dir}'}}\n"
+                      f"cache: {{dir: '{world.dir / 'cache'}'}}\nhttp: {{listen: ''}}\n")
+    shown = await cli("status", name, "--json", "-c", str(config))
+    assert shown.returncode == 0, shown.stderr
+    detail = json.loads(shown.stdout)
+    assert (detail["domain"], detail["state"], detail["power"]) == (name, "failed", "shut off")
+    assert "grow: false" in detail["reason"]
+    assert detail["image"] == "v2" and detail["rule"].startswith(f"{world.prefix}-*")
+    assert detail["root_disk"] and detail["volume"]
