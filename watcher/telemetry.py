@@ -61,7 +61,8 @@ domains_outdated = Gauge(
     registry=REGISTRY)
 last_amqp_message = Gauge(
     _P + "last_amqp_message_timestamp_seconds",
-    "Unix time of the last AMQP message (alert on time() minus this).", registry=REGISTRY)
+    "Unix time of the last AMQP message, or of the start of consuming before the first "
+    "(alert on time() minus this).", registry=REGISTRY)
 connection_up = Gauge(
     _P + "connection_up", "1 when the connection to a service is up, by service (libvirt, amqp).",
     ["service"], registry=REGISTRY)
@@ -80,6 +81,18 @@ unexpected_errors = Counter(
 UNITS = ("warm", "reconcile", "sweep", "reprovision", "watchdog", "reload")
 for _unit in UNITS:
     unexpected_errors.labels(unit=_unit)  # present from the start, so increase() sees the first
+
+# Every label value known up front exists from the start at 0, so an alert on increase()
+# sees the first event after a restart.
+for _result in ("ok", "failed"):
+    downloads.labels(result=_result)
+    policy_reloads.labels(result=_result)
+for _result in ("provisioned", "failed", "retry"):
+    reprovisions.labels(result=_result)
+for _reason in ("malformed", "permanent", "temporary", "unexpected"):
+    events_dead_lettered.labels(reason=_reason)
+for _kind in ("download", "reprovision"):
+    jobs_in_progress.labels(kind=_kind)
 
 tracer = trace.get_tracer("libvirt-volume-watcher")
 

@@ -148,6 +148,9 @@ class Reprovisioner:
             finally:
                 self._active -= 1
                 telemetry.jobs_in_progress.labels(kind="reprovision").dec()
+                # The gauge is for writes going on; an ended job leaves no series behind.
+                with contextlib.suppress(KeyError):
+                    telemetry.write_progress.remove(domain.name)
             span.set_attribute("result", "provisioned")
         seconds = time.monotonic() - began
         telemetry.reprovisions.labels(result="provisioned").inc()
