@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,3 +249,41 @@ class TestStateTransitionLog:
         with structlog.testing.capture_logs() as events:
             assert StateTransitionLog().ok("s3", "s3 recovered") is False
         assert events == []
+
+
+def test_lines_to_the_journal_carry_their_syslog_priority(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    path = tmp_path / "journal"
+    with open(path, "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        try:
+            configure_logging(json=True, level="info", stream=stream)
+            telemetry.get_logger().error("volume write failed")
+            telemetry.get_logger().info("image cached")
+        finally:
+            structlog.reset_defaults()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    first, second = path.read_text().splitlines()
+    assert first.startswith("<3>{") and json.loads(first[3:])["event"] == "volume write failed"
+    assert second.startswith("<6>{")
+
+
+def test_lines_elsewhere_are_plain_json(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # some other stream
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    path = tmp_path / "log"
+    with open(path, "w") as stream:
+        try:
+            configure_logging(json=True, level="info", stream=stream)
+            telemetry.get_logger().error("volume write failed")
+        finally:
+            structlog.reset_defaults()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    assert json.loads(path.read_text())["event"] == "volume write failed"

@@ -15,6 +15,7 @@ recovery when it ends, not on every attempt in between.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
@@ -83,6 +84,8 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
         final: list[Any] = [structlog.processors.format_exc_info,
                             structlog.processors.UnicodeDecoder(), renderer]
+        if _is_journal(out):
+            final.append(_journal_priority)
     else:
         # The console renderer formats exceptions itself (with colour when available).
         final = [structlog.dev.ConsoleRenderer(colors=is_terminal)]
@@ -113,6 +116,26 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+
+
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2,
+               "exception": 3}
+
+
+def _journal_priority(logger: Any, method_name: str, rendered: Any) -> Any:
+    """Prefix a rendered line with ``<N>``: journald takes N as the syslog priority and
+    strips it, so ``journalctl -p err`` finds our errors."""
+    return f"<{_PRIORITIES.get(method_name, 6)}>{rendered}"
+
+
+def _is_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM``)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(expected) and expected == f"{st.st_dev}:{st.st_ino}"
 
 
 def configure_tracing(
