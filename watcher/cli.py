@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run the daemon in the foreground"))
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", default="info",
+                     choices=("debug", "info", "warning", "error", "critical"))
     with_config(sub.add_parser("check", help="validate the config and every policy file"))
 
     rep = sub.add_parser("reprovision", help="tag a domain for reprovisioning")

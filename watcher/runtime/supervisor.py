@@ -293,6 +293,8 @@ class Daemon:
         if self.http is not None:
             await self.http.start()
         await self.consumer.start()
+        # Not 0 before the first message: a stale-consumer alert must not fire at every start.
+        telemetry.last_amqp_message.set(time.time())
         tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "reconcile": self._reconcile_loop,
             "reload": self._reload_loop,
