@@ -197,6 +197,9 @@ ERROR_CASES = [
                  id="image-name-starting-with-a-dot"),
     pytest.param([("p.yaml", "images:\n  " + "a" * 65 + ": {bucket: b, key: k, format: raw}\n")],
                  [("p.yaml:2", "is not valid")], id="image-name-too-long"),
+    pytest.param([("p.yaml", UBUNTU + "domains:\n  - {match: 'web-[', image: ubuntu}\n")],
+                 [("p.yaml:7", "domains[0].match: 'web-[' has a '[' without its ']'")],
+                 id="broken-glob"),
     pytest.param([("p.yaml", "images: [a]\n")],
                  [("p.yaml:1", "images: expected a mapping, got a list")],
                  id="images-not-a-mapping"),
@@ -354,3 +357,13 @@ def test_merged_keys_keep_the_lines_where_they_were_written() -> None:
     assert isinstance(use, LineMap)
     assert use == {"x": 1, "y": 2}
     assert (use.key_line("x"), use.key_line("y")) == (2, 5)
+
+
+@pytest.mark.parametrize(("pattern", "fine"), [
+    ("web-*", True), ("web-[0-9]*", True), ("web-[!a]", True), ("[]]x", True), ("[[]x", True),
+    ("web-[", False), ("[!", False), ("a[b", False), ("", False),
+])
+def test_globs_are_checked_for_a_missing_bracket(pattern: str, fine: bool) -> None:
+    from watcher.core.policy_load import glob_problem
+
+    assert (glob_problem(pattern) is None) is fine

@@ -172,6 +172,8 @@ def _read_rule(reader: FieldReader, item: LineMap, where: str) -> DomainRule | N
     reader.check_keys(item, RULE_KEYS, where)
     reader.require(item, ("match", "image"), where)
     match = reader.string(item, "match", where)
+    if match is not None and (problem := glob_problem(match)) is not None:
+        reader.report(item.value_line("match"), f"{where}.match: {match!r} {problem}")
     image = reader.string(item, "image", where)
     root_disk = reader.string(item, "root_disk", where, null_ok=True)
     grow = reader.boolean(item, "grow", where)
@@ -216,4 +218,31 @@ def _host_globs(reader: FieldReader, item: LineMap, where: str) -> tuple[str, ..
     if isinstance(raw, LineList) and len(raw) == 0:
         reader.report(item.value_line("hosts"), f"{where}.hosts: an empty list matches no "
                                                 "host; leave 'hosts' out for every host")
+    for glob, line in globs or []:
+        if (problem := glob_problem(glob)) is not None:
+            reader.report(line, f"{where}.hosts: {glob!r} {problem}")
     return tuple(glob for glob, _line in globs or [])
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not the glob its author meant, or None.
+
+    ``fnmatch`` takes a ``[`` without its ``]`` as a literal character, so ``web-[`` would
+    quietly match only a domain named exactly that; an empty pattern matches nothing.
+    """
+    if not pattern:
+        return "is empty and matches nothing"
+    index = 0
+    while index < len(pattern):
+        if pattern[index] == "[":
+            close = index + 1
+            if close < len(pattern) and pattern[close] == "!":
+                close += 1
+            if close < len(pattern) and pattern[close] == "]":
+                close += 1  # a ']' right after '[' (or '[!') is part of the set
+            close = pattern.find("]", close)
+            if close == -1:
+                return "has a '[' without its ']'; write [[] for a literal '['"
+            index = close
+        index += 1
+    return None
