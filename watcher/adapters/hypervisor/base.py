@@ -9,6 +9,8 @@ so callers run it in a worker thread (or in a short-lived CLI process).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import libvirt
+import libvirtaio
 
 from watcher.core.domain import KEY, NAMESPACE, MalformedState, parse_state
 from watcher.core.errors import PermanentError, TemporaryError
@@ -100,6 +103,42 @@ def _ignore_error(_context: object, _error: object) -> None:
 
 
 libvirt.registerErrorHandler(_ignore_error, None)
+
+
+def ensure_event_impl() -> None:
+    """Register libvirtaio on the running loop unless it already is.
+
+    libvirt takes one event implementation per process, for good, and every connection
+    opened afterwards registers its socket with it. A process that runs several loops one
+    after the other (``asyncio.run`` twice, a test suite) hands the registered
+    implementation over to the new loop, which is safe only once the old loop is gone and
+    nothing is left registered on it; two live loops cannot share it. So every connection
+    this package opens, the daemon's kept one and the CLI's one-shots, calls this first.
+    """
+    loop = asyncio.get_running_loop()
+    current = libvirtaio.getCurrentImpl()
+    if current is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        return
+    if current.loop is loop:
+        return
+    if not current.loop.is_closed() or not current.is_idle():
+        raise RuntimeError("libvirt events are bound to another event loop that is still in use")
+    current.loop = loop
+
+
+async def settle_event_impl() -> None:
+    """Wait until libvirt has removed a closed connection's handles and freed what it handed
+    to the loop, so the loop can go away (or another take the implementation over)."""
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None or impl.loop is not asyncio.get_running_loop():
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(impl.drain(), timeout=2)
+    for _ in range(200):
+        if impl.is_idle():
+            return
+        await asyncio.sleep(0.01)
 
 
 def translate(exc: libvirt.libvirtError) -> Exception:

@@ -21,10 +21,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import libvirt
-import libvirtaio
 
 from watcher import telemetry
-from watcher.adapters.hypervisor.base import HypervisorUnavailable, read_metadata, translate
+from watcher.adapters.hypervisor.base import (
+    HypervisorUnavailable,
+    ensure_event_impl,
+    read_metadata,
+    settle_event_impl,
+    translate,
+)
 from watcher.core.domain import NAMESPACE, MalformedState, parse_state
 from watcher.core.waiting import wait_any
 from watcher.settings import LIBVIRT_TUNING, LibvirtTuning
@@ -42,34 +47,6 @@ _LIFECYCLE_NAMES = {
     libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
 }
-
-_error_handler_installed = False
-
-
-def _ensure_event_impl() -> None:
-    """Register libvirtaio on the running loop unless it already is.
-
-    libvirt takes one event implementation per process, for good. A process that runs
-    several loops one after the other (``asyncio.run`` twice, a test suite) hands the
-    registered implementation over to the new loop, which is safe only once the old loop
-    is gone and nothing is left registered on it; two live loops cannot share it.
-    """
-    global _error_handler_installed
-    if not _error_handler_installed:
-        # libvirt prints every error to stderr by default; errors are raised and logged instead.
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _error_handler_installed = True
-    loop = asyncio.get_running_loop()
-    current = libvirtaio.getCurrentImpl()
-    if current is None:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        return
-    if current.loop is loop:
-        return
-    if not current.loop.is_closed() or not current.is_idle():
-        raise RuntimeError("libvirt events are bound to another event loop that is still in use")
-    current.loop = loop
-
 
 class EventConnection:
     """A libvirt connection kept open, reporting the domains worth a look.
@@ -104,7 +81,7 @@ class EventConnection:
         After ``stop`` no more domains are reported, but the connection stays open until
         every lease (a running job) is returned or the task is cancelled.
         """
-        _ensure_event_impl()
+        ensure_event_impl()
         backoff = self.tuning.reconnect_backoff
         delays = backoff.delays()
         attempt = 0
@@ -178,16 +155,7 @@ class EventConnection:
             conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
-        impl = libvirtaio.getCurrentImpl()
-        if impl is not None:
-            # libvirt removes the connection's handles and frees what it handed to the loop
-            # shortly after close; let it finish before the loop can go away.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(impl.drain(), timeout=2)
-            for _ in range(200):
-                if impl.is_idle():
-                    break
-                await asyncio.sleep(0.01)
+        await settle_event_impl()
 
     # ---- callbacks, on the loop thread from libvirt's dispatch -------------------------
 

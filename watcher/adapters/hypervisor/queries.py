@@ -21,8 +21,10 @@ from watcher.adapters.hypervisor.base import (
     DomainRow,
     HypervisorError,
     HypervisorUnavailable,
+    ensure_event_impl,
     read_domain_rows,
     read_metadata,
+    settle_event_impl,
     translate,
     write_metadata,
 )
@@ -142,6 +144,8 @@ class OneShotConnection:
         self._conn: Any = None
 
     async def call(self, operation: Callable[[Any], T]) -> T:
+        ensure_event_impl()  # on this loop, before the connection registers its socket
+
         def run() -> T:
             if self._conn is None:
                 try:
@@ -164,3 +168,4 @@ class OneShotConnection:
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 await asyncio.to_thread(conn.close)
+            await settle_event_impl()
