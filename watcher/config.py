@@ -210,7 +210,8 @@ def _exposed_secrets(path: Path, inline: list[_Origin]) -> list[Problem]:
     return [Problem(origin.file, origin.line, (
         f"warning: {origin.label} is a secret written in a file readable by "
         f"{' and '.join(readers)} (mode {stat.S_IMODE(mode):04o}); move it to a credential "
-        f"file or a *_file setting, or chmod 600 {path}")) for origin in inline]
+        f"file or a *_file setting, or chmod 600 {path}"))
+        for origin in sorted(inline, key=lambda origin: origin.line)]
 
 
 class _ConfigReader:
