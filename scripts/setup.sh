@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 host lacks to run and test the watcher:
-# Debian packages (libvirt, QEMU, qemu-img, LVM, User-Mode Linux) and a virtualenv
+# Debian packages (libvirt, QEMU, qemu-img, LVM, User-Mode Linux, and prometheus for
+# promtool, which tests contrib/prometheus/alerts.yaml) and a virtualenv
 # with the project and its dev tools (which bring the SeaweedFS S3 server).
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -8,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 debs=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils seabios
       libvirt-dev pkg-config gcc python3-venv
-      lvm2 thin-provisioning-tools user-mode-linux util-linux kmod e2fsprogs)
+      lvm2 thin-provisioning-tools user-mode-linux util-linux kmod e2fsprogs
+      prometheus)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher import __version__
-from watcher.config import DEFAULT_CONFIG_PATH, check_all, load_config, load_policy_dir
+from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_policy_dir
 from watcher.core.address import parse_listen
 from watcher.core.decide import is_outdated
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
@@ -134,9 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(path: Path) -> int:
-    problems = check_all(path)
+    report = check_config(path)
+    problems = report.problems
     for problem in problems:
         print(problem)
+    for warning in report.warnings:  # shown, but they do not fail the check
+        print(warning)
     if not problems:
         print(f"{path}: ok")
         _print_host_scope(load_config(path))

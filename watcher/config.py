@@ -16,14 +16,16 @@ Secrets (the S3 keys and the AMQP URL, which holds a password) are taken, first 
 
 Secret values never appear in ``repr()`` or in error messages; problems name the source.
 
-``load_policy_dir`` reads the policy directory for start-up and SIGHUP, and ``check_all``
-backs the ``check`` command.
+``load_policy_dir`` reads the policy directory for start-up and SIGHUP, and ``check_config``
+backs the ``check`` command: problems, plus warnings that do not fail it (an inline secret
+in a file that group or others can read).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +167,15 @@ def load_policy_dir(directory: Path) -> PolicySet:
     return policies
 
 
-def check_all(config_path: Path, environ: Mapping[str, str] | None = None) -> list[Problem]:
+@dataclass(frozen=True)
+class CheckReport:
+    """What ``check`` found: problems fail it, warnings are only shown."""
+
+    problems: list[Problem]
+    warnings: list[Problem]
+
+
+def check_config(config_path: Path, environ: Mapping[str, str] | None = None) -> CheckReport:
     """Every problem of the config file, then of the policy directory it names.
 
     The policies are checked even when other parts of the config are wrong, as long as
@@ -179,7 +189,29 @@ def check_all(config_path: Path, environ: Mapping[str, str] | None = None) -> li
             load_policy_dir(config.policies.dir)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    return problems
+    return CheckReport(problems, _exposed_secrets(config_path, reader.inline_secrets))
+
+
+def check_all(config_path: Path, environ: Mapping[str, str] | None = None) -> list[Problem]:
+    """The problems of ``check_config``, without its warnings."""
+    return check_config(config_path, environ).problems
+
+
+def _exposed_secrets(path: Path, inline: list[_Origin]) -> list[Problem]:
+    """A warning per secret written in the config file when group or others can read it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return []
+    readers = [who for who, bit in (("group", stat.S_IRGRP), ("others", stat.S_IROTH))
+               if mode & bit]
+    if not readers:
+        return []
+    return [Problem(origin.file, origin.line, (
+        f"warning: {origin.label} is a secret written in a file readable by "
+        f"{' and '.join(readers)} (mode {stat.S_IMODE(mode):04o}); move it to a credential "
+        f"file or a *_file setting, or chmod 600 {path}"))
+        for origin in sorted(inline, key=lambda origin: origin.line)]
 
 
 class _ConfigReader:
@@ -191,6 +223,8 @@ class _ConfigReader:
         self.environ = environ
         self.fields = FieldReader(str(path))
         self.policies_dir_ok = False
+        self.inline_secrets: list[_Origin] = []
+        """Secrets written in the config file itself (an AMQP URL only with a password)."""
 
     @property
     def problems(self) -> list[Problem]:
@@ -266,6 +300,11 @@ class _ConfigReader:
     def _s3(self, m: LineMap) -> S3Settings:
         default = S3Settings()
         endpoint = self._url(m, "endpoint", "s3", ("http", "https"))
+        if endpoint is not None and _has_credentials(endpoint):
+            self.fields.report(m.value_line("endpoint"), (
+                "s3.endpoint: credentials do not belong in the URL (the value is not shown); "
+                "set s3.access_key and s3.secret_key, best through credential files"))
+            endpoint = None
         region = self.fields.string(m, "region", "s3")
         access_key = self._secret(m, _SECRETS[("s3", "access_key")])
         secret_key = self._secret(m, _SECRETS[("s3", "secret_key")])
@@ -429,6 +468,10 @@ class _ConfigReader:
         if key in m and file_key in m:
             self.fields.report(m.key_line(file_key),
                                f"{where}: set either {key!r} or {file_key!r}, not both")
+        if inline and (spec.key != "url" or _has_credentials(inline, password_only=True)):
+            # Still in the file when the environment overrides it.
+            self.inline_secrets.append(
+                _Origin(self.fields.file, m.value_line(key), field_path(where, key)))
         from_env = self.environ.get(spec.env, "")
         if from_env:
             return from_env, _Origin(ENVIRONMENT, 0, spec.env)
@@ -470,6 +513,15 @@ def _url_scheme(url: str) -> str:
         return urlsplit(url).scheme.lower()
     except ValueError:
         return ""
+
+
+def _has_credentials(url: str, *, password_only: bool = False) -> bool:
+    """Whether the URL carries a password (or, unless ``password_only``, a user name)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.password is not None or (not password_only and parts.username is not None)
 
 
 def _given(value: T | None, default: T) -> T:

@@ -12,7 +12,9 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from watcher import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _P = "volume_watcher_"
@@ -26,6 +28,9 @@ events_dead_lettered = Counter(
 downloads = Counter(
     _P + "downloads", "Image downloads finished, by result (ok, failed).",
     ["result"], registry=REGISTRY)
+download_seconds = Histogram(
+    _P + "download_duration_seconds", "Wall time of successful image downloads from S3.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
 download_bytes = Counter(
     _P + "download_bytes", "Bytes received from S3 for image downloads.", registry=REGISTRY)
 cache_hits = Counter(
@@ -59,6 +64,12 @@ domains_outdated = Gauge(
     _P + "domains_outdated",
     "Domains whose provisioned digest is older than the cached current version of their image.",
     registry=REGISTRY)
+DOMAIN_STATES = ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed")
+"""A domain's metadata element as ``status`` reads it (``none``: no element)."""
+domains = Gauge(
+    _P + "domains",
+    "Domains a policy matches, by the state of their metadata element, as of the last sweep.",
+    ["state"], registry=REGISTRY)
 last_amqp_message = Gauge(
     _P + "last_amqp_message_timestamp_seconds",
     "Unix time of the last AMQP message, or of the start of consuming before the first "
@@ -71,6 +82,13 @@ policy_reloads = Counter(
     ["result"], registry=REGISTRY)
 policy_images = Gauge(
     _P + "policy_images", "Images defined by the loaded policies.", registry=REGISTRY)
+
+build_info = Gauge(
+    _P + "build_info", "Always 1; the version label says which release is running.",
+    ["version"], registry=REGISTRY)
+build_info.labels(version=__version__).set(1)
+# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...
+ProcessCollector(registry=REGISTRY)
 
 unexpected_errors = Counter(
     _P + "unexpected_errors",
@@ -93,6 +111,8 @@ for _reason in ("malformed", "permanent", "temporary", "unexpected"):
     events_dead_lettered.labels(reason=_reason)
 for _kind in ("download", "reprovision"):
     jobs_in_progress.labels(kind=_kind)
+for _state in DOMAIN_STATES:
+    domains.labels(state=_state)
 
 tracer = trace.get_tracer("libvirt-volume-watcher")
 

@@ -74,7 +74,11 @@ def test_the_unit_runs_the_daemon_as_the_contract_says() -> None:
     assert settings["Type"] == "notify"
     assert settings["ExecStart"] == (
         f"{INSTALLED_BINARY} run --config /etc/libvirt-volume-watcher/config.yaml")
-    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    reload = [value for key, value in _unit_settings() if key == "ExecReload"]
+    assert reload == [  # check first: a broken policy fails the reload before any SIGHUP
+        f"{INSTALLED_BINARY} check --config /etc/libvirt-volume-watcher/config.yaml",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert int(settings["TimeoutStopSec"]) > int(settings["WatchdogSec"]) / 2
 
 

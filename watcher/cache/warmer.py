@@ -222,6 +222,7 @@ class ImageWarmer:
         part = await asyncio.to_thread(self.store.new_part)
         started = time.monotonic()
         async with self._downloads:
+            transfer_started = time.monotonic()  # the histogram leaves out the queueing
             telemetry.jobs_in_progress.labels(kind="download").inc()
             try:
                 with telemetry.tracer.start_as_current_span(
@@ -238,6 +239,7 @@ class ImageWarmer:
             finally:
                 telemetry.jobs_in_progress.labels(kind="download").dec()
         telemetry.downloads.labels(result="ok").inc()
+        telemetry.download_seconds.observe(time.monotonic() - transfer_started)
         self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
                       seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
         return part, result.sha256, result.size

@@ -3,7 +3,7 @@
 Pure: events and policies in, warm requests out. Anything not about an image a policy
 defines (or its sidecar) is ignored here, cheaply, which keeps the event path fast for
 the busy buckets most hosts share. ``is_outdated`` is the one rule that ``status`` and
-the daemon's outdated-domains gauge both apply.
+the daemon's outdated-domains gauge both apply; ``count_by_state`` feeds the domains gauge.
 """
 
 from __future__ import annotations
@@ -45,3 +45,15 @@ def is_outdated(provisioned_sha256: str | None, current_digest: str | None) -> b
     version with another digest, is outdated; without either there is nothing to compare.
     """
     return bool(provisioned_sha256 and current_digest and provisioned_sha256 != current_digest)
+
+
+def count_by_state(states: Iterable[str], known: Iterable[str]) -> dict[str, int]:
+    """How many domains are in each state; every ``known`` state is present, at 0 if none.
+
+    A gauge set from this goes back to 0 for a state no domain is in any more, instead of
+    keeping the count of an earlier sweep.
+    """
+    counts = dict.fromkeys(known, 0)
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return counts

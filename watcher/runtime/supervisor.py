@@ -9,6 +9,8 @@ supervisor reacts to them:
   against one deadline (``drain_timeout``, 75 s: below the unit's ``TimeoutStopSec=90``),
   cancel what is left, and log one ``stopped`` line naming whatever was still running.
 - SIGHUP: reload policies; a reload that fails keeps the previous policies running.
+  The config file is read once, at start: a SIGHUP after it changed on disk logs a
+  warning that only a restart applies it.
 
 Each unit of background work (one image warm, one reconcile pass, one domain sweep, one
 reprovision) is isolated: an unexpected exception is logged once with its traceback,
@@ -20,10 +22,12 @@ exits) stops the daemon, and systemd then restarts it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
@@ -31,7 +35,7 @@ from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.s3 import S3Store
 from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_policy_dir
-from watcher.core.decide import is_outdated
+from watcher.core.decide import count_by_state, is_outdated
 from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
@@ -153,6 +157,8 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
+        self._config_digest = _file_digest(config.source)
+        """The config file as read at start, to tell a SIGHUP that it changed since."""
 
     def _domain_reported(self, uuid: str) -> None:
         if self.reprovisions is not None:
@@ -200,7 +206,8 @@ class Daemon:
     async def _count_outdated(self) -> list[str] | None:
         """Domains provisioned with an older digest than their image's cached current one.
 
-        Read on the live event connection; the caller checked that it is up.
+        The same rows also set the domains-by-state gauge. Read on the live event
+        connection; the caller checked that it is up.
         """
         assert self.domains is not None
         policies = self.policies.get()
@@ -217,6 +224,9 @@ class Daemon:
             if is_outdated(row.provisioned_sha256, current.digest if current else None):
                 outdated.append(row.domain)
         telemetry.domains_outdated.set(len(outdated))
+        states = count_by_state((row.state for row in rows), telemetry.DOMAIN_STATES)
+        for state, count in states.items():
+            telemetry.domains.labels(state=state).set(count)
         return outdated
 
     # ---- loops ------------------------------------------------------------------------
@@ -238,9 +248,16 @@ class Daemon:
                 return
             self.reload_requested.clear()
             self.notifier.reloading()
+            self._warn_if_config_changed()
             if self.policies.load():
                 self.reconcile_requested.set()
             self.notifier.ready()
+
+    def _warn_if_config_changed(self) -> None:
+        source = self.config.source
+        if source is not None and _file_digest(source) != self._config_digest:
+            log.warning("the config file changed since start; SIGHUP reloads only the "
+                        "policies: restart the service to apply it", path=str(source))
 
     async def _watchdog_loop(self) -> None:
         """Watchdog pings, the STATUS= line and connection gauges, every few seconds."""
@@ -359,3 +376,13 @@ class Daemon:
         summary = log.warning if still_running else log.info
         summary("stopped", seconds=round(deadline.elapsed(), 3), deadline=self.drain_timeout,
                 still_running=still_running)
+
+
+def _file_digest(path: Path | None) -> str | None:
+    """SHA-256 of a small file's bytes; None when there is no file or it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
