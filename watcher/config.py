@@ -41,6 +41,7 @@ from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineMap, describe, field_path, parse_yaml
 from watcher.settings import (
     AmqpSettings,
+    ApiSettings,
     CacheSettings,
     Config,
     FleetSettings,
@@ -51,6 +52,7 @@ from watcher.settings import (
     PrewarmSettings,
     ReprovisionSettings,
     S3Settings,
+    StateSettings,
     TracingSettings,
     VolumesSettings,
 )
@@ -80,6 +82,9 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
     "host": ("name",),
     "fleet": ("status_bucket",),
     "prewarm": ("spread",),
+    # the HTTP job API and its durable state
+    "api": ("listen", "tokens_file", "tls_cert", "tls_key", "client_ca", "pool"),
+    "state": ("dir",),
 }
 TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -287,6 +292,9 @@ class _ConfigReader:
             host=self._host(sections["host"]),
             fleet=self._fleet(sections["fleet"]),
             prewarm=self._prewarm(sections["prewarm"]),
+            api=self._api(sections["api"]),
+            state=StateSettings(dir=_given(self._path(sections["state"], "dir", "state"),
+                                           StateSettings().dir)),
             source=self.path.absolute(),
         )
 
@@ -366,15 +374,55 @@ class _ConfigReader:
         return PoliciesSettings(dir=_given(directory, PoliciesSettings().dir))
 
     def _http(self, m: LineMap) -> HttpSettings:
-        listen = self.fields.string(m, "listen", "http", empty_ok=True)
+        return HttpSettings(listen=_given(self._listen(m, "http"), HttpSettings().listen))
+
+    def _listen(self, m: LineMap, where: str) -> str | None:
+        listen = self.fields.string(m, "listen", where, empty_ok=True)
         if listen is not None and listen != "":
             try:
                 parse_listen(listen)
             except ValueError:
-                self.fields.report(m.value_line("listen"), "http.listen: expected host:port "
+                self.fields.report(m.value_line("listen"), f"{where}.listen: expected host:port "
                                    f"(or \"\" to disable the server), got {describe(listen)}")
-                listen = None
-        return HttpSettings(listen=_given(listen, HttpSettings().listen))
+                return None
+        return listen
+
+    def _api(self, m: LineMap) -> ApiSettings:
+        """The API section; with ``listen`` set it must name a pool and a way to authenticate."""
+        listen = self._listen(m, "api") or ""
+        files = {key: self._existing_file(m, key, "api")
+                 for key in ("tokens_file", "tls_cert", "tls_key", "client_ca")}
+        pool = self.fields.string(m, "pool", "api", empty_ok=True) or ""
+        if "/" in pool:
+            self.fields.report(m.value_line("pool"), "api.pool: expected a libvirt pool name "
+                                                     f"(no '/'), got {describe(pool)}")
+        given = {key for key in files if m.get(key)}  # set, whether or not the file exists
+        line = m.key_line("listen")
+        if listen and not pool:
+            self.fields.report(line, "api.pool: required when api.listen is set "
+                                     "(the libvirt pool holding the API's volumes)")
+        if listen and not given & {"tokens_file", "client_ca"}:
+            self.fields.report(line, "api: with listen set, tokens_file or client_ca is "
+                                     "required (there is no unauthenticated API)")
+        for key, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+            if key in given and other not in given:
+                self.fields.report(m.key_line(key), f"api.{key}: needs api.{other} as well")
+        if "client_ca" in given and "tls_cert" not in given:
+            self.fields.report(m.key_line("client_ca"), "api.client_ca: needs api.tls_cert and "
+                               "api.tls_key (client certificates need TLS)")
+        return ApiSettings(listen=listen, pool=pool, **files)
+
+    def _existing_file(self, m: LineMap, key: str, where: str) -> Path | None:
+        """An optional file setting: unset or "" is None, else a file that must exist."""
+        text = self.fields.string(m, key, where, empty_ok=True)
+        if not text:
+            return None  # "" is the same as not setting it
+        path = self.base / text
+        if not path.is_file():
+            self.fields.report(m.value_line(key), f"{field_path(where, key)}: no such file: "
+                                                  f"{path}")
+            return None
+        return path
 
     def _volumes(self, m: LineMap) -> VolumesSettings:
         allow: list[str] = []

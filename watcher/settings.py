@@ -115,6 +115,32 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """The predecessor's HTTP job API, on its own listener (see README: HTTP API)."""
+
+    listen: str = ""
+    """``host:port`` of the API listener; "" (the default) = no API. Separate from
+    ``http.listen``, so probes and scrapes never share a port with clients' traffic."""
+    tokens_file: Path | None = None
+    """File of API tokens, one per line (``#`` starts a comment); re-read on SIGHUP.
+    Clients send ``Authorization: Bearer T`` or ``X-API-Token: T``."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the API; with ``tls_key`` the API speaks HTTPS only."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    client_ca: Path | None = None
+    """PEM CA bundle; a client certificate it signed also authenticates (mTLS). Needs TLS."""
+    pool: str = ""
+    """libvirt storage pool holding the API's volumes; required with ``listen``."""
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    dir: Path = Path("/var/lib/libvirt-volume-watcher")
+    """Directory of durable state (the API's job database); the unit's StateDirectory."""
+
+
+@dataclass(frozen=True)
 class VolumesSettings:
     allow: tuple[str, ...] = ()
     """Path globs a root disk may resolve to; empty = volumes of libvirt 'logical' pools only."""
@@ -176,6 +202,8 @@ class Config:
     host: HostSettings = field(default_factory=HostSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     source: Path | None = None
     """The file this config was read from."""
 
@@ -255,6 +283,26 @@ class FleetTuning:
 
 
 @dataclass(frozen=True)
+class HttpTuning:
+    """What one HTTP connection may cost, on either listener."""
+
+    header_timeout: float = 2.0
+    """Seconds from the accept (or the last response) to a complete request head, and for a
+    TLS handshake; a probe or a client sends its head in one packet, a slow-loris does not."""
+    write_timeout: float = 5.0
+    """Seconds to write one response; a client that stops reading is cut off after them."""
+    max_header_bytes: int = 8192
+    """Bytes of a request head (431 past them); ample for tokens and request ids."""
+    max_connections: int = 1024
+    """Open connections per listener, further kept to a quarter of the descriptor limit so
+    that both listeners together never take more than half the daemon's descriptors."""
+    max_body_bytes: int = 1024**2
+    """Bytes of an API request body (413 past them): a job request is a few hundred bytes."""
+    stop_timeout: float = 1.0
+    """Seconds a request in flight may still take once the daemon stops listening."""
+
+
+@dataclass(frozen=True)
 class RuntimeTuning:
     """The supervisor's own clock."""
 
@@ -268,4 +316,5 @@ S3_TUNING = S3Tuning()
 AMQP_TUNING = AmqpTuning()
 REPROVISION_TUNING = ReprovisionTuning()
 FLEET_TUNING = FleetTuning()
+HTTP_TUNING = HttpTuning()
 RUNTIME_TUNING = RuntimeTuning()

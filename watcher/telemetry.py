@@ -93,10 +93,10 @@ ProcessCollector(registry=REGISTRY)
 unexpected_errors = Counter(
     _P + "unexpected_errors",
     "Unexpected exceptions in one unit of background work, by unit (warm, reconcile, sweep, "
-    "reprovision, watchdog, reload); each is logged with its traceback and retried at the "
+    "reprovision, watchdog, reload, api); each is logged with its traceback and retried at the "
     "next event or interval.",
     ["unit"], registry=REGISTRY)
-UNITS = ("warm", "reconcile", "sweep", "reprovision", "watchdog", "reload")
+UNITS = ("warm", "reconcile", "sweep", "reprovision", "watchdog", "reload", "api")
 for _unit in UNITS:
     unexpected_errors.labels(unit=_unit)  # present from the start, so increase() sees the first
 

@@ -121,9 +121,9 @@ ERROR_CASES = [
     pytest.param("- a\n", [(1, "the config must be a mapping of sections, got a list")],
                  id="top-level-a-list"),
     pytest.param("libvirt: {uri: x}\nlogging: {}\n",
-                 [(2, "unknown key 'logging'; allowed keys: amqp, cache, fleet, host, http, "
-                      "libvirt, policies, prewarm, reconcile_interval, reprovision, s3, "
-                      "tracing, volumes")],
+                 [(2, "unknown key 'logging'; allowed keys: amqp, api, cache, fleet, host, "
+                      "http, libvirt, policies, prewarm, reconcile_interval, reprovision, s3, "
+                      "state, tracing, volumes")],
                  id="unknown-section"),
     pytest.param("s3:\n  endpoint: http://h:1\n  acess_key: x\n",
                  [(3, "s3: unknown key 'acess_key'; allowed keys: access_key, "

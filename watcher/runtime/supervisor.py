@@ -8,9 +8,9 @@ supervisor reacts to them:
 - SIGTERM/SIGINT: stop taking work, drain the consumer, the warms and the reprovisions
   against one deadline (``drain_timeout``, 75 s: below the unit's ``TimeoutStopSec=90``),
   cancel what is left, and log one ``stopped`` line naming whatever was still running.
-- SIGHUP: reload policies; a reload that fails keeps the previous policies running.
-  The config file is read once, at start: a SIGHUP after it changed on disk logs a
-  warning that only a restart applies it.
+- SIGHUP: reload policies and the API's tokens; a reload that fails keeps the previous
+  ones running. The config file is read once, at start: a SIGHUP after it changed on
+  disk logs a warning that only a restart applies it.
 
 Each unit of background work (one image warm, one reconcile pass, one domain sweep, one
 reprovision) is isolated: an unexpected exception is logged once with its traceback,
@@ -41,6 +41,7 @@ from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.fleet import FleetMember
 from watcher.http import HttpServer
+from watcher.http.api import ApiServer
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.keyed import KeyedWorker
@@ -154,6 +155,7 @@ class Daemon:
                 self.reprovisioner, unit="reprovision", key_field="uuid",
                 max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF)
         self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
+        self.api = ApiServer(config.api) if config.api.listen else None
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
@@ -249,6 +251,8 @@ class Daemon:
             self.reload_requested.clear()
             self.notifier.reloading()
             self._warn_if_config_changed()
+            if self.api is not None:
+                self.api.reload_tokens()
             if self.policies.load():
                 self.reconcile_requested.set()
             self.notifier.ready()
@@ -309,6 +313,8 @@ class Daemon:
             log.info("start-up cleanup", removed=removed)
         if self.http is not None:
             await self.http.start()
+        if self.api is not None:
+            await self.api.start()
         await self.consumer.start()
         # Not 0 before the first message: a stale-consumer alert must not fire at every start.
         telemetry.last_amqp_message.set(time.time())
@@ -349,6 +355,8 @@ class Daemon:
         deadline = StopDeadline(self.drain_timeout)
         log.info("stopping: draining running jobs", deadline=self.drain_timeout)
         self.notifier.stopping()
+        if self.api is not None:
+            await self.api.stop()  # first: take no more work (HttpTuning.stop_timeout at most)
         still_running: list[str] = []
         handlers = self.consumer.messages_in_flight
         await self.consumer.stop(drain_timeout=deadline.for_drains())
