@@ -69,9 +69,11 @@ class Listener:
         client_max_size: int = 1024**2,
         ssl_context: ssl.SSLContext | None = None,
         tuning: HttpTuning = HTTP_TUNING,
+        one_request_per_connection: bool = False,
     ) -> None:
         self._host, self._port = parse_listen(listen)
         self._name = name
+        self._close_after_response = one_request_per_connection
         self._tuning = tuning
         self._ssl_context = ssl_context
         self._answering: set[object] = set()
@@ -133,6 +135,8 @@ class Listener:
         self._answering.add(connection)
         try:
             response = await handler(request)
+            if self._close_after_response:
+                response.force_close()  # probes: answered, then closed, as before
             if isinstance(response, web.Response) and not response.prepared:
                 try:
                     async with asyncio.timeout(self._tuning.write_timeout):
@@ -144,6 +148,8 @@ class Listener:
             return response
         finally:
             self._answering.discard(connection)
+            if isinstance(connection, _RequestHandler):
+                connection.answered += 1
 
     @web.middleware
     async def _head_limit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -186,7 +192,10 @@ class _GatedSite(web.TCPSite):
         assert server is not None
         open_now = [c for c in server.connections if c.transport is not None]  # accept order
         if len(open_now) >= self.cap:
-            oldest = next((c for c in open_now if c not in self.answering), None)
+            # Evictable: nothing being answered and no complete request waiting to be; a
+            # probe whose head came with its connect is never the one dropped.
+            oldest = next((c for c in open_now if c not in self.answering
+                           and getattr(c, "parsed", 0) <= getattr(c, "answered", 0)), None)
             if oldest is None:
                 return _Refused()
             oldest.force_close()
@@ -197,6 +206,16 @@ class _GatedSite(web.TCPSite):
 class _RequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a head line over the limit with 431 and
     not logging a client's malformed request as an error of ours."""
+
+    parsed = 0
+    """Complete request heads received on this connection."""
+    answered = 0
+    """Requests whose answer was written."""
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        self.parsed += self._request_count - before
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         if not isinstance(kw.get("exc_info"), HttpProcessingError):

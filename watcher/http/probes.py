@@ -48,7 +48,8 @@ class HttpServer:
         self._log = telemetry.get_logger(component="http")
         tuning = replace(HTTP_TUNING, header_timeout=header_timeout, write_timeout=write_timeout,
                          max_header_bytes=max_header_bytes, max_connections=max_connections)
-        self._listener = Listener(listen, name="probes", tuning=tuning, client_max_size=0)
+        self._listener = Listener(listen, name="probes", tuning=tuning, client_max_size=0,
+                                  one_request_per_connection=True)
         for path, handler in (("/metrics", metrics), ("/healthz", healthz),
                               ("/readyz", self._ready)):
             self._listener.app.router.add_get(path, handler)
