@@ -15,6 +15,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from watcher.adapters.hypervisor.queries import progress, shut_down
 
 POLL = 0.5
@@ -33,13 +35,19 @@ def write_progress(metrics_url: str | None, domain: str) -> float | None:
             text = response.read().decode()
     except OSError:
         return None
-    prefix = f'volume_watcher_write_progress_ratio{{domain="{domain}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            try:
-                return float(line[len(prefix):])
-            except ValueError:
-                return None
+    return progress_in(text, domain)
+
+
+def progress_in(text: str, domain: str) -> float | None:
+    """``domain``'s write progress in a ``/metrics`` text, or None when it has none."""
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "volume_watcher_write_progress_ratio"
+                        and sample.labels.get("domain") == domain):
+                    return float(sample.value)
+    except ValueError:
+        return None  # not the exposition format: not our daemon
     return None
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from watcher.core.paths import is_digest, is_image_name
+from watcher.core.paths import IMAGE_NAME_RULE, is_digest, is_image_name
 
 STATUS_PREFIX = ".libvirt-volume-watcher/hosts/"
 """Key prefix of the status objects in ``fleet.status_bucket``."""
@@ -32,8 +32,8 @@ STATUS_FORMAT = 1
 """Version of the status document's shape, for readers of older or newer hosts."""
 STALE_AFTER_INTERVALS = 3
 """A host whose status is older than this many of its reconcile intervals is stale."""
-HOST_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, " \
-                 "at most 64 characters"
+HOST_NAME_RULE = IMAGE_NAME_RULE
+"""Host names follow the image-name rule: both become queue names, keys and file names."""
 
 
 def is_host_name(name: object) -> bool:
