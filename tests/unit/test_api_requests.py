@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from watcher.core.api_requests import (
+    DEFAULT_LIMIT,
+    IMAGE_TYPES,
+    MAX_LIMIT,
+    MAX_URL_LENGTH,
+    MAX_VOLUME_SIZE_GB,
     BadRequest,
     BodyTooLarge,
     FetchRequest,
@@ -392,3 +401,121 @@ def test_bad_paging_is_refused(query: dict[str, str], field: str) -> None:
     with pytest.raises(BadRequest) as caught:
         parse_paging(query)
     assert caught.value.field == field
+
+
+# --- the OpenAPI document describes these rules and every route
+
+OPENAPI = Path(__file__).resolve().parents[2] / "watcher" / "http" / "openapi.json"
+ROUTES = {
+    ("get", "/health"), ("get", "/healthz"), ("get", "/livez"), ("get", "/metrics"),
+    ("get", "/api/v1/openapi.json"),
+    ("post", "/api/v1/jobs"), ("post", "/api/v1/provision"),
+    ("get", "/api/v1/jobs/{job_id}"), ("get", "/api/v1/status/{job_id}"),
+    ("post", "/api/v1/jobs/{job_id}/cancel"), ("delete", "/api/v1/cancel/{job_id}"),
+    ("get", "/api/v1/cache/images"), ("post", "/api/v1/cache/fetch"),
+    ("delete", "/api/v1/cache/images/{sha256}"), ("put", "/volumes/upload-content"),
+}
+OPEN_ROUTES = {"/health", "/healthz", "/livez", "/metrics"}
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(OPENAPI.read_text())
+    return document
+
+
+def _resolve(document: dict[str, Any], node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        target: Any = document
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(method, path, operation) for path, item in document["paths"].items()
+            for method, operation in item.items()]
+
+
+def test_the_document_has_exactly_the_routes_of_the_api(openapi: dict[str, Any]) -> None:
+    assert {(method, path) for method, path, _ in _operations(openapi)} == ROUTES
+
+
+def test_every_reference_in_the_document_resolves(openapi: dict[str, Any]) -> None:
+    refs = _refs(openapi)
+    assert refs
+    for ref in refs:
+        assert ref.startswith("#/")
+        assert _resolve(openapi, {"$ref": ref}) is not None, ref
+
+
+def test_every_response_carries_the_request_id_and_errors_have_one_shape(
+    openapi: dict[str, Any],
+) -> None:
+    error = {"$ref": "#/components/schemas/Error"}
+    for method, path, operation in _operations(openapi):
+        for status, response in operation["responses"].items():
+            response = _resolve(openapi, response)
+            assert "X-Request-ID" in response["headers"], (method, path, status)
+            if int(status) >= 400:
+                assert response["content"]["application/json"]["schema"] == error
+    assert _resolve(openapi, error)["required"] == ["error", "details"]
+
+
+def test_only_health_and_metrics_are_open(openapi: dict[str, Any]) -> None:
+    schemes = set(openapi["components"]["securitySchemes"])
+    assert [next(iter(s)) for s in openapi["security"]] == ["bearer", "apiToken"]
+    assert schemes == {"bearer", "apiToken"}
+    for _method, path, operation in _operations(openapi):
+        if path in OPEN_ROUTES:
+            assert operation["security"] == []
+        else:
+            assert "security" not in operation
+            assert {"401", "403", "500"} <= set(operation["responses"]), path
+
+
+def test_the_documented_body_rules_are_the_ones_enforced(openapi: dict[str, Any]) -> None:
+    schemas = openapi["components"]["schemas"]
+    provision = schemas["ProvisionRequest"]["properties"]
+    assert schemas["ProvisionRequest"]["required"] == ["image_url", "volume_name",
+                                                      "volume_size_gb"]
+    size = provision["volume_size_gb"]
+    assert (size["type"], size["minimum"], size["maximum"]) == ("integer", 1, MAX_VOLUME_SIZE_GB)
+    assert provision["image_type"]["enum"] == list(IMAGE_TYPES)
+    assert provision["image_url"]["maxLength"] == MAX_URL_LENGTH
+    limit = openapi["components"]["parameters"]["Limit"]["schema"]
+    assert (limit["maximum"], limit["default"]) == (MAX_LIMIT, DEFAULT_LIMIT)
+    volume_pattern = re.compile(provision["volume_name"]["pattern"])
+    for name in ["vm-1-root", "x" * 127, "x" * 128, "-x", ".x", "a/b", "a b", "+_.", "\u00e9"]:
+        assert bool(volume_pattern.fullmatch(name)) == _accepted(check_volume_name, name), name
+    correlation = re.compile(provision["correlation_id"]["pattern"])
+    for value in ["deploy/42:a@b+c", "", "x" * 129, "a b", "a\nb", "a,b"]:
+        assert bool(correlation.fullmatch(value)) == _accepted(
+            lambda v: parse_provision({**GOOD, "correlation_id": v}, ENDPOINT), value), value
+    job_id = re.compile(openapi["components"]["parameters"]["JobId"]["schema"]["pattern"])
+    for value in [str(uuid.uuid4()), str(uuid.uuid4()).upper(), "x"]:
+        assert bool(job_id.fullmatch(value)) == _accepted(check_job_id, value)
+
+
+def _accepted(check: Any, value: object) -> bool:
+    try:
+        check(value)
+    except BadRequest:
+        return False
+    return True
+
+
+def test_the_document_is_valid_openapi(openapi: dict[str, Any]) -> None:
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(openapi)
+    assert openapi["openapi"] == "3.0.3"

@@ -7,6 +7,7 @@ process that really dies shows it.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -334,3 +335,16 @@ def test_committed_jobs_survive_a_process_that_dies_mid_write(tmp_path: Path, ho
     store.insert(job())
     assert len(store.list()) == 6
     store.close()
+
+
+def test_the_api_view_matches_the_openapi_document(store: JobStore) -> None:
+    validator = pytest.importorskip("openapi_schema_validator")
+    document = json.loads((Path(__file__).resolve().parents[2] / "watcher" / "http"
+                           / "openapi.json").read_text())
+    schema = {**document["components"]["schemas"]["Job"], "components": document["components"]}
+    fresh = store.insert(job())
+    done = store.finish(fresh.job_id, "completed", stage="done", percent=100.0, cache_hit=True,
+                        image_path="/c/x", volume_path="/dev/vg/x", eta_sec=0.0)
+    assert done is not None
+    for record in (fresh, done):
+        validator.validate(record.to_api(), schema, cls=validator.OAS30Validator)
