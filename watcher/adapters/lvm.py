@@ -368,7 +368,7 @@ async def vg_exists(vg: str) -> bool:
 
 
 async def create_lv(vg: str, name: str, size: int) -> LvInfo:
-    """Create the linear LV ``vg/name`` of ``size`` bytes (rounded up to whole extents).
+    """Create the linear LV ``vg/name`` of at least ``size`` bytes (whole extents).
 
     Active at once and never asking: ``--yes`` answers the question lvcreate asks when the
     new LV's extents still carry a signature of a former one, and ``--wipesignatures y
@@ -378,8 +378,9 @@ async def create_lv(vg: str, name: str, size: int) -> LvInfo:
     """
     if size <= 0:
         raise ValueError(f"LV size must be positive, not {size}")
+    sectors = math.ceil(size / 512)  # lvcreate takes whole sectors, then rounds to extents
     await _run([
         "lvcreate", "--yes", "--wipesignatures", "y", "--zero", "y", "--activate", "y",
-        "--type", "linear", "--size", f"{size}b", "--name", name, vg,
+        "--type", "linear", "--size", f"{sectors * 512}b", "--name", name, vg,
     ])
     return await lv_info(f"{vg}/{name}")
