@@ -30,8 +30,9 @@ from watcher.core.errors import PermanentError
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size, refusal_reason
 
 __all__ = [
-    "LvInfo", "LvRefused", "LvmError", "discard", "extend", "grow", "guarded_write",
-    "lv_at", "lv_for_device", "lv_info", "recognise", "refusal_reason", "rollback_snapshot",
+    "LvInfo", "LvRefused", "LvmError", "create_lv", "discard", "extend", "grow",
+    "guarded_write", "lv_at", "lv_for_device", "lv_info", "recognise", "refusal_reason",
+    "rollback_snapshot", "vg_exists",
 ]
 
 ROLLBACK_SUFFIX = "-vw-rollback"
@@ -349,3 +350,37 @@ async def guarded_write(info: LvInfo | None, snapshot_size: int | None) -> Async
         if info.is_thin:
             await discard(info.path)
         yield info.is_thin
+
+
+# ---- volumes of a VG used without a libvirt pool (the HTTP job API) ------------------------
+
+
+async def vg_exists(vg: str) -> bool:
+    """Whether this host has the volume group ``vg``."""
+    argv = ["vgs", "--reportformat", "json", "--options", "vg_name"]
+    output = await _run(argv)
+    try:
+        reports = json.loads(output)["report"]
+        names = {str(row["vg_name"]) for report in reports for row in report.get("vg", [])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LvmError(argv, 0, f"unexpected vgs output: {exc}") from exc
+    return vg in names
+
+
+async def create_lv(vg: str, name: str, size: int) -> LvInfo:
+    """Create the linear LV ``vg/name`` of at least ``size`` bytes (whole extents).
+
+    Active at once and never asking: ``--yes`` answers the question lvcreate asks when the
+    new LV's extents still carry a signature of a former one, and ``--wipesignatures y
+    --zero y`` remove that signature and zero the start, so nothing (udev's blkid, an
+    auto-mount, a format probe) mistakes the new LV for what was there before.
+    ``LvmError`` when the VG is missing, the name is taken or invalid, or there is no room.
+    """
+    if size <= 0:
+        raise ValueError(f"LV size must be positive, not {size}")
+    sectors = math.ceil(size / 512)  # lvcreate takes whole sectors, then rounds to extents
+    await _run([
+        "lvcreate", "--yes", "--wipesignatures", "y", "--zero", "y", "--activate", "y",
+        "--type", "linear", "--size", f"{sectors * 512}b", "--name", name, vg,
+    ])
+    return await lv_info(f"{vg}/{name}")

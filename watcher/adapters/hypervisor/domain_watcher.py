@@ -16,6 +16,7 @@ from typing import Any
 from watcher.adapters.hypervisor.base import DomainFacts, DomainRow, VolumeFacts
 from watcher.adapters.hypervisor.events import EventConnection
 from watcher.adapters.hypervisor.jobcalls import DomainCalls
+from watcher.adapters.hypervisor.storage import DiskUser, PoolFacts
 from watcher.core.domain import DomainState
 from watcher.settings import LIBVIRT_TUNING, LibvirtTuning
 
@@ -84,3 +85,18 @@ class DomainWatcher:
 
     async def domain_overview(self, include: Callable[[str], bool]) -> list[DomainRow]:
         return await self.calls.domain_overview(include)
+
+    # ---- the HTTP job API's volumes ---------------------------------------------------
+
+    async def pool_info(self, pool: str) -> PoolFacts | None:
+        return await self.calls.pool_info(pool)
+
+    async def pool_volume(self, pool: str, name: str) -> VolumeFacts | None:
+        return await self.calls.pool_volume(pool, name)
+
+    async def create_volume(self, pool: str, name: str, capacity: int) -> VolumeFacts:
+        return await self.calls.create_volume(pool, name, capacity)
+
+    async def domains_using(self, real_path: str, *, pool: str | None = None,
+                            volume: str | None = None) -> list[DiskUser]:
+        return await self.calls.domains_using(real_path, pool=pool, volume=volume)

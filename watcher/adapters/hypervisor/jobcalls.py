@@ -25,6 +25,14 @@ from watcher.adapters.hypervisor.base import (
     volume_facts,
     write_metadata,
 )
+from watcher.adapters.hypervisor.storage import (
+    DiskUser,
+    PoolFacts,
+    create_volume,
+    domains_using,
+    pool_info,
+    pool_volume,
+)
 from watcher.core.domain import DomainState, render_state
 
 T = TypeVar("T")
@@ -120,3 +128,24 @@ class DomainCalls:
     ) -> list[DomainRow]:
         """A row per domain whose name ``include`` accepts, read on the live connection."""
         return await self.connection.call(lambda conn: read_domain_rows(conn, include))
+
+    # ---- the HTTP job API's volumes (``storage``) ------------------------------------------
+
+    async def pool_info(self, pool: str) -> PoolFacts | None:
+        """The storage pool named ``pool``; None when there is none."""
+        return await self.connection.call(lambda conn: pool_info(conn, pool))
+
+    async def pool_volume(self, pool: str, name: str) -> VolumeFacts | None:
+        """The volume ``name`` of ``pool`` after a refresh; None when missing."""
+        return await self.connection.call(lambda conn: pool_volume(conn, pool, name))
+
+    async def create_volume(self, pool: str, name: str, capacity: int) -> VolumeFacts:
+        """A new volume of ``capacity`` bytes: an LV in a logical pool, a sparse raw file
+        in a dir pool."""
+        return await self.connection.call(lambda conn: create_volume(conn, pool, name, capacity))
+
+    async def domains_using(self, real_path: str, *, pool: str | None = None,
+                            volume: str | None = None) -> list[DiskUser]:
+        """Every domain, running or not, with a disk on ``real_path`` (or pool/volume)."""
+        return await self.connection.call(
+            lambda conn: domains_using(conn, real_path, pool=pool, volume=volume))
