@@ -34,4 +34,6 @@ if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]'
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# The LVM suite's guest kernel must boot on this CPU (see uml-kernel.sh).
+./scripts/uml-kernel.sh
 echo "setup: ok"
