@@ -116,6 +116,30 @@ for _state in DOMAIN_STATES:
 
 tracer = trace.get_tracer("libvirt-volume-watcher")
 
+# ---- the HTTP job API ----------------------------------------------------------------------
+api_requests = Counter(
+    _P + "api_requests",
+    "API requests answered, by route template (unmatched: no route), method and status.",
+    ["route", "method", "status"], registry=REGISTRY)
+api_request_seconds = Histogram(
+    _P + "api_request_duration_seconds", "Time to answer an API request, by route template.",
+    ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
+    registry=REGISTRY)
+API_JOB_KINDS = ("provision", "fetch")
+API_JOB_RESULTS = ("completed", "failed", "cancelled")
+api_jobs = Counter(
+    _P + "api_jobs", "API jobs finished, by kind (provision, fetch) and result.",
+    ["kind", "result"], registry=REGISTRY)
+api_job_seconds = Histogram(
+    _P + "api_job_duration_seconds", "Wall time of API jobs, started to finished, by kind.",
+    ["kind"], buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY)
+for _kind in API_JOB_KINDS:
+    api_job_seconds.labels(kind=_kind)
+    for _result in API_JOB_RESULTS:
+        api_jobs.labels(kind=_kind, result=_result)
+jobs_in_progress.labels(kind="api")
+
 
 def report_unexpected(log: Any, unit: str, **context: Any) -> None:
     """Log the exception being handled with its traceback, once, and count it by ``unit``.

@@ -17,9 +17,10 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from watcher.adapters.filesink import fsync_path
 from watcher.core.errors import ImageRejected, ImageWriteError
@@ -254,6 +255,14 @@ async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
     while chunk := await stream.read(65536):
         tail = (tail + chunk)[-keep:]
     return tail
+
+
+class WriteImageFunction(Protocol):
+    """The signature of ``write_image``, for jobs that take another in tests."""
+
+    def __call__(self, source: Path, source_format: str, target: Path, *,
+                 target_is_zero: bool = False,
+                 on_progress: Callable[[float], None] | None = None) -> Awaitable[None]: ...
 
 
 async def write_image(

@@ -6,7 +6,8 @@ download, inspection) change for different reasons and are tested apart.
 """
 
 from watcher.cache.entry import CacheEntry, Source, VerifyResult
-from watcher.cache.store import CacheStore
-from watcher.cache.warmer import ImageWarmer
+from watcher.cache.store import CacheStore, EntryPinned
+from watcher.cache.warmer import FetchProgress, ImageWarmer
 
-__all__ = ["CacheEntry", "CacheStore", "ImageWarmer", "Source", "VerifyResult"]
+__all__ = ["CacheEntry", "CacheStore", "EntryPinned", "FetchProgress", "ImageWarmer", "Source",
+           "VerifyResult"]

@@ -2,12 +2,14 @@
 
 Why it exists: two notifications for the same bytes (an image under two keys, or one
 redelivered) must cost one download, and one caller giving up must not cancel it for
-the others.
+the others. When the last caller still waiting gives up (an API job is cancelled), the
+work is cancelled too: nobody wants its result any more.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +19,7 @@ T = TypeVar("T")
 class SingleFlight:
     def __init__(self) -> None:
         self.running: dict[str, asyncio.Task[Any]] = {}
+        self._waiting: Counter[str] = Counter()
 
     async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
         task = self.running.get(key)
@@ -24,8 +27,19 @@ class SingleFlight:
             task = asyncio.ensure_future(work())
             self.running[key] = task
             task.add_done_callback(lambda _t: self.running.pop(key, None))
-        # shield: one caller being cancelled must not cancel the others' download.
-        result: T = await asyncio.shield(task)
+        self._waiting[key] += 1
+        try:
+            # shield: one caller being cancelled must not cancel the others' download.
+            result: T = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._waiting[key] == 1 and not task.done():
+                task.cancel()  # the last caller gave up
+                await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            self._waiting[key] -= 1
+            if self._waiting[key] <= 0:
+                del self._waiting[key]
         return result
 
     async def cancel(self) -> None:

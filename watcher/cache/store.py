@@ -82,6 +82,14 @@ def age_seconds(stamp: str) -> float:
         return float("inf")
 
 
+class EntryPinned(Exception):
+    """The entry is the current version of a policy image."""
+
+    def __init__(self, digest: str, images: list[str]) -> None:
+        super().__init__(f"{digest} is the current version of {', '.join(images)}")
+        self.images = images
+
+
 class CacheStore:
     """The cache directory: records, refs, commits, removals, leftovers, verification."""
 
@@ -298,6 +306,24 @@ class CacheStore:
                 self.log.warning("cache is over max_size with only pinned images left",
                                  bytes=choice.remaining_bytes, max_size=limit)
         return list(choice.evict)
+
+    def remove(self, digest: str, keep_images: Collection[str]) -> CacheEntry | None:
+        """Remove the entry ``digest`` unless it is current for one of ``keep_images``.
+
+        Returns the removed entry; None when there is none. Raises ``EntryPinned`` when a
+        kept image's current version is this entry (it would be fetched again at once).
+        """
+        with self._changing() as draft:
+            entry = draft.entries.get(digest)
+            if entry is None:
+                return None
+            pinned = sorted(name for name, ref in draft.refs.items()
+                            if name in keep_images and ref.digest == digest)
+            if pinned:
+                raise EntryPinned(digest, pinned)
+            self._remove(entry, draft)
+        self.log.info("cache entry removed", digest=digest, image=entry.image, size=entry.size)
+        return entry
 
     def verify(self) -> list[VerifyResult]:
         """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from watcher import telemetry
 from watcher.adapters.qemu_img import inspect_image_file
-from watcher.adapters.s3 import ObjectInfo, S3Store
+from watcher.adapters.s3 import DownloadResult, ObjectInfo, S3Store
 from watcher.cache.entry import CacheEntry, Source
 from watcher.cache.files import PartFile
 from watcher.cache.flights import SingleFlight
@@ -35,6 +37,25 @@ from watcher.core.paths import digest_file
 from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
 from watcher.core.repeats import RepeatFilter
 from watcher.core.sidecar import parse_sidecar
+
+
+@dataclass
+class FetchProgress:
+    """One object being fetched: bytes downloaded so far, then verification.
+
+    Read by API job status (``GET /api/v1/jobs/{id}``): progress comes from the transfer
+    itself, never from elapsed time.
+    """
+
+    total: int
+    """Bytes of the object, as S3 listed it."""
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stage: str = "downloading"
+    """``downloading``, then ``verifying`` (hash check and inspection) until committed."""
+
+    def add(self, count: int) -> None:
+        self.done += count  # from the download thread: one int store, atomic in CPython
 
 
 class ImageWarmer:
@@ -61,6 +82,8 @@ class ImageWarmer:
         # Object versions already rejected: not downloaded again until they change.
         self._rejected: dict[Source, ImageRejected] = {}
         self._problems = RepeatFilter()
+        self.fetching: dict[tuple[str, str], FetchProgress] = {}
+        """Objects being fetched right now, by (bucket, key)."""
 
     # ---- reading: the store's, for callers that warm and read (the reprovisioner) -------
 
@@ -185,7 +208,13 @@ class ImageWarmer:
                           digest=digest)
         else:
             telemetry.cache_misses.inc()
-            part, digest, size = await self._download(image, obj)
+            progress = self.fetching[(obj.bucket, obj.key)] = FetchProgress(obj.size)
+            try:
+                part, digest, size = await self._download(image, obj, progress)
+            except BaseException:
+                self.fetching.pop((obj.bucket, obj.key), None)
+                raise
+            progress.stage = "verifying"
         try:
             if expected is not None and digest != expected:
                 self._keep_pending(source, part, digest, size)
@@ -212,13 +241,15 @@ class ImageWarmer:
             self._report_rejection(image, source, digest, err)
             raise
         finally:
+            self.fetching.pop((obj.bucket, obj.key), None)
             if not any(p is part for p, _, _ in self._pending.values()):
                 part.release()  # after a commit the file is in objects/: only the lock goes
         self.log.info("image cached", image=image.name, digest=digest, size=size,
                       virtual_size=entry.virtual_size, key=obj.key)
         return entry
 
-    async def _download(self, image: ImageSpec, obj: ObjectInfo) -> tuple[PartFile, str, int]:
+    async def _download(self, image: ImageSpec, obj: ObjectInfo,
+                        progress: FetchProgress) -> tuple[PartFile, str, int]:
         part = await asyncio.to_thread(self.store.new_part)
         started = time.monotonic()
         async with self._downloads:
@@ -227,9 +258,7 @@ class ImageWarmer:
             try:
                 with telemetry.tracer.start_as_current_span(
                         "download", attributes={"bucket": obj.bucket, "key": obj.key}):
-                    result = await asyncio.to_thread(
-                        self.s3.download, obj.bucket, obj.key, part.path,
-                        expected_etag=obj.etag, on_bytes=telemetry.download_bytes.inc)
+                    result = await self._transfer(obj, part, progress)
             except BaseException as err:
                 telemetry.downloads.labels(result="failed").inc()
                 part.release()
@@ -243,6 +272,25 @@ class ImageWarmer:
         self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
                       seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
         return part, result.sha256, result.size
+
+    async def _transfer(self, obj: ObjectInfo, part: PartFile,
+                        progress: FetchProgress) -> DownloadResult:
+        """The download in a thread; cancelling this stops the thread and waits for it."""
+        stop = threading.Event()
+
+        def on_bytes(count: int) -> None:
+            telemetry.download_bytes.inc(count)
+            progress.add(count)
+
+        transfer = asyncio.ensure_future(asyncio.to_thread(
+            self.s3.download, obj.bucket, obj.key, part.path,
+            expected_etag=obj.etag, on_bytes=on_bytes, stop=stop))
+        try:
+            return await asyncio.shield(transfer)
+        except asyncio.CancelledError:
+            stop.set()  # the thread ends at its next chunk and removes the file
+            await asyncio.gather(transfer, return_exceptions=True)
+            raise
 
     def _keep_pending(self, source: Source, part: PartFile, digest: str, size: int) -> None:
         old = self._pending.pop(source, None)

@@ -7,6 +7,8 @@ routes are added with ``add_routes`` before ``start``. Middlewares, outermost fi
 
 1. ``X-Request-ID``: the client's when it is sane (1-128 of ``A-Za-z0-9._:-``), else a
    new uuid4; set on every response and kept in ``request[REQUEST_ID_KEY]``.
+   Observation: ``api_requests_total{route,method,status}``, the duration histogram by
+   route template, and a server span joined to the caller's ``traceparent``.
 2. Error shaping, the one place that turns exceptions into ``{"error": "<code>",
    "details": "<text>"}``: ``ApiError`` from handlers, aiohttp's HTTP errors (404 for an
    unknown route, 405, 413...) and anything unexpected (a 500 whose details name the
@@ -26,14 +28,17 @@ document ``openapi.json`` next to this module).
 from __future__ import annotations
 
 import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from importlib import resources
 from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
 from watcher import telemetry
 from watcher.http import auth
@@ -55,7 +60,7 @@ _CODES = {
 
 log = telemetry.get_logger(component="http", listener="api")
 
-H = TypeVar("H", bound=Handler)
+H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
 class ApiError(Exception):
@@ -86,7 +91,8 @@ class ApiServer:
         self._tokens = auth.Tokens(settings.tokens_file)
         self._listener = Listener(
             settings.listen, name="api", tuning=tuning, client_max_size=tuning.max_body_bytes,
-            middlewares=[self._request_id, self._errors, self._auth, self._body_limit],
+            middlewares=[self._request_id, self._observe, self._errors, self._auth,
+                         self._body_limit],
             ssl_context=auth.server_context(settings))
         self._openapi = resources.files("watcher.http").joinpath("openapi.json").read_bytes()
         router = self._listener.app.router
@@ -126,6 +132,29 @@ class ApiServer:
         response = await handler(request)
         response.headers[REQUEST_ID] = request_id
         return response
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        with telemetry.tracer.start_as_current_span(
+                f"{request.method} {route}", context=propagate.extract(request.headers),
+                kind=SpanKind.SERVER) as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("http.route", route)
+            span.set_attribute("request_id", request[REQUEST_ID_KEY])
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            finally:
+                span.set_attribute("http.response.status_code", status)
+                telemetry.api_requests.labels(route=route, method=request.method,
+                                              status=str(status)).inc()
+                telemetry.api_request_seconds.labels(route=route).observe(
+                    time.perf_counter() - started)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

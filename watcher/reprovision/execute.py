@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from watcher import telemetry
-from watcher.adapters import lvm
+from watcher.adapters import lvm, write_markers
+from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.core.domain import DomainState
 from watcher.core.errors import PermanentError, PermanentImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
@@ -36,14 +37,6 @@ from watcher.core.plan import (
     Step,
     WriteImage,
 )
-
-
-class WriteImageFunction(Protocol):
-    """The signature of ``watcher.adapters.qemu_img.write_image``."""
-
-    def __call__(self, source: Path, source_format: str, target: Path, *,
-                 target_is_zero: bool = False,
-                 on_progress: Callable[[float], None] | None = None) -> Awaitable[None]: ...
 
 
 class Capacity(Protocol):
@@ -202,6 +195,11 @@ class Executor:
         telemetry.write_progress.labels(domain=name).set(0)
         self.log.info("writing volume", path=step.path, digest=image.digest,
                       bytes=image.virtual_size)
-        await self.write_image(self.source, image.format, Path(step.path),
-                               target_is_zero=step.target_is_zero, on_progress=progress)
+        pool = self.facts.target.pool_volume if self.facts.target else None
+        # The same marker as an API job's: one writer per volume, and the hook also holds
+        # back any other domain with a disk on it. A busy volume is a retry.
+        with write_markers.marked_writing(step.path, pool=pool.pool if pool else None,
+                                          volume=None, job_id=f"reprovision {name}"):
+            await self.write_image(self.source, image.format, Path(step.path),
+                                   target_is_zero=step.target_is_zero, on_progress=progress)
         telemetry.write_progress.labels(domain=name).set(1)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from watcher import telemetry
 from watcher.adapters import qemu_img
 from watcher.adapters.hypervisor import DomainFacts, DomainGone, DomainWatcher
+from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.cache import CacheEntry
 from watcher.core.domain import (
     DomainSnapshot,
@@ -34,7 +35,7 @@ from watcher.core.domain import (
 from watcher.core.errors import NotUploadedYet, PermanentError, TemporaryError
 from watcher.core.plan import Refusal, VolumeRules, plan
 from watcher.core.policy import ImageSpec, PolicySet
-from watcher.reprovision.execute import Deferred, Executor, Refused, WriteImageFunction
+from watcher.reprovision.execute import Deferred, Executor, Refused
 from watcher.reprovision.facts import gather
 from watcher.settings import REPROVISION_TUNING
 

@@ -35,7 +35,7 @@ class KeyedWorker(Generic[K]):
 
     def __init__(self, process: Callable[[K], Awaitable[None]], *, unit: str,
                  max_concurrent: int, retry: Backoff, key_field: str = "key",
-                 log: Any = None) -> None:
+                 log: Any = None, slots: asyncio.Semaphore | None = None) -> None:
         self.process = process
         self.unit = unit
         """Names the work in logs, task names and ``unexpected_errors{unit}``."""
@@ -43,7 +43,9 @@ class KeyedWorker(Generic[K]):
         """The log field that carries the key (``uuid`` for a domain)."""
         self.retry = retry
         self.log = log if log is not None else telemetry.get_logger(component=unit)
-        self._slots = asyncio.Semaphore(max(1, max_concurrent))
+        self._slots = slots if slots is not None else asyncio.Semaphore(max(1, max_concurrent))
+        """Shared with another worker (``slots``) when both write volumes: API jobs and
+        tag-triggered reprovisions together stay within ``reprovision.max_concurrent``."""
         self._workers: dict[K, asyncio.Task[None]] = {}
         self._again: set[K] = set()
         self._closing = asyncio.Event()

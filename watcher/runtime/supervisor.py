@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
+from watcher.adapters import write_markers
 from watcher.adapters.amqp import BucketEventConsumer
+from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
 from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_policy_dir
@@ -42,6 +44,9 @@ from watcher.core.waiting import wait_any
 from watcher.fleet import FleetMember
 from watcher.http import HttpServer
 from watcher.http.api import ApiServer
+from watcher.http.job_routes import JobRoutes
+from watcher.jobs import ApiJobs
+from watcher.jobs.upload import Uploader
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.keyed import KeyedWorker
@@ -117,6 +122,10 @@ class PolicyStore:
         return self.current
 
 
+JOB_DATABASE = "jobs.sqlite3"
+"""The API's job database, in ``state.dir``."""
+
+
 class Daemon:
     """Wires the adapters and jobs together and runs them until told to stop."""
 
@@ -142,6 +151,8 @@ class Daemon:
             config.amqp, self.handle_message,
             queue_name=config.amqp.queue_name(config.host.resolved))
         self.domains: DomainWatcher | None = None
+        # Volume writes at once, API jobs and reprovisions together (reprovision.max_concurrent).
+        self._write_slots = asyncio.Semaphore(max(1, config.reprovision.max_concurrent))
         self.reprovisioner: Reprovisioner | None = None
         self.reprovisions: KeyedWorker[str] | None = None
         if with_libvirt:
@@ -153,14 +164,45 @@ class Daemon:
                 self.domains, self.cache, self.policies.get, config.volumes)
             self.reprovisions = KeyedWorker(
                 self.reprovisioner, unit="reprovision", key_field="uuid",
-                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF)
+                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF,
+                slots=self._write_slots)
         self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
         self.api = ApiServer(config.api) if config.api.listen else None
+        self.api_jobs: ApiJobs | None = None
+        """The API's jobs; made at start, once the job database is open."""
+        self.api_worker: KeyedWorker[str] | None = None
+        if self.api is not None and self.domains is not None:
+            from watcher.reprovision import RETRY_BACKOFF
+
+            # One engine for both kinds of job: the same worker type and the same slots.
+            self.api_worker = KeyedWorker(
+                self._process_api_key, unit="api", key_field="key",
+                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF,
+                slots=self._write_slots)
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
         self._config_digest = _file_digest(config.source)
         """The config file as read at start, to tell a SIGHUP that it changed since."""
+
+    async def _process_api_key(self, key: str) -> None:
+        assert self.api_jobs is not None
+        await self.api_jobs.process(key)
+
+    def _open_api_jobs(self) -> None:
+        """Open the job database, add the job routes, queue unfinished jobs again."""
+        assert self.api is not None and self.domains is not None and self.api_worker is not None
+        directory = self.config.state.dir
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        store = JobStore(directory / JOB_DATABASE)
+        self.api_jobs = ApiJobs(store, self.cache, self.domains, self.config.api.pool,
+                                self.api_worker.submit)
+        routes = JobRoutes(self.api_jobs, self.cache, Uploader(self.domains),
+                           self.config.s3.endpoint, lambda: set(self.policies.get().images))
+        self.api.add_routes(routes.routes())
+        resumed = self.api_jobs.resume()
+        if resumed:
+            log.info("unfinished api jobs queued again", jobs=resumed)
 
     def _domain_reported(self, uuid: str) -> None:
         if self.reprovisions is not None:
@@ -177,6 +219,7 @@ class Daemon:
     def status_line(self) -> str:
         entries = self.store.count  # kept by the store: no record is read
         jobs = self.reprovisioner.running_jobs if self.reprovisioner else 0
+        jobs += self.api_jobs.running if self.api_jobs else 0
         return f"{entries} images cached, {jobs} jobs running"
 
     # ---- bucket events ----------------------------------------------------------------
@@ -306,6 +349,9 @@ class Daemon:
         if handle_signals:
             self.install_signal_handlers()
         removed = await self.store.recover()
+        stale = await asyncio.to_thread(write_markers.stale_markers_removed)
+        if stale:
+            log.info("write markers of stopped processes removed", markers=stale)
         if not self.policies.load():
             log.warning("starting without policies; fix them and send SIGHUP",
                         directory=str(self.config.policies.dir))
@@ -314,6 +360,10 @@ class Daemon:
         if self.http is not None:
             await self.http.start()
         if self.api is not None:
+            if self.api_worker is not None:
+                self._open_api_jobs()
+            else:
+                log.warning("the API serves no jobs: it needs libvirt")
             await self.api.start()
         await self.consumer.start()
         # Not 0 before the first message: a stale-consumer alert must not fire at every start.
@@ -330,6 +380,9 @@ class Daemon:
         if self.domains is not None and self.reprovisions is not None:
             tasks["libvirt"] = lambda: self.domains.run(self.stop_requested)  # type: ignore[union-attr]
             tasks["reprovision"] = lambda: self.reprovisions.run(self.stop_requested)  # type: ignore[union-attr]
+        if self.api_jobs is not None and self.api_worker is not None:
+            tasks["api-jobs"] = lambda: self.api_worker.run(self.stop_requested)  # type: ignore[union-attr]
+            tasks["api-prune"] = lambda: self.api_jobs.run(self.stop_requested)  # type: ignore[union-attr]
         running = {asyncio.create_task(factory(), name=name): name
                    for name, factory in tasks.items()}
         stopper = asyncio.create_task(self.stop_requested.wait(), name="stop")
@@ -364,10 +417,14 @@ class Daemon:
             still_running.append(f"amqp handlers ({handlers})")
         still_running += [f"warm {image}" for image in await self._warms.drain(
             deadline.for_drains())]
-        await self.cache.close()
-        if self.reprovisions is not None:
-            still_running += [f"reprovision {uuid}" for uuid in
-                              await self.reprovisions.drain(deadline.for_drains())]
+        await self.cache.close()  # downloads end now; a job waiting for one resumes later
+        writers = [(name, worker) for name, worker in
+                   (("reprovision", self.reprovisions), ("api job", self.api_worker))
+                   if worker is not None]
+        drained = await asyncio.gather(*(worker.drain(deadline.for_drains())
+                                         for _, worker in writers))
+        for (name, _), keys in zip(writers, drained, strict=True):
+            still_running += [f"{name} {key}" for key in keys]
         for task in running:
             if not task.done():
                 task.cancel()
@@ -379,6 +436,8 @@ class Daemon:
                 log.warning("task ended with an error during shutdown", task=name,
                             error=repr(task.exception()))
         self.store.close()
+        if self.api_jobs is not None:
+            self.api_jobs.store.close()
         if self.http is not None:
             await self.http.stop()
         summary = log.warning if still_running else log.info

@@ -1,0 +1,384 @@
+"""The HTTP job API end to end: the daemon process, real S3, libvirtd, QEMU and HTTP.
+
+A client written for the predecessor posts a job, polls it until it completes, and boots
+a VM on the volume: the VM must print the image's banner. Around that: the aliases, the
+refusals (a foreign image host, bad fields, a volume in use, a checksum mismatch), the
+cache routes, cancel mid-write, a kill -9 in the middle of a job, and upload-content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bootimage import domain_xml, write_qcow2_image
+from tests.integration.harness import Env
+from tests.integration.test_reprovision import (
+    hook_installed,  # noqa: F401 - fixture
+    virsh_sync,
+    wait_for_banner,
+)
+from testsupport.daemon import DaemonProcess
+from testsupport.services import delete_amqp, free_port, sha256_file
+
+pytestmark = pytest.mark.libvirt
+TOKEN = "api-test-token-" + "b" * 24
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+Reply = tuple[int, Any]
+
+
+@dataclass
+class ApiWorld:
+    env: Env
+    pool: str
+    pool_dir: Path
+    port: int
+    daemon: DaemonProcess
+    domains: list[str] = field(default_factory=list)
+
+    def call(self, method: str, path: str, body: Any = None, *, token: str | None = TOKEN,
+             headers: dict[str, str] | None = None, raw: bytes | None = None) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None and raw is None:
+            sent["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            response = conn.getresponse()
+            payload = response.read()
+        finally:
+            conn.close()
+        try:
+            return response.status, json.loads(payload)
+        except ValueError:
+            return response.status, payload
+
+    def log_records(self) -> list[dict[str, Any]]:
+        assert self.daemon.log is not None
+        records = []
+        for line in self.daemon.log.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line[line.find("{"):])
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def url(self, key: str) -> str:
+        return f"{self.env.s3['LVW_S3_ENDPOINT']}/{self.env.bucket}/{key}"
+
+    def post_job(self, key: str, volume: str, size_gb: int = 1, *,
+                 route: str = "/api/v1/jobs", **extra: Any) -> str:
+        status, body = self.call("POST", route, {"image_url": self.url(key),
+                                                 "volume_name": volume,
+                                                 "volume_size_gb": size_gb, **extra})
+        assert status == 202, body
+        return str(body["job_id"])
+
+    def job(self, job_id: str, route: str = "/api/v1/jobs/") -> dict[str, Any]:
+        status, body = self.call("GET", route + job_id)
+        assert status == 200, body
+        return dict(body)
+
+    def wait_job(self, job_id: str, timeout: float = 120, *,
+                 until: tuple[str, ...] = ("completed", "failed", "cancelled"),
+                 route: str = "/api/v1/jobs/") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.job(job_id, route)
+            if body["status"] in until:
+                return body
+            assert time.monotonic() < deadline, f"job {job_id} still {body}"
+            time.sleep(0.1)
+
+    def boot(self, name: str, volume_path: str) -> Path:
+        log = self.env.root / f"{name}.log"
+        log.unlink(missing_ok=True)
+        xml = self.env.root / f"{name}.xml"
+        xml.write_text(domain_xml(name, volume_path, log))
+        if name not in self.domains:
+            virsh_sync("define", str(xml))
+            self.domains.append(name)
+        virsh_sync("start", name)
+        return log
+
+
+@pytest.fixture
+def api(services_env: dict[str, str], s3_bucket: str, unique_name: str,
+        world_readable_tmp: Path, hook_installed: None) -> Iterator[ApiWorld]:  # noqa: F811
+    env = Env(root=world_readable_tmp, bucket=s3_bucket,
+              exchange=f"minio-events-{unique_name}", queue=f"lvw-test-{unique_name}",
+              s3=services_env)
+    pool = f"lvw-{unique_name}"
+    pool_dir = world_readable_tmp / "pool"
+    pool_dir.mkdir(mode=0o755)
+    virsh_sync("pool-define-as", pool, "dir", "--target", str(pool_dir))
+    virsh_sync("pool-start", pool)
+    tokens = world_readable_tmp / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    tokens.chmod(0o600)
+    port = free_port()
+    env.write_config(api={"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens),
+                          "pool": pool},
+                     state={"dir": str(world_readable_tmp / "state")})
+    daemon = DaemonProcess(env.config_path, log=world_readable_tmp / "watcher.log").start()
+    world = ApiWorld(env, pool, pool_dir, port, daemon)
+    try:
+        daemon.wait(lambda: _answers(port), 60, "the API to listen")
+        yield world
+    finally:
+        daemon.stop()
+        for name in world.domains:
+            virsh_sync("destroy", name, check=False)
+            virsh_sync("undefine", name, check=False)
+        virsh_sync("pool-destroy", pool, check=False)
+        virsh_sync("pool-undefine", pool, check=False)
+        asyncio.run(delete_amqp(env.exchange, env.queue))
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _image(api: ApiWorld, key: str, banner: str, size: int = 4 * MiB) -> Path:
+    path = write_qcow2_image(api.env.root / f"{banner}.qcow2", banner, size)
+    api.env.upload_with_sidecar(key, path)
+    return path
+
+
+def _big_image(api: ApiWorld, key: str, size: int) -> Path:
+    """An incompressible qcow2 of ``size`` bytes, so writing it takes a while."""
+    raw = api.env.root / "big.raw"
+    with open(raw, "wb") as fh:
+        for _ in range(size // (8 * MiB)):
+            fh.write(os.urandom(8 * MiB))
+    image = api.env.root / "big.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(image)], check=True)
+    raw.unlink()
+    api.env.upload_with_sidecar(key, image)
+    return image
+
+
+def test_a_job_creates_the_volume_and_a_vm_boots_it_then_a_newer_image_replaces_it(
+        api: ApiWorld, unique_name: str) -> None:
+    _image(api, "images/v1.qcow2", "API-BANNER-ONE")
+    _image(api, "images/v2.qcow2", "API-BANNER-TWO")
+    volume = "web1"
+    assert not (api.pool_dir / volume).exists()
+
+    job_id = api.post_job("images/v1.qcow2", volume, correlation_id="tf-run-17")
+    done = api.wait_job(job_id)
+    assert done["status"] == "completed", done
+    assert done["progress"]["stage"] == "done" and done["progress"]["percent"] == 100
+    assert done["correlation_id"] == "tf-run-17" and done["cache_hit"] is False
+    assert done["volume_path"] == str(api.pool_dir / volume)
+    assert os.stat(api.pool_dir / volume).st_size == 1 * GiB
+    name = f"lvw-{unique_name}"
+    asyncio.run(wait_for_banner(api.boot(name, done["volume_path"]), "API-BANNER-ONE"))
+    virsh_sync("destroy", name)
+
+    # The predecessor's routes: provision, then status.
+    second = api.post_job("images/v2.qcow2", volume, route="/api/v1/provision")
+    done = api.wait_job(second, route="/api/v1/status/")
+    assert done["status"] == "completed", done
+    asyncio.run(wait_for_banner(api.boot(name, done["volume_path"]), "API-BANNER-TWO"))
+    lines = [entry for entry in api.log_records() if entry.get("job_id") == job_id]
+    assert len(lines) >= 3, lines  # accepted, started, finished at least
+    assert all(entry.get("correlation_id") == "tf-run-17" for entry in lines), lines
+
+
+def test_a_volume_used_by_a_running_domain_is_left_untouched(
+        api: ApiWorld, unique_name: str) -> None:
+    _image(api, "images/v1.qcow2", "API-RUNNING-ONE")
+    first = api.wait_job(api.post_job("images/v1.qcow2", "busy"))
+    assert first["status"] == "completed", first
+    name = f"lvw-{unique_name}"
+    asyncio.run(wait_for_banner(api.boot(name, first["volume_path"]), "API-RUNNING-ONE"))
+    before = sha256_file(Path(first["volume_path"]))
+
+    _image(api, "images/v2.qcow2", "API-RUNNING-TWO")
+    refused = api.wait_job(api.post_job("images/v2.qcow2", "busy"))
+    assert refused["status"] == "failed"
+    assert f"in use by domain {name} (running)" in refused["error"]
+    assert "was not changed" in refused["error"]
+    assert sha256_file(Path(first["volume_path"])) == before
+
+
+def test_a_checksum_mismatch_fails_the_job_and_writes_nothing(api: ApiWorld) -> None:
+    path = write_qcow2_image(api.env.root / "bad.qcow2", "API-BAD")
+    api.env.upload_file("images/bad.qcow2", path)
+    api.env.upload("images/bad.qcow2.sha256", ("0" * 64 + "  bad.qcow2\n").encode())
+    failed = api.wait_job(api.post_job("images/bad.qcow2", "never"))
+    assert failed["status"] == "failed"
+    assert "sidecar says" in failed["error"]
+    assert not (api.pool_dir / "never").exists()
+
+
+def test_bad_requests_are_refused_and_a_foreign_host_is_never_contacted(api: ApiWorld) -> None:
+    connections: list[object] = []
+    stranger = socket.socket()
+    stranger.bind(("127.0.0.1", 0))
+    stranger.listen()
+    stranger.settimeout(0.2)
+
+    def accept() -> None:
+        with stranger:
+            while not done.is_set():
+                try:
+                    connections.append(stranger.accept())
+                except TimeoutError:
+                    continue
+
+    done = threading.Event()
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        foreign = f"http://127.0.0.1:{stranger.getsockname()[1]}/{api.env.bucket}/x.qcow2"
+        for body in (
+            {"image_url": foreign, "volume_name": "v", "volume_size_gb": 1},
+            {"image_url": "s3://b/x.qcow2", "volume_name": "../etc", "volume_size_gb": 1},
+            {"image_url": "s3://bucket/x.qcow2", "volume_name": "v", "volume_size_gb": 0},
+            {"image_url": "s3://bucket/x.qcow2", "volume_name": "v", "volume_size_gb": "1"},
+            {"image_url": "s3://bucket/x.qcow2", "volume_name": "v", "volume_size_gb": 1,
+             "image_type": "vmdk"},
+            {"volume_name": "v", "volume_size_gb": 1},
+            ["not", "an", "object"],
+        ):
+            status, reply = api.call("POST", "/api/v1/jobs", body)
+            assert status == 400, (body, reply)
+            assert set(reply) == {"error", "details"}, reply
+        status, reply = api.call("POST", "/api/v1/jobs", raw=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+        assert status == 400 and reply["error"] == "bad_request"
+        status, reply = api.call("POST", "/api/v1/jobs", raw=b"x" * (2 * MiB))
+        assert status == 413, reply
+        status, reply = api.call("GET", "/api/v1/jobs/00000000-0000-4000-8000-000000000000")
+        assert status == 404 and reply["error"] == "not_found"
+        assert api.call("GET", "/api/v1/jobs/../../etc/passwd")[0] == 404
+        assert api.call("GET", "/api/v1/jobs/x", token=None)[0] == 401
+        assert api.call("GET", "/api/v1/jobs/x", token="wrong")[0] == 403
+        assert api.call("GET", "/api/v1/cache/images", token=None)[0] == 401
+        assert api.call("PUT", "/volumes/upload-content", token="wrong", raw=b"x")[0] == 403
+    finally:
+        done.set()
+        thread.join()
+    assert connections == []
+    assert api.daemon.running
+
+
+def test_cache_routes_list_fetch_and_delete(api: ApiWorld) -> None:
+    path = _image(api, "images/cached.qcow2", "API-CACHED")
+    digest = sha256_file(path)
+    status, reply = api.call("POST", "/api/v1/cache/fetch",
+                             {"image_url": f"s3://{api.env.bucket}/images/cached.qcow2"})
+    assert status == 202, reply
+    fetched = api.wait_job(reply["job_id"])
+    assert fetched["status"] == "completed" and fetched["image_path"], fetched
+
+    status, listed = api.call("GET", "/api/v1/cache/images?offset=0&limit=10")
+    assert status == 200 and listed["count"] == 1 and listed["limit"] == 10
+    [entry] = listed["images"]
+    assert entry["checksum"] == digest and entry["source"].endswith("images/cached.qcow2")
+    assert entry["size"] == path.stat().st_size and Path(entry["path"]).exists()
+
+    # A provision from the cached image is a cache hit.
+    hit = api.wait_job(api.post_job("images/cached.qcow2", "fromcache"))
+    assert hit["status"] == "completed" and hit["cache_hit"] is True, hit
+
+    assert api.call("DELETE", "/api/v1/cache/images/NOTHEX")[0] == 400
+    assert api.call("DELETE", "/api/v1/cache/images/" + "0" * 64)[0] == 404
+    status, reply = api.call("DELETE", f"/api/v1/cache/images/{digest}")
+    assert (status, reply) == (200, {"status": "deleted", "key": digest})
+    assert not Path(entry["path"]).exists()
+    assert api.call("GET", "/api/v1/cache/images")[1]["count"] == 0
+
+
+def test_cancel_stops_the_write_and_says_what_the_volume_holds(api: ApiWorld) -> None:
+    _big_image(api, "images/big.qcow2", 768 * MiB)
+    job_id = api.post_job("images/big.qcow2", "cancelme")
+    writing = api.wait_job(job_id, until=("completed", "failed", "cancelled", "running"))
+    deadline = time.monotonic() + 120
+    while writing["progress"]["stage"] != "writing" or writing["progress"]["percent"] <= 0:
+        assert writing["status"] == "running", writing
+        assert time.monotonic() < deadline, writing
+        time.sleep(0.05)
+        writing = api.job(job_id)
+    status, reply = api.call("POST", f"/api/v1/jobs/{job_id}/cancel")
+    assert (status, reply) == (200, {"status": "cancelled", "job_id": job_id})
+    ended = api.wait_job(job_id, 30)
+    assert ended["status"] == "cancelled", ended
+    assert "partial image" in ended["error"]
+    assert api.daemon.wait(lambda: not _qemu_img_running(), 10, "qemu-img to be gone")
+    status, reply = api.call("DELETE", f"/api/v1/cancel/{job_id}")
+    assert status == 400, reply
+
+
+def _qemu_img_running() -> bool:
+    out = subprocess.run(["pgrep", "-f", "qemu-img convert"], capture_output=True)
+    return out.returncode == 0
+
+
+def test_a_job_killed_mid_write_completes_under_the_same_id_after_a_restart(
+        api: ApiWorld, unique_name: str) -> None:
+    image = _big_image(api, "images/big.qcow2", 768 * MiB)
+    job_id = api.post_job("images/big.qcow2", "resumed")
+    deadline = time.monotonic() + 120
+    while api.job(job_id)["progress"]["stage"] != "writing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    api.daemon.kill()
+    api.daemon.start()
+    api.daemon.wait(lambda: _answers(api.port), 60, "the API to listen again")
+    done = api.wait_job(job_id, 240)
+    assert done["status"] == "completed", done
+    compare = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
+                              done["volume_path"]], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_upload_content_creates_the_volume_and_refuses_one_in_use(
+        api: ApiWorld, unique_name: str) -> None:
+    seed = os.urandom(300 * 1024)
+    status, reply = api.call("PUT", "/volumes/upload-content", raw=seed,
+                             headers={"X-Volume-Name": "seed1", "X-Pool-Name": api.pool})
+    assert (status, reply) == (200, {"status": "uploaded", "pool": api.pool,
+                                     "volume": "seed1", "bytes": len(seed)}), reply
+    assert (api.pool_dir / "seed1").read_bytes()[:len(seed)] == seed
+    status, reply = api.call("PUT", "/volumes/upload-content", raw=seed,
+                             headers={"X-Volume-Name": "seed1", "X-Pool-Name": "no-such-pool"})
+    assert status == 404, reply
+    status, reply = api.call("PUT", "/volumes/upload-content", raw=seed,
+                             headers={"X-Volume-Name": "../x", "X-Pool-Name": api.pool})
+    assert status == 400, reply
+
+    _image(api, "images/v1.qcow2", "API-UPLOAD-BUSY")
+    done = api.wait_job(api.post_job("images/v1.qcow2", "root1"))
+    name = f"lvw-{unique_name}"
+    asyncio.run(wait_for_banner(api.boot(name, done["volume_path"]), "API-UPLOAD-BUSY"))
+    before = sha256_file(Path(done["volume_path"]))
+    status, reply = api.call("PUT", "/volumes/upload-content", raw=seed,
+                             headers={"X-Volume-Name": "root1", "X-Pool-Name": api.pool})
+    assert status == 409 and "in use by domain" in reply["details"], reply
+    assert sha256_file(Path(done["volume_path"])) == before

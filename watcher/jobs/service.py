@@ -1,0 +1,488 @@
+"""The HTTP job API's jobs: accepted, stored, run on the job engine, followed, cancelled.
+
+Why it exists: an API job is the same kind of job as a tag-triggered reprovision (a
+verified image onto a volume, with the same checks), requested over HTTP instead of by
+domain metadata. This module is the job's life between the routes
+(``watcher.http.job_routes``) and the engine (``watcher.runtime.keyed``):
+
+- ``submit_*`` stores the job ``pending`` in the job database (``state.dir``) and
+  submits its key: the volume (``pool/volume``) for a provision, so jobs for one volume
+  run one after another, in the order they were accepted; the image for a fetch.
+- ``process(key)`` (the engine's processor) runs every pending job of its key, oldest
+  first. A job runs in its own task, so ``cancel`` can stop it mid-download or
+  mid-write; the engine's slots (shared with reprovisions) bound how many run at once.
+- Progress is read from the transfer and from qemu-img's ``-p`` output while the job
+  runs, and written to the database on every stage change and at most every
+  ``PROGRESS_EVERY`` seconds, so a status read after a restart is recent.
+- At start-up every job that was ``pending`` or ``running`` runs (again): a running one
+  is started over from its first step. Finished jobs are pruned after ``KEEP_FINISHED``.
+
+Decisions where the contract is silent (README, "HTTP job API"):
+
+- ``correlation_id`` defaults to the job id, so every job's log lines carry one;
+- S3 or libvirt being unreachable is retried ``TEMPORARY_ATTEMPTS`` times with backoff
+  while the job stays ``running``; then the job fails with the last error;
+- a cancelled job's ``error`` says what state the volume was left in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from opentelemetry import propagate
+from opentelemetry.context import Context
+
+from watcher import telemetry
+from watcher.adapters import qemu_img
+from watcher.adapters.jobstore import FINISHED, JobRecord, JobStore
+from watcher.adapters.qemu_img import WriteImageFunction
+from watcher.cache import CacheEntry, ImageWarmer
+from watcher.core.api_requests import FetchRequest, ImageRef, ProvisionRequest
+from watcher.core.backoff import Backoff
+from watcher.core.errors import (
+    ImageRejected,
+    NotUploadedYet,
+    PermanentError,
+    TemporaryError,
+)
+from watcher.core.plan import ImageFacts
+from watcher.core.policy import ImageSpec
+from watcher.jobs.volume import (
+    StorageCalls,
+    VolumeExecutor,
+    VolumeTarget,
+    decide,
+    gather,
+)
+
+PROGRESS_EVERY = 2.0
+"""Seconds between progress writes to the job database while a stage runs."""
+KEEP_FINISHED = 7 * 86400.0
+"""Seconds a finished job stays readable (then pruned)."""
+TEMPORARY_ATTEMPTS = 6
+TEMPORARY_BACKOFF = Backoff(base=1.0, cap=30.0, attempts=TEMPORARY_ATTEMPTS)
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class JobEnded(Exception):
+    """The job has finished already: nothing to cancel."""
+
+    def __init__(self, record: JobRecord) -> None:
+        super().__init__(f"job {record.job_id} has already ended ({record.status})")
+        self.record = record
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def api_image_name(image: ImageRef) -> str:
+    """The cache's name for an image an API request names by URL (an identifier)."""
+    return "api-" + hashlib.sha256(f"{image.bucket}/{image.key}".encode()).hexdigest()[:16]
+
+
+def volume_key(pool: str, volume: str) -> str:
+    return f"volume {pool}/{volume}"
+
+
+def fetch_key(image: ImageRef) -> str:
+    return f"fetch {image.bucket}/{image.key}"
+
+
+@dataclass
+class Live:
+    """A running job's progress, in memory; ``GET`` reads it, the database lags behind."""
+
+    stage: str = "queued"
+    percent: float = 0.0
+    bytes_processed: int = 0
+    bytes_total: int = 0
+    eta_sec: float | None = None
+    stage_started: float = field(default_factory=time.monotonic)
+    saved: float = 0.0
+    fetching: tuple[str, str] | None = None
+    """(bucket, key) while the stage reads the warmer's transfer progress."""
+
+    def begin(self, stage: str, total: int = 0) -> None:
+        self.stage, self.percent, self.bytes_processed = stage, 0.0, 0
+        self.bytes_total, self.eta_sec = total, None
+        self.stage_started = time.monotonic()
+
+    def advance(self, done: int, total: int) -> None:
+        self.bytes_processed, self.bytes_total = done, total
+        self.percent = round(100.0 * done / total, 1) if total > 0 else 0.0
+        elapsed = time.monotonic() - self.stage_started
+        if done > 0 and total >= done and elapsed > 0:
+            self.eta_sec = round((total - done) * elapsed / done, 1)
+
+    def fields(self) -> dict[str, Any]:
+        return {"stage": self.stage, "percent": self.percent,
+                "bytes_processed": self.bytes_processed, "bytes_total": self.bytes_total,
+                "eta_sec": self.eta_sec}
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[None]
+    live: Live
+    cancelled: bool = False
+    digest: str | None = None
+
+
+class ApiJobs:
+    """Accepts, runs and reports the API's jobs."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        images: ImageWarmer,
+        calls: StorageCalls,
+        pool: str,
+        submit: Callable[[str], None],
+        *,
+        write_image: WriteImageFunction = qemu_img.write_image,
+        log: Any = None,
+    ) -> None:
+        self.store = store
+        self.images = images
+        self.calls = calls
+        self.pool = pool
+        self.submit = submit
+        """The engine's ``submit``: runs ``process(key)`` soon."""
+        self.write_image = write_image
+        self.log = log if log is not None else telemetry.get_logger(component="api-jobs")
+        self._running: dict[str, _Running] = {}
+
+    # ---- the routes' side ---------------------------------------------------------------
+
+    def submit_provision(self, request: ProvisionRequest,
+                         traceparent: str | None = None) -> JobRecord:
+        return self._accept("provision", {
+            "image_url": request.image_url, "bucket": request.image.bucket,
+            "key": request.image.key, "image_type": request.image_type,
+            "volume_name": request.volume_name, "volume_size_gb": request.volume_size_gb,
+            "pool": self.pool,
+        }, volume_key(self.pool, request.volume_name), request.correlation_id, traceparent)
+
+    def submit_fetch(self, request: FetchRequest, traceparent: str | None = None) -> JobRecord:
+        return self._accept("fetch", {
+            "image_url": request.image_url, "bucket": request.image.bucket,
+            "key": request.image.key, "image_type": request.image_type,
+        }, fetch_key(request.image), None, traceparent)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job as stored, with a running job's live progress on top."""
+        record = self.store.get(job_id)
+        if record is None:
+            return None
+        running = self._running.get(job_id)
+        if running is None or record.status in FINISHED:
+            return record
+        live = running.live
+        self._read_transfer(live)
+        return _with(record, **live.fields())
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a pending or running job; ``JobNotFound``, ``JobEnded``."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        if record.status in FINISHED:
+            raise JobEnded(record)
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancelled = True
+            running.task.cancel()
+            return _with(record, status="cancelled")
+        finished = self.store.finish(job_id, "cancelled", stage=record.stage,
+                                     error="cancelled before it started; nothing was changed")
+        if finished is None:  # it ended meanwhile
+            ended = self.store.get(job_id)
+            assert ended is not None
+            raise JobEnded(ended)
+        self._count(finished)
+        return finished
+
+    def digests_in_use(self) -> set[str]:
+        """Cache entries running jobs are writing from (not to be deleted)."""
+        return {r.digest for r in self._running.values() if r.digest is not None}
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- start-up and upkeep -----------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Queue every unfinished job again (a restart); returns how many."""
+        jobs = self.store.unfinished()
+        for record in jobs:
+            if record.status == "running":
+                self.store.update(record.job_id, status="pending", stage="queued", percent=0.0,
+                                  bytes_processed=0, eta_sec=None)
+                self.log.info("api job resumes after a restart", job_id=record.job_id,
+                              correlation_id=record.correlation_id, was_stage=record.stage)
+        for key in dict.fromkeys(self._key(record) for record in jobs):
+            self.submit(key)
+        return len(jobs)
+
+    def prune(self) -> int:
+        removed = self.store.prune(older_than=KEEP_FINISHED)
+        if removed:
+            self.log.info("finished api jobs pruned", jobs=removed)
+        return removed
+
+    async def run(self, stop: asyncio.Event, every: float = 3600.0) -> None:
+        """Prune finished jobs now and every ``every`` seconds until ``stop``."""
+        while not stop.is_set():
+            try:
+                self.prune()
+            except Exception:
+                telemetry.report_unexpected(self.log, "api")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+
+    # ---- the engine's side --------------------------------------------------------------------
+
+    async def process(self, key: str) -> None:
+        """Run every pending job of ``key``, oldest first (the engine's processor)."""
+        volume = key if key.startswith("volume ") else None
+        while True:
+            record = (self.store.next_pending(volume) if volume is not None
+                      else self._next_fetch(key))
+            if record is None:
+                return
+            await self._run_one(record)
+
+    def _next_fetch(self, key: str) -> JobRecord | None:
+        for record in self.store.unfinished():
+            if record.kind == "fetch" and record.status == "pending" and self._key(record) == key:
+                return record
+        return None
+
+    async def _run_one(self, record: JobRecord) -> None:
+        live = Live()
+        task = asyncio.ensure_future(self._execute(record, live))
+        running = self._running[record.job_id] = _Running(task, live)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not running.cancelled:
+                # The daemon is stopping: the job stays running and resumes after a restart.
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise
+        finally:
+            self._running.pop(record.job_id, None)
+
+    async def _execute(self, record: JobRecord, live: Live) -> None:
+        began = time.monotonic()
+        context: Context | None = (propagate.extract({"traceparent": record.traceparent})
+                                   if record.traceparent else None)
+        with (structlog.contextvars.bound_contextvars(job_id=record.job_id,
+                                                       correlation_id=record.correlation_id),
+              telemetry.tracer.start_as_current_span(f"api job {record.kind}", context=context)
+              as span, self._in_progress()):
+            span.set_attribute("job_id", record.job_id)
+            span.set_attribute("correlation_id", record.correlation_id or "")
+            log = self.log.bind(kind=record.kind, image_url=record.request["image_url"])
+            self.store.update(record.job_id, status="running", stage="queued")
+            log.info("api job started", volume=record.request.get("volume_name"))
+            target = VolumeTarget(str(record.request.get("pool", self.pool)),
+                                  str(record.request.get("volume_name", "")))
+            try:
+                result = await self._attempts(record, live, target, log)
+            except asyncio.CancelledError:
+                running = self._running.get(record.job_id)
+                if running is None or not running.cancelled:
+                    raise
+                state = _left(record, live, target)
+                self._finish(record, "cancelled", live, began, log, error=f"cancelled; {state}")
+                span.set_attribute("result", "cancelled")
+                return
+            except PermanentError as exc:
+                state = (_left(record, live, target) if record.kind == "provision" else
+                         "no volume is written by a fetch")
+                self._finish(record, "failed", live, began, log, error=f"{exc}; {state}")
+                span.set_attribute("result", "failed")
+                return
+            except Exception as exc:
+                telemetry.report_unexpected(log, "api", job_id=record.job_id)
+                self._finish(record, "failed", live, began, log,
+                             error=f"unexpected error ({type(exc).__name__}); "
+                                   f"{_left(record, live, target)}")
+                span.set_attribute("result", "failed")
+                return
+            live.begin("done")
+            live.percent = 100.0
+            self._finish(record, "completed", live, began, log, **result)
+            span.set_attribute("result", "completed")
+
+    async def _attempts(self, record: JobRecord, live: Live, target: VolumeTarget,
+                        log: Any) -> dict[str, Any]:
+        delays = TEMPORARY_BACKOFF.delays()
+        while True:
+            try:
+                return await self._steps(record, live, target, log)
+            except TemporaryError as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    raise PermanentError(f"{exc} (gave up after {TEMPORARY_ATTEMPTS} "
+                                         "attempts)") from exc
+                log.warning("api job hit a temporary failure; retrying", error=str(exc),
+                            delay=round(delay, 1))
+                self.store.update(record.job_id, error=f"retrying: {exc}")
+                await asyncio.sleep(delay)
+
+    async def _steps(self, record: JobRecord, live: Live, target: VolumeTarget,
+                     log: Any) -> dict[str, Any]:
+        request = record.request
+        image = ImageRef(request["bucket"], request["key"])
+        entry, hit = await self._image(record, live, image, request["image_type"])
+        result: dict[str, Any] = {"cache_hit": hit, "image_path": str(entry.path),
+                                  "digest": entry.digest}
+        if record.kind == "fetch":
+            return result
+        running = self._running.get(record.job_id)
+        if running is not None:
+            running.digest = entry.digest
+        self._stage(record, live, "writing", entry.virtual_size, cache_hit=hit,
+                    image_path=str(entry.path), digest=entry.digest)
+        size = int(request["volume_size_gb"]) * 1024**3
+        facts = await gather(self.calls, target.pool, target.volume, size,
+                             ImageFacts(api_image_name(image), entry.digest, entry.format,
+                                        entry.virtual_size))
+        plan = decide(facts)
+        log.info("api job planned", steps=plan.describe())
+
+        def progress(percent: float) -> None:
+            live.advance(int(entry.virtual_size * percent / 100), entry.virtual_size)
+            self._save_progress(record, live)
+
+        path = await VolumeExecutor(self.calls, self.write_image, entry, record.job_id, target,
+                                    log, on_progress=progress).run(plan, facts.existing)
+        telemetry.bytes_written.inc(entry.virtual_size)
+        result["volume_path"] = path
+        return result
+
+    async def _image(self, record: JobRecord, live: Live, image: ImageRef,
+                     image_type: str) -> tuple[CacheEntry, bool]:
+        spec = ImageSpec(api_image_name(image), image.bucket, image.key, None,
+                         "raw" if image_type == "raw" else "qcow2", checksum_required=True,
+                         origin=f"api job {record.job_id}")
+        hit = True
+
+        async def downloading(_source: object) -> None:
+            nonlocal hit
+            hit = False
+            self._stage(record, live, "downloading")
+            live.fetching = (image.bucket, image.key)
+
+        try:
+            entry = await self.images.ensure(spec, before_download=downloading)
+        except NotUploadedYet as exc:
+            raise PermanentError(f"{exc}: the image and its .sha256 sidecar must both be in "
+                                 "the bucket") from exc
+        except ImageRejected as exc:
+            raise PermanentError(str(exc)) from exc
+        finally:
+            live.fetching = None
+        return entry, hit
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def _accept(self, kind: str, request: dict[str, Any], key: str,
+                correlation_id: str | None, traceparent: str | None) -> JobRecord:
+        job_id = str(uuid.uuid4())
+        record = self.store.insert(JobRecord(
+            job_id=job_id, kind=kind,  # type: ignore[arg-type]
+            request=request, volume=key if kind == "provision" else None,
+            correlation_id=correlation_id or job_id, traceparent=traceparent))
+        self.log.info("api job accepted", job_id=job_id, kind=kind,
+                      correlation_id=record.correlation_id, image_url=request["image_url"],
+                      volume=request.get("volume_name"))
+        self.submit(key)
+        return record
+
+    def _key(self, record: JobRecord) -> str:
+        if record.kind == "provision":
+            assert record.volume is not None
+            return record.volume
+        return fetch_key(ImageRef(record.request["bucket"], record.request["key"]))
+
+    def _stage(self, record: JobRecord, live: Live, stage: str, total: int = 0,
+               **fields: Any) -> None:
+        live.begin(stage, total)
+        self.store.update(record.job_id, **live.fields(), **fields)
+        live.saved = time.monotonic()
+
+    def _save_progress(self, record: JobRecord, live: Live) -> None:
+        now = time.monotonic()
+        if now - live.saved >= PROGRESS_EVERY:
+            live.saved = now
+            self.store.update(record.job_id, **live.fields())
+
+    def _read_transfer(self, live: Live) -> None:
+        if live.fetching is None:
+            return
+        progress = self.images.fetching.get(live.fetching)
+        if progress is None:
+            return
+        if progress.stage == "verifying" and live.stage != "verifying":
+            live.begin("verifying", progress.total)
+            live.advance(progress.total, progress.total)
+            return
+        if live.stage == "downloading":
+            live.advance(progress.done, progress.total)
+
+    def _finish(self, record: JobRecord, status: str, live: Live, began: float, log: Any,
+                *, error: str | None = None, **fields: Any) -> None:
+        finished = self.store.finish(record.job_id, status,  # type: ignore[arg-type]
+                                     error=error, **live.fields(), **fields)
+        seconds = time.monotonic() - began
+        telemetry.api_job_seconds.labels(kind=record.kind).observe(seconds)
+        if finished is not None:
+            self._count(finished)
+        line = log.info if status == "completed" else log.warning
+        line("api job finished", result=status, seconds=round(seconds, 3), error=error,
+             volume_path=fields.get("volume_path"), cache_hit=fields.get("cache_hit"))
+
+    def _count(self, record: JobRecord) -> None:
+        telemetry.api_jobs.labels(kind=record.kind, result=record.status).inc()
+
+    @contextlib.contextmanager
+    def _in_progress(self) -> Iterator[None]:
+        telemetry.jobs_in_progress.labels(kind="api").inc()
+        try:
+            yield
+        finally:
+            telemetry.jobs_in_progress.labels(kind="api").dec()
+
+
+def _with(record: JobRecord, **fields: Any) -> JobRecord:
+    return replace(record, **fields)
+
+
+def _left(record: JobRecord, live: Live, target: VolumeTarget) -> str:
+    """What state the job left its volume in, for ``error``."""
+    if record.kind != "provision":
+        return "no volume is written by a fetch"
+    shown = f"{target.pool}/{target.volume}"
+    if not target.touched:
+        return f"volume {shown} was not changed"
+    if target.wrote:
+        return (f"volume {shown} holds a partial image ({live.bytes_processed} of "
+                f"{live.bytes_total} bytes written); run the job again before using it")
+    return f"volume {shown} was created or grown but not written"
