@@ -155,7 +155,7 @@ class Reprovisioner:
         seconds = time.monotonic() - began
         telemetry.reprovisions.labels(result="provisioned").inc()
         telemetry.reprovision_seconds.observe(seconds)
-        telemetry.bytes_written.inc(entry.virtual_size)
+        telemetry.written_bytes.inc(entry.virtual_size)
         log.info("reprovision finished", digest=entry.digest, seconds=round(seconds, 2),
                  bytes=entry.virtual_size, result="provisioned")
 
