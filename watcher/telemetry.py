@@ -61,6 +61,9 @@ jobs_in_progress = Gauge(
 write_progress = Gauge(
     _P + "write_progress_ratio", "Progress of the volume write running for a domain (0..1).",
     ["domain"], registry=REGISTRY)
+write_size = Gauge(
+    _P + "write_size_bytes", "Virtual bytes of the volume write running for a domain.",
+    ["domain"], registry=REGISTRY)
 domains_outdated = Gauge(
     _P + "domains_outdated",
     "Domains whose provisioned digest is older than the cached current version of their image.",

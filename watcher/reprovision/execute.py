@@ -200,6 +200,7 @@ class Executor:
                 self.log.info("writing volume", progress=round(percent, 1))
 
         telemetry.write_progress.labels(domain=name).set(0)
+        telemetry.write_size.labels(domain=name).set(image.virtual_size)
         self.log.info("writing volume", path=step.path, digest=image.digest,
                       bytes=image.virtual_size)
         await self.write_image(self.source, image.format, Path(step.path),

@@ -148,9 +148,10 @@ class Reprovisioner:
             finally:
                 self._active -= 1
                 telemetry.jobs_in_progress.labels(kind="reprovision").dec()
-                # The gauge is for writes going on; an ended job leaves no series behind.
-                with contextlib.suppress(KeyError):
-                    telemetry.write_progress.remove(domain.name)
+                # The gauges are for writes going on; an ended job leaves no series behind.
+                for gauge in (telemetry.write_progress, telemetry.write_size):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(domain.name)
             span.set_attribute("result", "provisioned")
         seconds = time.monotonic() - began
         telemetry.reprovisions.labels(result="provisioned").inc()
