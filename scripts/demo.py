@@ -323,7 +323,7 @@ def run(conn: libvirt.virConnect, undo: Undo) -> int:
         print()
         metrics = urllib.request.urlopen(f"http://{HTTP}/metrics", timeout=5).read().decode()
         wanted = ("volume_watcher_reprovisions_total", "volume_watcher_downloads_total",
-                  "volume_watcher_cache_bytes ", "volume_watcher_bytes_written_total")
+                  "volume_watcher_cache_bytes ", "volume_watcher_written_bytes_total")
         for line in metrics.splitlines():
             if line.startswith(wanted):
                 print("  " + line)

@@ -2,9 +2,12 @@
 # Installs the start interlock (watcher/libvirt_hook.py) as a libvirt qemu hook:
 # /etc/libvirt/hooks/qemu.d/libvirt-volume-watcher, executable, run by /usr/bin/python3.
 # libvirtd reads the hook directory only when it starts, so a new or changed hook is
-# followed by a restart of libvirtd (killed, then started with `libvirtd -d`: there is no
-# systemd here). Running guests keep running across the restart. An unchanged hook is left
-# alone. LVW_HOOK_NO_RESTART=1 installs without restarting.
+# followed by a restart: through systemctl when systemd runs (virtqemud on a host with
+# modular daemons, else libvirtd; only a running one). Only where systemd does not run
+# (test machines and containers, as here) is libvirtd stopped and started with
+# `libvirtd -d`. Running guests keep running across the restart. An unchanged hook is
+# left alone. LVW_HOOK_NO_RESTART=1 installs without restarting; LVW_HOOKS_DIR stages the
+# hook elsewhere (install.sh's DESTDIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +34,20 @@ echo "install-hook: installed $TARGET"
 
 if [ "${LVW_HOOK_NO_RESTART:-0}" = 1 ]; then
   echo "install-hook: restart libvirtd for the hook to take effect"; exit 0
+fi
+
+if [ -d /run/systemd/system ]; then
+  for unit in virtqemud.service libvirtd.service; do
+    if systemctl is-active --quiet "$unit"; then
+      echo "install-hook: restarting $unit so it reads the hook"
+      exec systemctl try-restart "$unit"
+    fi
+  done
+  echo "install-hook: libvirt is not running; it reads the hook when it starts"
+  exit 0
+fi
+if pgrep -x virtqemud >/dev/null; then
+  echo "install-hook: restart virtqemud for the hook to take effect"; exit 0
 fi
 
 pid=$(cat /run/libvirtd.pid 2>/dev/null || true)

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Installs libvirt-volume-watcher as a systemd service on this host, from this checkout:
 #   - a virtualenv in /opt/libvirt-volume-watcher/venv holding the project (with OTLP export),
-#   - the unit in /etc/systemd/system and the tmpfiles rules in /usr/lib/tmpfiles.d,
+#   - the unit and the tmpfiles rules where systemd looks for locally installed ones,
+#     /usr/local/lib/systemd/system and /usr/local/lib/tmpfiles.d (/etc/systemd/system is
+#     the administrator's: drop-ins from `systemctl edit` go there and stay yours),
 #   - /etc/libvirt-volume-watcher/{config.yaml,policies/,credentials/} (an existing
 #     config is never overwritten; the shipped one is put next to it as config.yaml.dist),
-#   - the libvirt hook, through scripts/install-hook.sh when present.
+#   - the libvirt hook, through scripts/install-hook.sh. libvirtd reads hooks when it
+#     starts: it is restarted through systemctl when systemd runs, never by hand.
 # It does not enable or start the service: it prints the next steps instead.
+# For a Debian package, use scripts/build-deb.sh instead.
 # Re-running it upgrades the project in the venv and refreshes the unit.
 #
 # Environment: PYTHON (interpreter for the venv, default python3, needs >= 3.11);
-# DESTDIR (stage everything under another root, e.g. to build a package; then
-# nothing is reloaded and root is not required).
+# DESTDIR (stage everything, the hook included, under another root; then nothing is
+# reloaded or restarted, the host's /etc is not touched and root is not required; the
+# staged venv's scripts name the final path, so the tree can be copied to /).
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,13 +45,25 @@ fi
 say "installing the project into $venv"
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install --quiet --upgrade "$src[otlp]"
+if [ -n "$destdir" ]; then
+  for script in "$venv"/bin/*; do
+    [ -f "$script" ] && [ ! -L "$script" ] || continue
+    sed -i "1s|^#!$venv/bin/python|#!$prefix/venv/bin/python|" "$script"
+  done
+  sed -i "s|$venv|$prefix/venv|g" "$venv/pyvenv.cfg" "$venv"/bin/activate*
+fi
 
 # 2. systemd files.
+units=/usr/local/lib/systemd/system
+tmpfiles=/usr/local/lib/tmpfiles.d/libvirt-volume-watcher.conf
 install -D -m 0644 "$src/systemd/libvirt-volume-watcher.service" \
-  "$destdir/etc/systemd/system/libvirt-volume-watcher.service"
-install -D -m 0644 "$src/systemd/libvirt-volume-watcher.tmpfiles" \
-  "$destdir/usr/lib/tmpfiles.d/libvirt-volume-watcher.conf"
-say "installed the unit and the tmpfiles rules"
+  "$destdir$units/libvirt-volume-watcher.service"
+install -D -m 0644 "$src/systemd/libvirt-volume-watcher.tmpfiles" "$destdir$tmpfiles"
+say "installed the unit in $units and the tmpfiles rules in $tmpfiles"
+if [ -e "$destdir/etc/systemd/system/libvirt-volume-watcher.service" ]; then
+  say "note: /etc/systemd/system/libvirt-volume-watcher.service (from an older install)" \
+      "overrides the new unit; remove it unless it holds your own changes"
+fi
 
 # 3. Directories (the tmpfiles rules recreate them at boot) and the config.
 install -d -m 0755 "$destdir$etc" "$destdir$etc/policies"
@@ -64,17 +81,18 @@ else
   say "installed $etc/config.yaml"
 fi
 if command -v systemd-tmpfiles >/dev/null; then
-  systemd-tmpfiles --create ${destdir:+"--root=$destdir"} \
-    "$destdir/usr/lib/tmpfiles.d/libvirt-volume-watcher.conf"
+  systemd-tmpfiles --create ${destdir:+"--root=$destdir"} "$destdir$tmpfiles"
 fi
 
-# 4. The libvirt hook (its own script knows where libvirt looks for hooks).
-if [ -x "$src/scripts/install-hook.sh" ]; then
-  "$src/scripts/install-hook.sh"
-elif [ -e "$src/scripts/install-hook.sh" ]; then
+# 4. The libvirt hook. Under DESTDIR it is staged there and nothing is restarted; on the
+# host, libvirt is restarted through systemd when systemd runs, and otherwise left to you.
+if [ -n "$destdir" ]; then
+  LVW_HOOKS_DIR="$destdir/etc/libvirt/hooks" LVW_HOOK_NO_RESTART=1 \
+    bash "$src/scripts/install-hook.sh"
+elif [ -d /run/systemd/system ]; then
   bash "$src/scripts/install-hook.sh"
 else
-  say "no scripts/install-hook.sh in this checkout: libvirt hook not installed"
+  LVW_HOOK_NO_RESTART=1 bash "$src/scripts/install-hook.sh"
 fi
 
 # 5. Tell systemd, when it is the running init (not in a container or chroot).

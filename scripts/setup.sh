@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils seabios
-      libvirt-dev pkg-config gcc python3-venv
+      libvirt-dev pkg-config gcc python3-venv python3-dev
       lvm2 thin-provisioning-tools user-mode-linux util-linux kmod e2fsprogs
       prometheus)
 missing=()

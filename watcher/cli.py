@@ -219,12 +219,12 @@ def _reprovision(args: argparse.Namespace) -> int:
     print(f"{args.domain}: reprovision requested; it is rewritten when it is shut off")
     if not args.wait:
         return 0
-    from watcher.follow import follow
+    from watcher.follow import Console, follow
 
     listen = config.http.listen if config else ""
     metrics = f"http://{_local(listen)}/metrics" if listen else None
     return follow(uri, args.domain, shutdown=args.shutdown, timeout=args.timeout,
-                  metrics_url=metrics, say=lambda line: print(line, flush=True))
+                  metrics_url=metrics, console=Console(sys.stdout))
 
 
 def _local(listen: str) -> str:
@@ -270,8 +270,9 @@ def _status_of(config: Config, domain: str, *, as_json: bool) -> int:
     answer = asyncio.run(explain(config, policies.on_host(config.host.resolved), store, domain))
     state = answer.parsed
     listen = config.http.listen
-    progress = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)
-                if listen and state is not None and state.kind == "provisioning" else None)
+    written = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)
+               if listen and state is not None and state.kind == "provisioning" else None)
+    progress = written.ratio if written is not None else None
     detail = {"domain": answer.domain, "uuid": answer.uuid, "power": answer.power,
               "state": state.kind if state else None, "element": answer.state,
               "image": answer.image, "rule": answer.rule,

@@ -5,19 +5,26 @@ write worked. So this optionally shuts the domain down (ACPI, then a hard stop a
 timeout, since a guest that ignores ACPI would otherwise block the rebuild forever), then
 polls the domain's watcher state until it is ``provisioned`` (exit 0) or ``failed``
 (exit 1), printing each change. While the daemon writes, its
-``volume_watcher_write_progress_ratio{domain}`` gauge (read from ``http.listen`` when a
-config names it) draws a progress bar. Nothing here writes a volume; the daemon does.
+``volume_watcher_write_progress_ratio{domain}`` and ``write_size_bytes{domain}`` gauges
+(read from ``http.listen`` when a config names it) give the progress: on a terminal one
+line redrawn in place (bar, percent, bytes, rate), elsewhere a plain line every tenth, so
+a log stays readable. Nothing here writes a volume; the daemon does.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.adapters.hypervisor.queries import progress, shut_down
+from watcher.core.units import format_size
 
 POLL = 0.5
 """Seconds between two looks at the domain: a person sees every state change."""
@@ -26,8 +33,22 @@ NO_DAEMON_HINT = 60.0
 not running (a job normally starts within a second of the shut-off)."""
 
 
-def write_progress(metrics_url: str | None, domain: str) -> float | None:
-    """The daemon's write progress of ``domain`` (0..1), or None when unknown."""
+@dataclass(frozen=True)
+class WriteProgress:
+    """How far the daemon's write of one domain's volume is."""
+
+    ratio: float
+    """0..1, as qemu-img reports it."""
+    size: int | None
+    """Virtual bytes of the whole write; None from a daemon that does not say."""
+
+    @property
+    def written(self) -> int | None:
+        return None if self.size is None else round(self.ratio * self.size)
+
+
+def write_progress(metrics_url: str | None, domain: str) -> WriteProgress | None:
+    """The daemon's write progress of ``domain``, or None when unknown."""
     if metrics_url is None:
         return None
     try:
@@ -38,17 +59,41 @@ def write_progress(metrics_url: str | None, domain: str) -> float | None:
     return progress_in(text, domain)
 
 
-def progress_in(text: str, domain: str) -> float | None:
+def progress_in(text: str, domain: str) -> WriteProgress | None:
     """``domain``'s write progress in a ``/metrics`` text, or None when it has none."""
+    ratio: float | None = None
+    size: int | None = None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if (sample.name == "volume_watcher_write_progress_ratio"
-                        and sample.labels.get("domain") == domain):
-                    return float(sample.value)
+                if sample.labels.get("domain") != domain:
+                    continue
+                if sample.name == "volume_watcher_write_progress_ratio":
+                    ratio = float(sample.value)
+                elif sample.name == "volume_watcher_write_size_bytes":
+                    size = int(sample.value)
     except ValueError:
         return None  # not the exposition format: not our daemon
-    return None
+    return None if ratio is None else WriteProgress(ratio, size)
+
+
+class RateMeter:
+    """Bytes per second of one write, averaged since its first sample (steady to read)."""
+
+    def __init__(self) -> None:
+        self._first: tuple[float, int] | None = None
+        self._last = 0
+
+    def update(self, now: float, written: int | None) -> float | None:
+        if written is None:
+            return None
+        restarted = written < self._last
+        self._last = written
+        if self._first is None or restarted:
+            self._first = (now, written)  # first sample, or a new write started
+            return None
+        seconds = now - self._first[0]
+        return (written - self._first[1]) / seconds if seconds > 0 else None
 
 
 def bar(ratio: float, width: int = 30) -> str:
@@ -56,9 +101,82 @@ def bar(ratio: float, width: int = 30) -> str:
     return f"[{'#' * done}{'-' * (width - done)}] {ratio * 100:5.1f}%"
 
 
+def writing_line(domain: str, now: WriteProgress, rate: float | None) -> str:
+    """``web-1: writing [###---] 50.0%  1.0GiB / 2.0GiB  110.2MiB/s`` (what is known)."""
+    parts = [f"{domain}: writing {bar(now.ratio)}"]
+    if now.size is not None and now.written is not None:
+        parts.append(f"{format_size(now.written)} / {format_size(now.size)}")
+    if rate is not None:
+        parts.append(f"{format_size(round(rate))}/s")
+    return "  ".join(parts)
+
+
+class Console:
+    """Where ``follow`` writes: lines that stay, and one status line that changes.
+
+    On a terminal the status line is redrawn in place with a carriage return, cut to the
+    terminal's width so it never wraps, and cleared before a line that stays. Anywhere
+    else (a pipe, a file, the journal) no control character is written: a status line is
+    printed only when its ``step`` changes.
+    """
+
+    def __init__(self, stream: TextIO, *, live: bool | None = None,
+                 columns: Callable[[], int] = lambda: shutil.get_terminal_size().columns,
+                 ) -> None:
+        self.stream = stream
+        self.live = (stream.isatty() and os.environ.get("TERM") != "dumb"
+                     if live is None else live)
+        self._columns = columns
+        self._drawn = ""
+        self._step: object = None
+
+    def say(self, line: str) -> None:
+        """A line that stays: a state change or the result."""
+        self._clear()
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self._step = None
+
+    def status(self, line: str, *, step: object) -> None:
+        """The current progress; a plain stream sees it once per ``step``."""
+        if not self.live:
+            if step != self._step:
+                self._step = step
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            return
+        line = line[:max(1, self._columns() - 1)]
+        if line != self._drawn:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+            self._drawn = line
+
+    def close(self) -> None:
+        """Leave the cursor on a fresh line (after Ctrl-C too)."""
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = ""
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self._drawn = ""
+
+
 def follow(uri: str, domain: str, *, shutdown: bool, timeout: float, metrics_url: str | None,
-           say: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> int:
+           console: Console, clock: Callable[[], float] = time.monotonic) -> int:
     """Shut down if asked, then wait for the request's end; returns the exit code."""
+    try:
+        return _follow(uri, domain, shutdown=shutdown, timeout=timeout,
+                       metrics_url=metrics_url, console=console, clock=clock)
+    finally:
+        console.close()
+
+
+def _follow(uri: str, domain: str, *, shutdown: bool, timeout: float, metrics_url: str | None,
+            console: Console, clock: Callable[[], float]) -> int:
+    say = console.say
     started = clock()
     if shutdown and not progress(uri, domain).shut_off:
         say(f"{domain}: shutting down (ACPI; a hard stop after {timeout:g} s)")
@@ -71,6 +189,7 @@ def follow(uri: str, domain: str, *, shutdown: bool, timeout: float, metrics_url
             time.sleep(POLL)
     last = ""
     hinted = False
+    rate = RateMeter()
     while True:
         now = progress(uri, domain)
         state = now.state
@@ -86,9 +205,14 @@ def follow(uri: str, domain: str, *, shutdown: bool, timeout: float, metrics_url
             say(f"{domain}: the request is gone (cancelled); nothing was written")
             return 1
         if kind == "provisioning":
-            ratio = write_progress(metrics_url, domain)
-            line = f"{domain}: writing {bar(ratio)}" if ratio is not None else \
-                f"{domain}: writing"
+            written = write_progress(metrics_url, domain)
+            if written is None:
+                line = f"{domain}: writing"
+            else:
+                console.status(writing_line(domain, written, rate.update(clock(), written.written)),
+                               step=min(10, int(written.ratio * 10)))
+                time.sleep(POLL)
+                continue
         elif now.shut_off:
             line = f"{domain}: requested; waiting for the watcher to take it up"
             if not hinted and clock() - started > NO_DAEMON_HINT:

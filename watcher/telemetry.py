@@ -15,6 +15,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from watcher import __version__
+from watcher.core.errors import REJECTION_REASONS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _P = "volume_watcher_"
@@ -52,13 +53,16 @@ reprovisions = Counter(
 reprovision_seconds = Histogram(
     _P + "reprovision_duration_seconds", "Wall time of reprovision jobs, request to result.",
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
-bytes_written = Counter(
-    _P + "bytes_written", "Virtual bytes written onto root volumes.", registry=REGISTRY)
+written_bytes = Counter(
+    _P + "written_bytes", "Virtual bytes written onto root volumes.", registry=REGISTRY)
 jobs_in_progress = Gauge(
     _P + "jobs_in_progress", "Jobs running now, by kind (download, reprovision).",
     ["kind"], registry=REGISTRY)
 write_progress = Gauge(
     _P + "write_progress_ratio", "Progress of the volume write running for a domain (0..1).",
+    ["domain"], registry=REGISTRY)
+write_size = Gauge(
+    _P + "write_size_bytes", "Virtual bytes of the volume write running for a domain.",
     ["domain"], registry=REGISTRY)
 domains_outdated = Gauge(
     _P + "domains_outdated",
@@ -109,6 +113,8 @@ for _result in ("provisioned", "failed", "retry"):
     reprovisions.labels(result=_result)
 for _reason in ("malformed", "permanent", "temporary", "unexpected"):
     events_dead_lettered.labels(reason=_reason)
+for _reason in REJECTION_REASONS:
+    images_rejected.labels(reason=_reason)
 for _kind in ("download", "reprovision"):
     jobs_in_progress.labels(kind=_kind)
 for _state in DOMAIN_STATES:

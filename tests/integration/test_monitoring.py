@@ -24,6 +24,7 @@ from testsupport.daemon import running_daemon
 from testsupport.metrics import metric_async, metric_grows
 from testsupport.services import make_qcow2, minio_event, publish
 from watcher import __version__
+from watcher.core.errors import REJECTION_REASONS
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ def _names_in(expressions: list[str]) -> set[str]:
 
 def _exposed(text: str) -> set[str]:
     """Sample names, plus the names declared by ``# TYPE`` (a labelled metric with no
-    series yet, such as images rejected before the first rejection, has only those)."""
+    series yet, such as a domain's write progress before the first write, has only those)."""
     samples = {sample.name for family in text_string_to_metric_families(text)
                for sample in family.samples}
     declared = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
@@ -133,3 +134,8 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_served(
     assert f'volume_watcher_build_info{{version="{__version__}"}} 1.0' in text
     for state in ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed"):
         assert f'volume_watcher_domains{{state="{state}"}} ' in text, state
+    # The counters the increase() alerts watch have their series before the first event
+    # (the daemon runs in this process: other tests may have counted some already).
+    for reason in REJECTION_REASONS:
+        assert f'volume_watcher_images_rejected_total{{reason="{reason}"}} ' in text, reason
+    assert "\nvolume_watcher_written_bytes_total " in text

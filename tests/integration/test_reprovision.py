@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,16 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from prometheus_client import generate_latest
 
 from tests.bootimage import domain_xml, write_qcow2_image
 from testsupport.polling import wait_for
 from testsupport.proxy import Proxy
+from watcher import telemetry
 from watcher.adapters.hypervisor import DomainWatcher
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
 from watcher.core.backoff import Backoff
 from watcher.core.domain import NAMESPACE, DomainState, parse_state
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.core.units import format_size
 from watcher.explain import explain
 from watcher.reprovision import Reprovisioner
 from watcher.runtime.keyed import KeyedWorker
@@ -655,11 +662,129 @@ async def test_wait_with_shutdown_stops_the_domain_follows_the_job_and_exits_0(
         took = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stopping it hard" in result.stdout
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout  # not a terminal
     assert "provisioned with v2" in result.stdout
     assert took >= 2
     state = await metadata_state(name)
     assert state is not None and state.kind == "provisioned"
     assert state.sha256 == world.images.entries["v2"].digest
+
+
+class Pty:
+    """A pseudo-terminal a CLI process writes to, read in this loop as it arrives."""
+
+    def __init__(self, columns: int = 160) -> None:
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        self.output = bytearray()
+        self.closed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: every writer closed its end
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(self.master)
+            self.closed.set()
+        self.output += chunk
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    async def shows(self, expected: str, timeout: float = 30) -> None:
+        await wait_for(lambda: expected in self.text, timeout, what=f"{expected!r} on the pty")
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def serving_metrics() -> AsyncIterator[str]:
+    """This process's metrics (the in-loop watcher's gauges) on a loopback port, as
+    ``http.listen`` would serve them; yields the listen address."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(telemetry.REGISTRY),
+                            content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _wait_on(terminal: Pty, world: World, name: str) -> tuple[str, int]:
+    """``reprovision NAME --wait`` on ``terminal`` against an in-loop watcher whose write
+    holds at 25% and 50% until the terminal shows each; returns the output and exit code."""
+    async def paced_write(source: Path, source_format: str, target: Path, *,
+                          target_is_zero: bool = False,
+                          on_progress: Callable[[float], None] | None = None) -> None:
+        # Hold the write at two points until the terminal has shown each of them.
+        assert on_progress is not None
+        for percent in (25.0, 50.0):
+            on_progress(percent)
+            await terminal.shows(f"{percent:5.1f}%")
+        await write_image(source, source_format, target, target_is_zero=target_is_zero,
+                          on_progress=on_progress)
+
+    async with serving_metrics() as listen, watching(
+            world, world.policies(), world.allow_own_files(), write=paced_write):
+        policies_dir = world.dir / "policies"
+        policies_dir.mkdir()
+        config = world.dir / "config.yaml"
+        config.write_text(f"libvirt: {{uri: '{URI}'}}\npolicies: {{dir: '{policies_dir}'}}\n"
+                          f"cache: {{dir: '{world.dir / 'cache'}'}}\n"
+                          f"http: {{listen: '{listen}'}}\n")
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("COLUMNS", "LINES")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watcher", "reprovision", name, "--wait", "-c", str(config),
+            stdin=subprocess.DEVNULL, stdout=terminal.slave, stderr=terminal.slave, cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT), "TERM": "xterm"})
+        os.close(terminal.slave)
+        terminal.slave = -1
+        returncode = await asyncio.wait_for(proc.wait(), 120)
+        await asyncio.wait_for(terminal.closed.wait(), 10)
+
+    return terminal.text, returncode
+
+
+async def test_wait_on_a_terminal_redraws_one_progress_line_and_exits_0(world: World) -> None:
+    pool, _ = world.dir_pool()
+    world.volume(pool, "root.img", IMAGE_SIZE)
+    name, _log = world.define("tty", f"{pool}/root.img", disk_type="volume")
+    terminal = Pty()
+    try:
+        text, returncode = await _wait_on(terminal, world, name)
+    finally:
+        terminal.close()
+    assert returncode == 0, text
+
+    size = world.images.entries["v2"].virtual_size
+    # One line redrawn in place: each update starts with a carriage return, and carries
+    # the bar, the percent and the bytes written of the total.
+    drawn = [part.split("\x1b[K")[0] for part in text.split("\r") if "writing [" in part]
+    assert any(f" 25.0%  {format_size(size // 4)} / {format_size(size)}" in line
+               for line in drawn), drawn
+    assert any(f" 50.0%  {format_size(size // 2)} / {format_size(size)}" in line
+               for line in drawn), drawn
+    assert any(line.endswith("/s") for line in drawn), drawn  # the rate, from two samples
+    # The result clears the bar and stays, on a line of its own, as the last output.
+    result = f"\r\x1b[K{name}: provisioned with v2"
+    assert result in text, text
+    assert "writing [" not in text.split(result)[1], text
 
 
 async def test_wait_exits_1_when_the_job_fails(world: World) -> None:

@@ -49,11 +49,19 @@ class MalformedEvent(PermanentError):
     """A notification that cannot be parsed; it is dead-lettered, never retried."""
 
 
+REJECTION_REASONS = (
+    "checksum_mismatch", "format_mismatch", "bad_header", "backing_file", "data_file",
+    "encrypted", "corrupt", "unknown_features", "virtual_size", "inconsistent_info",
+    "qemu_img_failed", "not_a_file",
+)
+"""Every ``ImageRejected.reason``: the metric's label values, present from the start."""
+
+
 class ImageRejected(PermanentError):
     """An image failed verification or inspection and must never be cached or written.
 
-    ``reason`` is a short stable code used as a metrics label
-    (``checksum_mismatch``, ``backing_file``, ``format_mismatch``...).
+    ``reason`` is a short stable code used as a metrics label, one of
+    ``REJECTION_REASONS``.
     """
 
     def __init__(self, reason: str, message: str) -> None:

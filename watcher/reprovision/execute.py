@@ -193,6 +193,7 @@ class Executor:
                 self.log.info("writing volume", progress=round(percent, 1))
 
         telemetry.write_progress.labels(domain=name).set(0)
+        telemetry.write_size.labels(domain=name).set(image.virtual_size)
         self.log.info("writing volume", path=step.path, digest=image.digest,
                       bytes=image.virtual_size)
         pool = self.facts.target.pool_volume if self.facts.target else None

@@ -149,14 +149,15 @@ class Reprovisioner:
             finally:
                 self._active -= 1
                 telemetry.jobs_in_progress.labels(kind="reprovision").dec()
-                # The gauge is for writes going on; an ended job leaves no series behind.
-                with contextlib.suppress(KeyError):
-                    telemetry.write_progress.remove(domain.name)
+                # The gauges are for writes going on; an ended job leaves no series behind.
+                for gauge in (telemetry.write_progress, telemetry.write_size):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(domain.name)
             span.set_attribute("result", "provisioned")
         seconds = time.monotonic() - began
         telemetry.reprovisions.labels(result="provisioned").inc()
         telemetry.reprovision_seconds.observe(seconds)
-        telemetry.bytes_written.inc(entry.virtual_size)
+        telemetry.written_bytes.inc(entry.virtual_size)
         log.info("reprovision finished", digest=entry.digest, seconds=round(seconds, 2),
                  bytes=entry.virtual_size, result="provisioned")
 
