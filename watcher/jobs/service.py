@@ -373,7 +373,7 @@ class ApiJobs:
 
         path = await VolumeExecutor(self.calls, self.write_image, entry, record.job_id, target,
                                     log, on_progress=progress).run(plan, facts.existing)
-        telemetry.bytes_written.inc(entry.virtual_size)
+        telemetry.written_bytes.inc(entry.virtual_size)
         result["volume_path"] = path
         return result
 
