@@ -36,6 +36,7 @@ from watcher.core.policy import ImageFormat
 
 QEMU_IMG = "qemu-img"
 PRLIMIT = "prlimit"
+SETPRIV = "setpriv"
 _STDERR_KEEP = 64 * 1024
 """Bytes of qemu-img's stderr kept for error messages; the tail holds the reason."""
 
@@ -64,6 +65,16 @@ def _qemu_env() -> dict[str, str]:
     return {**os.environ, "LC_ALL": "C"}
 
 
+def dies_with_daemon(argv: list[str]) -> list[str]:
+    """``argv`` killed by the kernel if the daemon dies first (``setpriv --pdeathsig``).
+
+    A daemon killed mid-write (SIGKILL, the OOM killer) must not leave qemu-img writing
+    the volume behind it: the restarted daemon runs the job again, and two writers on one
+    volume is exactly what the write marker and the checks exist to prevent.
+    """
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
 def _limited(argv: list[str], limits: QemuImgLimits) -> list[str]:
     """``argv`` run under ``limits``: ``prlimit`` sets them on itself, then execs ``argv``.
 
@@ -73,7 +84,8 @@ def _limited(argv: list[str], limits: QemuImgLimits) -> list[str]:
     """
     cpu = limits.cpu_seconds
     # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
-    return [PRLIMIT, f"--as={limits.address_space}", f"--cpu={cpu}:{cpu + 1}", "--", *argv]
+    return dies_with_daemon(
+        [PRLIMIT, f"--as={limits.address_space}", f"--cpu={cpu}:{cpu + 1}", "--", *argv])
 
 
 def _describe_exit(code: int | None) -> str:
@@ -285,7 +297,7 @@ async def write_image(
         target_is_block=is_block, direct_io=direct_io, target_is_zero=target_is_zero,
     )
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *dies_with_daemon(argv),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
