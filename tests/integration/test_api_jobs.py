@@ -12,6 +12,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -307,12 +308,24 @@ def test_cache_routes_list_fetch_and_delete(api: ApiWorld) -> None:
     hit = api.wait_job(api.post_job("images/cached.qcow2", "fromcache"))
     assert hit["status"] == "completed" and hit["cache_hit"] is True, hit
 
-    assert api.call("DELETE", "/api/v1/cache/images/NOTHEX")[0] == 400
-    assert api.call("DELETE", "/api/v1/cache/images/" + "0" * 64)[0] == 404
+    # While a policy's current image is this entry, it stays.
+    api.env.write_policy({"pinned": {"bucket": api.env.bucket, "key": "images/cached.qcow2",
+                                     "format": "qcow2"}})
+    api.daemon.signal(signal.SIGHUP)
+    api.daemon.wait(lambda: (api.env.cache_dir / "refs" / "pinned.json").exists(), 60,
+                    "the policy image to be current")
     status, reply = api.call("DELETE", f"/api/v1/cache/images/{digest}")
-    assert (status, reply) == (200, {"status": "deleted", "key": digest})
+    assert status == 409 and "pinned" in reply["details"], reply
+    api.env.write_policy({})
+    api.daemon.signal(signal.SIGHUP)
+    deleted = api.daemon.wait(
+        lambda: (reply := api.call("DELETE", f"/api/v1/cache/images/{digest}"))[0] != 409
+        and reply, 60, "the policy to be gone")
+    assert deleted == (200, {"status": "deleted", "key": digest})
     assert not Path(entry["path"]).exists()
     assert api.call("GET", "/api/v1/cache/images")[1]["count"] == 0
+    assert api.call("DELETE", "/api/v1/cache/images/NOTHEX")[0] == 400
+    assert api.call("DELETE", "/api/v1/cache/images/" + "0" * 64)[0] == 404
 
 
 def test_cancel_stops_the_write_and_says_what_the_volume_holds(api: ApiWorld) -> None:

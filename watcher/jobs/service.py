@@ -204,8 +204,11 @@ class ApiJobs:
         running = self._running.get(job_id)
         if running is not None:
             running.cancelled = True
-            running.task.cancel()
-            return _with(record, status="cancelled")
+            if running.task.cancel():
+                return _with(record, status="cancelled")
+            ended = self.store.get(job_id)  # it finished just now, between two awaits
+            assert ended is not None
+            raise JobEnded(ended)
         finished = self.store.finish(job_id, "cancelled", stage=record.stage,
                                      error="cancelled before it started; nothing was changed")
         if finished is None:  # it ended meanwhile
