@@ -29,7 +29,7 @@ WATCHER = (sys.executable, "-m", "watcher")
 
 @dataclass
 class RunningDaemon:
-    """A daemon running in the caller's event loop, without libvirt."""
+    """A daemon running in the caller's event loop (without libvirt unless asked)."""
 
     daemon: Daemon
     task: asyncio.Task[int]
@@ -44,10 +44,10 @@ class RunningDaemon:
 
 
 @asynccontextmanager
-async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon,
-                         ) -> AsyncIterator[RunningDaemon]:
+async def running_daemon(config_path: Path, daemon_class: type[Daemon] = Daemon, *,
+                         with_libvirt: bool = False) -> AsyncIterator[RunningDaemon]:
     """The daemon in this loop, consuming; stopped afterwards (see ``exit_code``)."""
-    daemon = daemon_class(load_config(config_path), drain_timeout=5, with_libvirt=False)
+    daemon = daemon_class(load_config(config_path), drain_timeout=5, with_libvirt=with_libvirt)
     task = asyncio.create_task(daemon.run(handle_signals=False))
     try:
         await wait_for(lambda: daemon.consumer.consuming or task.done(), interval=0.02,
