@@ -328,7 +328,8 @@ def test_cache_routes_list_fetch_and_delete(api: ApiWorld) -> None:
     assert api.call("DELETE", "/api/v1/cache/images/" + "0" * 64)[0] == 404
 
 
-def test_cancel_stops_the_write_and_says_what_the_volume_holds(api: ApiWorld) -> None:
+def test_cancel_stops_the_write_and_says_what_the_volume_holds(
+        api: ApiWorld, unique_name: str) -> None:
     _big_image(api, "images/big.qcow2", 768 * MiB)
     job_id = api.post_job("images/big.qcow2", "cancelme")
     writing = api.wait_job(job_id, until=("completed", "failed", "cancelled", "running"))
@@ -338,6 +339,14 @@ def test_cancel_stops_the_write_and_says_what_the_volume_holds(api: ApiWorld) ->
         assert time.monotonic() < deadline, writing
         time.sleep(0.05)
         writing = api.job(job_id)
+    # The start interlock holds while the job writes: a domain on the volume cannot start.
+    name = f"lvw-{unique_name}"
+    xml = api.env.root / f"{name}.xml"
+    xml.write_text(domain_xml(name, str(api.pool_dir / "cancelme"), api.env.root / "c.log"))
+    virsh_sync("define", str(xml))
+    api.domains.append(name)
+    refused = virsh_sync("start", name, check=False)
+    assert refused.returncode != 0 and f"for job {job_id}" in refused.stderr, refused.stderr
     status, reply = api.call("POST", f"/api/v1/jobs/{job_id}/cancel")
     assert (status, reply) == (200, {"status": "cancelled", "job_id": job_id})
     ended = api.wait_job(job_id, 30)
