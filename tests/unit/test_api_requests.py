@@ -491,7 +491,9 @@ def test_the_documented_body_rules_are_the_ones_enforced(openapi: dict[str, Any]
                                                       "volume_size_gb"]
     size = provision["volume_size_gb"]
     assert (size["type"], size["minimum"], size["maximum"]) == ("integer", 1, MAX_VOLUME_SIZE_GB)
-    assert provision["image_type"]["enum"] == list(IMAGE_TYPES)
+    # OpenAPI 3.0: nullable does not widen an enum, so null must be one of its values.
+    assert provision["image_type"]["enum"] == [*IMAGE_TYPES, None]
+    assert schemas["FetchRequest"]["properties"]["image_type"]["enum"] == [*IMAGE_TYPES, None]
     assert provision["image_url"]["maxLength"] == MAX_URL_LENGTH
     limit = openapi["components"]["parameters"]["Limit"]["schema"]
     assert (limit["maximum"], limit["default"]) == (MAX_LIMIT, DEFAULT_LIMIT)

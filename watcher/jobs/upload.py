@@ -70,7 +70,10 @@ class Uploader:
                 if reason is not None:
                     raise UploadRefused(409, "conflict", reason)
                 if volume.capacity < request.length:
-                    await self.calls.grow_volume(volume.path, request.length)
+                    # libvirt never sets a capacity below the allocation, which rounds
+                    # up to whole blocks: a 1-byte volume holds 4 KiB.
+                    await self.calls.grow_volume(volume.path,
+                                                 max(request.length, volume.allocation))
                 written = await self._write(real, request.length, body)
                 users, holders = await users_of(self.calls, real, request.pool,
                                                 request.volume_name)
