@@ -171,6 +171,18 @@ journalctl -u lvw-sandbox-probe.service -o cat --no-pager | grep -qx 'sandbox pr
 [ "$(lvs --noheadings -o lv_size --units m --nosuffix lvwtest/root1 | tr -d ' ')" = 24.00 ] \
   || fail "the LV did not grow"
 ok "lvs, lvextend, lvcreate --snapshot and qemu-img on a loop PV under the unit's sandbox"
+# The PVs' device class matters, not only the LV's: without block-loop, lvs cannot read
+# the PV and the LV is not recognised.
+mkdir -p /etc/systemd/system/lvw-sandbox-probe.service.d
+printf '[Service]\nDeviceAllow=\nDeviceAllow=block-device-mapper rw\nDeviceAllow=/dev/mapper/control rw\n' \
+  > /etc/systemd/system/lvw-sandbox-probe.service.d/no-loop.conf
+systemctl daemon-reload
+if systemctl start lvw-sandbox-probe.service 2>/dev/null; then
+  fail "the probe passed without block-loop allowed: DeviceAllow is not in force"
+fi
+journalctl -u lvw-sandbox-probe.service -o cat --no-pager | grep -q 'lvs does not see' \
+  || fail "without block-loop the probe failed for another reason"
+ok "without DeviceAllow=block-loop (the PV's class) lvs does not see the LV"
 
 # ---- the watchdog: a wedged daemon is killed and restarted ----------------------------------
 systemctl start "$unit" || fail "second start"
