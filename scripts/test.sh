@@ -14,4 +14,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/pytest -m "not lvm" "$@"
 # The Debian package: build, install, upgrade, remove and purge on this machine.
 ./tests/packaging/test-deb.sh
+./tests/systemd/test-unit.sh   # the installed package under systemd as PID 1, in a UML guest
 exec ./scripts/test-lvm.sh
