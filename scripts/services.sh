@@ -50,6 +50,25 @@ if ! rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; then
 fi
 rabbitmqctl await_startup >/dev/null 2>&1 || true
 
+s3_answers() {
+  .venv/bin/python - <<PY >/dev/null 2>&1
+from minio import Minio
+Minio("127.0.0.1:$S3_PORT", "$AWS_ACCESS_KEY_ID", "$AWS_SECRET_ACCESS_KEY", secure=False).list_buckets()
+PY
+}
+# A server of ours that holds its port but no longer answers is restarted: its parts talk
+# over unix sockets in /tmp (a fixed path), which a clean-up of /tmp takes away.
+if (exec 3<>/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null && ! s3_answers; then
+  old=$(cat "$S3_DIR.pid" 2>/dev/null || true)
+  if [ -n "$old" ] && grep -qs weed "/proc/$old/cmdline"; then
+    echo "services: the S3 server (pid $old) does not answer; restarting it"
+    kill "$old" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$old" 2>/dev/null || true
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null || break; sleep 0.1; done
+  fi
+fi
+
 if ! (exec 3<>/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null; then
   echo "services: starting the S3 server on 127.0.0.1:$S3_PORT ($S3_DIR)"
   mkdir -p "$S3_DIR"
@@ -64,10 +83,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null; then
   wait_for 60 "the S3 server" bash -c "(exec 3<>/dev/tcp/127.0.0.1/$S3_PORT)"
   # The port opens before the filer behind it is ready; wait for a real answer.
   wait_for 60 "the S3 server" curl -fsS -o /dev/null "http://127.0.0.1:$S3_PORT/healthz" \
-    || wait_for 30 "the S3 server" .venv/bin/python - <<PY
-from minio import Minio
-Minio("127.0.0.1:$S3_PORT", "$AWS_ACCESS_KEY_ID", "$AWS_SECRET_ACCESS_KEY", secure=False).list_buckets()
-PY
+    || wait_for 30 "the S3 server" s3_answers
 fi
 
 if [ "${1:-}" = "--env" ]; then
