@@ -80,6 +80,11 @@ def reset_global_tracer_provider() -> None:
     # OpenTelemetry lets a process set its provider once; tests need a fresh one each.
     trace._TRACER_PROVIDER_SET_ONCE = Once()
     trace._TRACER_PROVIDER = None
+    # The daemon's tracer is a proxy that keeps the first real tracer it got: let it take
+    # the next test's provider instead of the shut-down one.
+    from watcher import telemetry
+
+    telemetry.tracer._real_tracer = None  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from tests.integration.test_reprovision import (
     virsh_sync,
     wait_for_banner,
 )
+from testsupport.api import ready
 from testsupport.daemon import DaemonProcess
 from testsupport.services import delete_amqp, free_port, sha256_file
 
@@ -48,7 +49,12 @@ class ApiWorld:
     pool_dir: Path
     port: int
     daemon: DaemonProcess
+    probe_port: int
     domains: list[str] = field(default_factory=list)
+
+    def wait_ready(self) -> None:
+        """Until ``/readyz`` says 200: libvirt connected, AMQP consuming, policies loaded."""
+        self.daemon.wait(lambda: ready(self.probe_port), 60, "the daemon to be ready")
 
     def call(self, method: str, path: str, body: Any = None, *, token: str | None = TOKEN,
              headers: dict[str, str] | None = None, raw: bytes | None = None) -> Reply:
@@ -135,14 +141,15 @@ def api(services_env: dict[str, str], s3_bucket: str, unique_name: str,
     tokens = world_readable_tmp / "tokens"
     tokens.write_text(TOKEN + "\n")
     tokens.chmod(0o600)
-    port = free_port()
+    port, probe_port = free_port(), free_port()
     env.write_config(api={"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens),
                           "pool": pool},
+                     http={"listen": f"127.0.0.1:{probe_port}"},
                      state={"dir": str(world_readable_tmp / "state")})
     daemon = DaemonProcess(env.config_path, log=world_readable_tmp / "watcher.log").start()
-    world = ApiWorld(env, pool, pool_dir, port, daemon)
+    world = ApiWorld(env, pool, pool_dir, port, daemon, probe_port)
     try:
-        daemon.wait(lambda: _answers(port), 60, "the API to listen")
+        world.wait_ready()
         yield world
     finally:
         daemon.stop()
@@ -152,14 +159,6 @@ def api(services_env: dict[str, str], s3_bucket: str, unique_name: str,
         virsh_sync("pool-destroy", pool, check=False)
         virsh_sync("pool-undefine", pool, check=False)
         asyncio.run(delete_amqp(env.exchange, env.queue))
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _image(api: ApiWorld, key: str, banner: str, size: int = 4 * MiB) -> Path:
@@ -372,7 +371,7 @@ def test_a_job_killed_mid_write_completes_under_the_same_id_after_a_restart(
         time.sleep(0.05)
     api.daemon.kill()
     api.daemon.start()
-    api.daemon.wait(lambda: _answers(api.port), 60, "the API to listen again")
+    api.wait_ready()
     done = api.wait_job(job_id, 240)
     assert done["status"] == "completed", done
     compare = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
