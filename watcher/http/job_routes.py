@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -30,13 +33,16 @@ from watcher.core.api_requests import (
 )
 from watcher.core.errors import PermanentError, TemporaryError
 from watcher.http.api import ApiError, streams_body
-from watcher.http.probes import json_response
+from watcher.http.probes import JSON, NO_STORE, json_response
 from watcher.jobs import ApiJobs, JobEnded, JobNotFound
 from watcher.jobs.upload import Uploader, UploadRefused
 from watcher.jobs.volume import VolumeRefused
 
 MAX_UPLOAD_BYTES = 4 * 1024**3
 """Largest ``upload-content`` body: a seed ISO is a few hundred KiB."""
+STATUS_FRESHNESS = 0.05
+"""Seconds a running job's status body is served again before it is read anew."""
+STATUS_BODIES_KEPT = 1024
 
 
 class JobRoutes:
@@ -50,6 +56,8 @@ class JobRoutes:
         self.s3_endpoint = s3_endpoint
         self.keep_images = keep_images
         """Names of the policy images whose current versions must stay cached."""
+        self._bodies: OrderedDict[str, tuple[float, int, bytes]] = OrderedDict()
+        """Job status bodies served lately, by job id: (good until, version, body)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -75,10 +83,26 @@ class JobRoutes:
         return json_response({"job_id": record.job_id}, HTTPStatus.ACCEPTED)
 
     async def get_job(self, request: web.Request) -> web.Response:
-        record = self.jobs.get(_job_id(request))
+        job_id = _job_id(request)
+        now = time.monotonic()
+        version = self.jobs.version(job_id)
+        cached = self._bodies.get(job_id)
+        if cached is not None and cached[0] > now and cached[1] == version:
+            return web.Response(body=cached[2], content_type=JSON, headers=NO_STORE)
+        record = self.jobs.get(job_id)
         if record is None:
             raise _unknown_job(request)
-        return json_response(record.to_api())
+        response = json_response(record.to_api())
+        assert isinstance(response.body, bytes)
+        # Many clients polling one job read the same bytes: a finished job's never change;
+        # a running job's progress is at most STATUS_FRESHNESS old, and a new status or
+        # stage (a new version) is seen at once.
+        expires = math.inf if record.finished else now + STATUS_FRESHNESS
+        self._bodies[job_id] = (expires, version, response.body)
+        self._bodies.move_to_end(job_id)
+        while len(self._bodies) > STATUS_BODIES_KEPT:
+            self._bodies.popitem(last=False)
+        return response
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job_id = _job_id(request)

@@ -28,7 +28,7 @@ from watcher.settings import HTTP_TUNING
 Readiness = Callable[[], dict[str, bool]]
 
 JSON = "application/json"
-_NO_STORE = {"Cache-Control": "no-store"}
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 class HttpServer:
@@ -83,7 +83,7 @@ class HttpServer:
 async def metrics(_request: web.Request) -> web.Response:
     """The daemon's Prometheus registry (prefix ``volume_watcher_``)."""
     return web.Response(body=generate_latest(telemetry.REGISTRY),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE})
+                        headers={"Content-Type": CONTENT_TYPE_LATEST, **NO_STORE})
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -96,9 +96,9 @@ def json_response(value: object, status: int = HTTPStatus.OK,
     """``value`` as compact JSON, ``Content-Type: application/json`` exactly, never cached."""
     body = json.dumps(value, separators=(",", ":")).encode() + b"\n"
     return web.Response(body=body, status=status, content_type=JSON,
-                        headers={**_NO_STORE, **(headers or {})})
+                        headers={**NO_STORE, **(headers or {})})
 
 
 async def _method_not_allowed(_request: web.Request) -> web.Response:
     return web.Response(status=HTTPStatus.METHOD_NOT_ALLOWED, text="method not allowed\n",
-                        headers={"Allow": "GET, HEAD", **_NO_STORE})
+                        headers={"Allow": "GET, HEAD", **NO_STORE})

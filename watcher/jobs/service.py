@@ -164,6 +164,8 @@ class ApiJobs:
         self.write_image = write_image
         self.log = log if log is not None else telemetry.get_logger(component="api-jobs")
         self._running: dict[str, _Running] = {}
+        self._versions: dict[str, int] = {}
+        """A running job's count of status and stage changes (see ``version``)."""
 
     # ---- the routes' side ---------------------------------------------------------------
 
@@ -211,12 +213,24 @@ class ApiJobs:
             raise JobEnded(ended)
         finished = self.store.finish(job_id, "cancelled", stage=record.stage,
                                      error="cancelled before it started; nothing was changed")
+        self._versions.pop(job_id, None)
         if finished is None:  # it ended meanwhile
             ended = self.store.get(job_id)
             assert ended is not None
             raise JobEnded(ended)
         self._count(finished)
         return finished
+
+    def version(self, job_id: str) -> int:
+        """Changes whenever the job's status or stage does; 0 once it is not running.
+
+        Lets a reader keep a job's status for a moment and still see a new stage or the
+        end at once.
+        """
+        return self._versions.get(job_id, 0)
+
+    def _changed(self, job_id: str) -> None:
+        self._versions[job_id] = self._versions.get(job_id, 0) + 1
 
     def digests_in_use(self) -> set[str]:
         """Cache entries running jobs are writing from (not to be deleted)."""
@@ -289,6 +303,7 @@ class ApiJobs:
                 raise
         finally:
             self._running.pop(record.job_id, None)
+            self._versions.pop(record.job_id, None)
 
     async def _execute(self, record: JobRecord, live: Live) -> None:
         began = time.monotonic()
@@ -302,6 +317,7 @@ class ApiJobs:
             span.set_attribute("correlation_id", record.correlation_id or "")
             log = self.log.bind(kind=record.kind, image_url=record.request["image_url"])
             self.store.update(record.job_id, status="running", stage="queued")
+            self._changed(record.job_id)
             log.info("api job started", volume=record.request.get("volume_name"))
             target = VolumeTarget(str(record.request.get("pool", self.pool)),
                                   str(record.request.get("volume_name", "")))
@@ -427,6 +443,7 @@ class ApiJobs:
 
     def _stage(self, record: JobRecord, live: Live, stage: str, total: int = 0,
                **fields: Any) -> None:
+        self._changed(record.job_id)
         live.begin(stage, total)
         self.store.update(record.job_id, **live.fields(), **fields)
         live.saved = time.monotonic()
@@ -454,6 +471,7 @@ class ApiJobs:
                 *, error: str | None = None, **fields: Any) -> None:
         finished = self.store.finish(record.job_id, status,  # type: ignore[arg-type]
                                      error=error, **live.fields(), **fields)
+        self._changed(record.job_id)
         seconds = time.monotonic() - began
         telemetry.api_job_seconds.labels(kind=record.kind).observe(seconds)
         if finished is not None:
