@@ -5,6 +5,11 @@ step at a time and in order, so what runs is exactly what the plan (and its log 
 says. A rollback snapshot taken by one step guards every later step until
 ``DropSnapshot``: a failure in between merges it back before the error travels on, and
 the error then says whether the volume was rolled back.
+
+A clone works the same way: from ``CloneGolden`` on, the clone and the old LV are guarded
+until ``DropPrevious``; a failure before it removes the clone and puts the old LV back
+under its name. ``DropPrevious`` comes after ``MarkProvisioned``, so what the metadata
+records is always what the domain's LV holds.
 """
 
 from __future__ import annotations
@@ -24,19 +29,27 @@ from watcher.core.errors import PermanentError, PermanentImageWriteError, Watche
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
 from watcher.core.plan import (
     CheckShutOff,
+    CloneGolden,
     Discard,
+    DropPrevious,
     DropSnapshot,
     ExtendLv,
+    GrowClone,
     GrowVolume,
     JobFacts,
+    MakeGolden,
     MarkProvisioned,
     MarkProvisioning,
     Plan,
+    RemoveLv,
+    RenameLv,
     Snapshot,
     StartDomain,
     Step,
+    SwapIn,
     WriteImage,
 )
+from watcher.reprovision.goldens import Goldens
 
 
 class Capacity(Protocol):
@@ -75,11 +88,17 @@ class WriteFailed(PermanentError):
         self.rolled_back = rolled_back
 
 
+class GoldenFailed(PermanentError):
+    """Writing the golden LV failed; the domain's LV was not touched."""
+
+
 _SPAN_NAMES: dict[type[Any], str] = {
     MarkProvisioning: "metadata update", MarkProvisioned: "metadata update",
     CheckShutOff: "check shut off", GrowVolume: "grow", ExtendLv: "grow",
     Snapshot: "snapshot", Discard: "discard", WriteImage: "write",
-    DropSnapshot: "snapshot", StartDomain: "start",
+    DropSnapshot: "snapshot", StartDomain: "start", MakeGolden: "golden",
+    CloneGolden: "clone", GrowClone: "grow", SwapIn: "swap", DropPrevious: "swap",
+    RenameLv: "recover", RemoveLv: "recover",
 }
 
 
@@ -99,6 +118,10 @@ class Executor:
     log: Any
     lv: LvInfo | None = None
     """The root LV as it is now: a grow step changes it, the snapshot step needs it."""
+    goldens: Goldens | None = None
+    """Makes the golden LVs a clone plan needs; required for one."""
+    swap: lvm.CloneSwap | None = None
+    """The clone on its way in, from ``CloneGolden`` to ``DropPrevious``."""
 
     async def run(self, plan: Plan) -> None:
         """Run every step; raise what stopped it (``Deferred``, a refusal, a failure)."""
@@ -118,12 +141,42 @@ class Executor:
                         elif isinstance(step, DropSnapshot):
                             await guard.aclose()  # success: the snapshot is removed
                             guarded = False
+                        elif isinstance(step, CloneGolden):
+                            await self._clone(step, guard)
+                        elif isinstance(step, DropPrevious):
+                            await self._drop_previous(step, guard)
                         else:
                             await self._run(step)
         except PermanentImageWriteError as exc:
             # Still guarded here means the snapshot was merged back: a failed merge
             # raises LvmError instead.
             raise WriteFailed(exc, rolled_back=guarded) from exc
+
+    async def _clone(self, step: CloneGolden, guard: contextlib.AsyncExitStack) -> None:
+        assert self.goldens is not None and self.lv is not None
+        target = self.facts.target
+        assert target is not None
+        pool = target.pool_volume
+        # The same marker as a write's: one writer per volume, and the hook holds back any
+        # other domain with a disk on it.
+        guard.enter_context(write_markers.marked_writing(
+            target.real_path, pool=pool.pool if pool else None, volume=None,
+            job_id=f"reprovision {self.facts.domain}"))
+        vg, _, golden = step.golden.partition("/")
+        async with self.goldens.held(vg, golden):  # not removed while it is cloned
+            self.swap = await guard.enter_async_context(
+                lvm.swapping_in(step.golden, self.lv.vg, self.lv.lv, step.tags))
+        self.log.info("golden lv cloned", golden=step.golden, clone=self.swap.clone.name)
+
+    async def _drop_previous(self, step: DropPrevious,
+                             guard: contextlib.AsyncExitStack) -> None:
+        try:
+            await guard.aclose()  # success: the old LV is removed
+        except lvm.LvmError as exc:
+            # The result is recorded; the next run of this domain removes the leftover.
+            self.log.warning("removing the previous lv failed; it is removed at the next "
+                             "reprovision of this domain", lv=step.lv, error=str(exc))
+        self.swap = None
 
     def _snapshot(self, step: Snapshot) -> contextlib.AbstractAsyncContextManager[LvInfo]:
         assert self.lv is not None and self.lv.name == step.lv
@@ -134,7 +187,9 @@ class Executor:
             MarkProvisioning: self._mark, MarkProvisioned: self._mark,
             CheckShutOff: self._check_shut_off, GrowVolume: self._grow_volume,
             ExtendLv: self._extend_lv, Discard: self._discard, WriteImage: self._write,
-            StartDomain: self._start,
+            StartDomain: self._start, MakeGolden: self._make_golden,
+            GrowClone: self._grow_clone, SwapIn: self._swap_in, RenameLv: self._rename,
+            RemoveLv: self._remove,
         }
         await handlers[type(step)](step)
 
@@ -159,6 +214,34 @@ class Executor:
         assert self.lv is not None
         self.lv = await lvm.grow(self.lv, step.size)
         self.log.info("logical volume grown", lv=self.lv.name, size=self.lv.size)
+
+    async def _make_golden(self, step: MakeGolden) -> None:
+        assert self.goldens is not None
+        try:
+            await self.goldens.ensure(step.vg, step.pool, step.digest, step.size, self.source,
+                                      self.facts.image.format)
+        except PermanentImageWriteError as exc:
+            raise GoldenFailed(f"writing the golden lv {step.vg}/{step.name} failed: {exc}; "
+                               "the domain's lv was not touched") from exc
+
+    async def _grow_clone(self, step: GrowClone) -> None:
+        assert self.swap is not None
+        grown = await self.swap.grow(step.size)
+        self.log.info("clone grown", lv=grown.name, size=grown.size)
+
+    async def _swap_in(self, step: SwapIn) -> None:
+        assert self.swap is not None
+        await self.swap.swap()
+        self.log.info("clone swapped in", lv=f"{step.vg}/{step.lv}",
+                      previous=f"{step.vg}/{step.previous}")
+
+    async def _rename(self, step: RenameLv) -> None:
+        await lvm.rename_lv(step.vg, step.old, step.new)
+        self.log.info("interrupted swap: lv renamed back", lv=f"{step.vg}/{step.new}")
+
+    async def _remove(self, step: RemoveLv) -> None:
+        await lvm.remove_lv(step.lv)
+        self.log.info("interrupted swap: lv removed", lv=step.lv, why=step.why)
 
     async def _discard(self, step: Discard) -> None:
         await lvm.discard(step.path)

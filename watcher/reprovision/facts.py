@@ -19,6 +19,7 @@ from watcher.adapters import lvm
 from watcher.adapters.hypervisor import DomainFacts, VolumeFacts
 from watcher.cache import CacheEntry
 from watcher.core.domain import DomainState, RootDiskSource, RootDiskUnusable, root_disk
+from watcher.core.lvm_rules import lv_from_path
 from watcher.core.plan import (
     ImageFacts,
     JobFacts,
@@ -75,6 +76,25 @@ async def resolve_target(hypervisor: VolumeLookups, disk: RootDiskSource) -> Tar
     return TargetFacts(path, real, pool_volume, lv)
 
 
+async def clone_facts(target: TargetFacts, digest: str, *, clone: bool) -> TargetFacts:
+    """``target`` with what the clone path needs from LVM: an interrupted swap of its LV
+    (looked for also when the LV is missing, renamed away), and the image's golden LV."""
+    lv = target.lv
+    if lv is not None and not lv.is_thin:
+        return target  # only thin LVs are ever swapped
+    named = (lv.vg, lv.lv) if lv is not None else lv_from_path(target.path)
+    if named is None:
+        return target
+    try:
+        swap = await lvm.swap_state(*named)
+    except lvm.LvmError:
+        return target  # no such VG (or no LVM at all): nothing was swapped there
+    golden = None
+    if clone and swap is None and lv is not None and lv.pool is not None:
+        golden = await lvm.find_golden(lv.vg, lv.pool, digest)
+    return replace(target, swap=swap, golden=golden)
+
+
 async def gather(hypervisor: VolumeLookups, domain: DomainFacts, request: DomainState,
                  rule: DomainRule, image: str, entry: CacheEntry,
                  volumes: VolumeRules) -> JobFacts:
@@ -89,7 +109,8 @@ async def gather(hypervisor: VolumeLookups, domain: DomainFacts, request: Domain
     if disk_refusal(facts) is not None or facts.disk is None:
         return facts
     target = await resolve_target(hypervisor, facts.disk)
-    if volume_refusal(target, volumes) is None and target.capacity is None:
+    target = await clone_facts(target, entry.digest, clone=rule.clone == "auto")
+    if target.swap is None and volume_refusal(target, volumes) is None and target.capacity is None:
         size, problem = await asyncio.to_thread(_size_of, target)
         target = replace(target, size=size, size_problem=problem)
     return replace(facts, target=target)
