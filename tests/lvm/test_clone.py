@@ -265,11 +265,11 @@ async def test_a_failure_between_the_snapshot_and_the_swap_removes_the_clone(
 ) -> None:
     before = sha256_of(world.path)
 
-    async def failing_grow(info: lvm.LvInfo, size: int) -> lvm.LvInfo:
-        assert info.lv == "root-vw-next" and "root-vw-next" in names(world.vg)
-        raise lvm.LvmError(["lvextend", info.name], 5, "Insufficient free space")
+    async def failing_grow(swap: lvm.CloneSwap, size: int) -> None:
+        assert "root-vw-next" in names(world.vg)
+        raise lvm.LvmError(["lvextend", swap.clone], 5, "Insufficient free space")
 
-    monkeypatch.setattr(lvm, "grow", failing_grow)
+    monkeypatch.setattr(lvm.CloneSwap, "grow", failing_grow)
     await reprovisioner(world.host, world.entry, world.vg.name)(UUID)
 
     state = world.host.state

@@ -260,6 +260,27 @@ async def lv_at(real_path: str) -> LvInfo | None:
     return await lv_for_device(real_path)
 
 
+async def lv_with_neighbours(real_path: str) -> tuple[LvInfo | None, list[LvInfo]]:
+    """``lv_at``, and every LV of its VG, from the same single ``lvs`` run."""
+    if not await asyncio.to_thread(_is_block_device, real_path):
+        return None, []
+    real, device = await asyncio.to_thread(_dm_device, real_path)
+    if device is None:
+        return None, []
+    rows = await _report()
+    found = next((row.info for row in rows if row.kernel_device == device), None)
+    if found is None:
+        found = await asyncio.to_thread(_match_by_path, real, rows)
+    if found is None:
+        return None, []
+    return found, [row.info for row in rows if row.info.vg == found.vg]
+
+
+async def vg_lvs(vg: str) -> list[LvInfo]:
+    """Every LV of ``vg``; ``LvmError`` when there is no such VG."""
+    return [row.info for row in await _report(vg)]
+
+
 async def recognise(real_path: str) -> LvInfo | None:
     """The LV at ``real_path`` (None when it is not a block device or not an LV).
 
@@ -493,11 +514,12 @@ async def create_golden(vg: str, pool: str, digest: str, size: int,
     return await lv_info(f"{vg}/{name}")
 
 
-async def clone_lv(golden: str, clone: str, tags: Sequence[str]) -> LvInfo:
+async def clone_lv(golden: str, clone: str, tags: Sequence[str]) -> None:
     """Create ``clone`` (``VG/LV``) as a thin snapshot of ``golden``, with ``tags``.
 
     Active, writable and without the activation-skip flag LVM gives thin snapshots by
-    default, so the host activates it at boot like the LV it replaces.
+    default (lvcreate fails rather than leave it otherwise), so the host activates it at
+    boot like the LV it replaces. One command: the clone path's cost is its LVM commands.
     """
     name = clone.partition("/")[2]
     argv = ["lvcreate", "--snapshot", "--name", name, "--setactivationskip", "n",
@@ -505,14 +527,6 @@ async def clone_lv(golden: str, clone: str, tags: Sequence[str]) -> LvInfo:
     for tag in tags:
         argv += ["--addtag", tag]
     await _run([*argv, golden])
-    info = await lv_info(clone)
-    if info.activation_skip:
-        await _run(["lvchange", "--setactivationskip", "n", clone])
-    if not info.active:
-        await _run(["lvchange", "--activate", "y", "--ignoreactivationskip", clone])
-    if info.activation_skip or not info.active:
-        info = await lv_info(clone)
-    return info
 
 
 @dataclass
@@ -521,25 +535,28 @@ class CloneSwap:
 
     vg: str
     lv: str
-    clone: LvInfo
-    """The clone as created (``<lv>-vw-next``); after ``grow``, as grown."""
     swapped: bool = False
+
+    @property
+    def clone(self) -> str:
+        """``VG/<lv>-vw-next``, the clone until the swap."""
+        return f"{self.vg}/{next_name(self.lv)}"
 
     @property
     def previous(self) -> str:
         return prev_name(self.lv)
 
-    async def grow(self, size: int) -> LvInfo:
-        """Extend the clone (before the swap) to at least ``size`` bytes."""
+    async def grow(self, size: int) -> None:
+        """Extend the clone (before the swap) to ``size`` bytes, a whole number of extents
+        (the old LV's size)."""
         assert not self.swapped
-        self.clone = await grow(self.clone, size)
-        return self.clone
+        await _run(["lvextend", "--size", f"{size}b", self.clone])
 
     async def swap(self) -> None:
         """Rename the old LV to ``<lv>-vw-prev`` and the clone to ``<lv>``."""
         await rename_lv(self.vg, self.lv, self.previous)
         try:
-            await rename_lv(self.vg, self.clone.lv, self.lv)
+            await rename_lv(self.vg, next_name(self.lv), self.lv)
         except BaseException:
             await rename_lv(self.vg, self.previous, self.lv)
             raise
@@ -552,7 +569,7 @@ class CloneSwap:
             await rename_lv(self.vg, self.previous, self.lv)
             self.swapped = False
         else:
-            await remove_lv(self.clone.name)
+            await remove_lv(self.clone)
 
 
 @contextlib.asynccontextmanager
@@ -566,8 +583,8 @@ async def swapping_in(golden: str, vg: str, lv: str,
     is removed: only after the body recorded the result. A crash anywhere in between
     leaves names ``swap_state`` recognises.
     """
-    clone = await clone_lv(golden, f"{vg}/{next_name(lv)}", tags)
-    swap = CloneSwap(vg, lv, clone)
+    swap = CloneSwap(vg, lv)
+    await clone_lv(golden, swap.clone, tags)
     try:
         yield swap
     except GeneratorExit:
@@ -583,4 +600,4 @@ async def swapping_in(golden: str, vg: str, lv: str,
     if swap.swapped:
         await remove_lv(f"{vg}/{swap.previous}")
     else:
-        await remove_lv(clone.name)  # never swapped in: the old LV stays as it was
+        await remove_lv(swap.clone)  # never swapped in: the old LV stays as it was

@@ -166,7 +166,7 @@ class Executor:
         async with self.goldens.held(vg, golden):  # not removed while it is cloned
             self.swap = await guard.enter_async_context(
                 lvm.swapping_in(step.golden, self.lv.vg, self.lv.lv, step.tags))
-        self.log.info("golden lv cloned", golden=step.golden, clone=self.swap.clone.name)
+        self.log.info("golden lv cloned", golden=step.golden, clone=self.swap.clone)
 
     async def _drop_previous(self, step: DropPrevious,
                              guard: contextlib.AsyncExitStack) -> None:
@@ -226,8 +226,8 @@ class Executor:
 
     async def _grow_clone(self, step: GrowClone) -> None:
         assert self.swap is not None
-        grown = await self.swap.grow(step.size)
-        self.log.info("clone grown", lv=grown.name, size=grown.size)
+        await self.swap.grow(step.size)
+        self.log.info("clone grown", lv=step.lv, size=step.size)
 
     async def _swap_in(self, step: SwapIn) -> None:
         assert self.swap is not None
