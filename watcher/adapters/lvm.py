@@ -584,7 +584,14 @@ async def swapping_in(golden: str, vg: str, lv: str,
     leaves names ``swap_state`` recognises.
     """
     swap = CloneSwap(vg, lv)
-    await clone_lv(golden, swap.clone, tags)
+    try:
+        await clone_lv(golden, swap.clone, tags)
+    except BaseException:
+        # lvcreate may have committed the LV and failed to activate it.
+        with contextlib.suppress(LvmError):
+            if any(row.info.lv == next_name(lv) for row in await _report(vg)):
+                await remove_lv(swap.clone)
+        raise
     try:
         yield swap
     except GeneratorExit:
