@@ -1,9 +1,10 @@
 """Reprovisioning a thin LV by cloning its image's golden LV, on real device-mapper.
 
 The whole job runs (``Reprovisioner``: facts, plan, executor, goldens) against real LVM.
-libvirt does not run in the guest, so ``Host`` stands in for it: one shut-off domain whose
-root disk is the test's LV, and its metadata element in a file, so that a process killed
-mid-job leaves its state for the next one exactly as libvirt would.
+Most tests let ``Host`` stand in for libvirt: one shut-off domain whose root disk is the
+test's LV, and its metadata element in a file, so that a process killed mid-job leaves its
+state for the next one exactly as libvirt would. The last one runs libvirtd and QEMU (TCG)
+inside the guest and boots a domain from the cloned LV.
 """
 
 from __future__ import annotations
@@ -355,6 +356,118 @@ async def test_a_job_killed_mid_swap_is_finished_or_rolled_back_by_the_next_run(
     assert names(world.vg) == {"root", world.golden}
     assert images_match(world.image, world.path)
     assert set(lv_row(world.vg.name, "root")["lv_tags"].split(",")) == {"owner=ops", "backup"}
+
+
+# ---- end to end: libvirtd and QEMU inside the guest --------------------------------------
+
+URI = "qemu:///system"
+QEMU_CONF = """
+stdio_handler = "file"
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+cgroup_controllers = []
+namespaces = []
+"""
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", URI, *args], check=check, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def guest_libvirtd() -> Iterator[None]:
+    """libvirtd of the UML guest's own, its state on tmpfs; the host's is never involved."""
+    if "uml_job=" not in Path("/proc/cmdline").read_text():
+        pytest.skip("starts a libvirtd: only inside the User-Mode Linux guest")
+    for directory in ("/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
+        sh("mount", "-t", "tmpfs", "tmpfs", directory)
+    sh("mkdir", "-p", "/run/etc-libvirt")
+    sh("cp", "-a", "/etc/libvirt/.", "/run/etc-libvirt/")
+    sh("mount", "--bind", "/run/etc-libvirt", "/etc/libvirt")
+    sh("rm", "-rf", "/etc/libvirt/hooks")  # the host's hooks are not this test's
+    with open("/etc/libvirt/qemu.conf", "a") as conf:
+        conf.write(QEMU_CONF)  # no KVM, cgroups, namespaces or virtlogd in the guest
+    sh("/usr/sbin/libvirtd", "--daemon", "--pid-file", "/run/lvw-test-libvirtd.pid")
+    deadline = 60.0
+    while virsh("version", check=False).returncode != 0:
+        deadline -= 0.5
+        assert deadline > 0, "the guest's libvirtd did not answer"
+        subprocess.run(["sleep", "0.5"], check=True)
+    yield
+    pid = int(Path("/run/lvw-test-libvirtd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+
+
+async def test_a_domain_on_a_thin_lv_boots_the_new_image_from_its_clone(
+    guest_libvirtd: None, vg: VolumeGroup, tmp_path: Path,
+) -> None:
+    from tests.bootimage import domain_xml, write_qcow2_image, write_raw_image
+    from testsupport.polling import wait_for
+    from watcher.adapters.hypervisor import DomainWatcher
+    from watcher.core.backoff import Backoff
+    from watcher.core.domain import NAMESPACE
+    from watcher.runtime.keyed import KeyedWorker
+
+    vg.create_thin_pool("pool", "64m")
+    path = vg.create_thin_lv("root", "8m", "pool")
+    sh("lvchange", "--addtag", "owner=ops", f"{vg.name}/root")
+    v1 = write_raw_image(tmp_path / "v1.raw", "LVW CLONE V1")
+    sh("dd", f"if={v1}", f"of={path}", "bs=1M", "oflag=direct", "status=none")
+    v2 = write_qcow2_image(tmp_path / "v2.qcow2", "LVW CLONE V2", 4 * MiB)
+    entry = entry_for(v2, 4 * MiB)
+    name = f"lvw-clone-{vg.name}"
+    log = tmp_path / "console.log"
+    xml_file = tmp_path / "domain.xml"
+    xml_file.write_text(domain_xml(name, path, log, disk_type="block"))
+    virsh("define", str(xml_file))
+    uuid_before = lv_row(vg.name, "root")["lv_uuid"]
+    rule = DomainRule(name, "ubuntu", start=True)
+    policies = PolicySet({"ubuntu": ImageSpec("ubuntu", "b", "k", None, "qcow2")}, (rule,))
+    stop = asyncio.Event()
+    jobs: KeyedWorker[str] | None = None
+
+    def report(uuid: str) -> None:
+        assert jobs is not None
+        jobs.submit(uuid)
+
+    hypervisor = DomainWatcher(URI, report)
+    job = Reprovisioner(hypervisor, Images(entry), lambda: policies, Volumes(vg.name))
+    jobs = KeyedWorker(job, unit="reprovision", key_field="uuid", max_concurrent=1,
+                       retry=Backoff(base=0.2, cap=1, attempts=3))
+    tasks = [asyncio.create_task(hypervisor.run(stop)), asyncio.create_task(jobs.run(stop))]
+
+    def printed(banner: str) -> bool:
+        return log.exists() and banner in log.read_text(errors="replace")
+
+    try:
+        await wait_for(lambda: hypervisor.connected, 60, what="the watcher to connect")
+        await asyncio.to_thread(virsh, "start", name)
+        await wait_for(lambda: printed("LVW CLONE V1"), 120, what="v1's banner")
+        await asyncio.to_thread(virsh, "metadata", name, "--uri", NAMESPACE, "--key", "vw",
+                                "--set", "<reprovision/>", "--config")
+        xml_before = (await asyncio.to_thread(virsh, "dumpxml", "--inactive", name)).stdout
+        log.write_text("")
+        await asyncio.to_thread(virsh, "destroy", name)
+        await wait_for(lambda: printed("LVW CLONE V2"), 180, what="v2's banner")
+
+        state = parse_state((await asyncio.to_thread(
+            virsh, "metadata", name, "--uri", NAMESPACE, "--config")).stdout)
+        assert state is not None and state.kind == "provisioned" and state.sha256 == entry.digest
+        xml_after = (await asyncio.to_thread(virsh, "dumpxml", "--inactive", name)).stdout
+        disk = f"<source dev='{path}'"
+        assert disk in xml_before and disk in xml_after
+        after = lv_row(vg.name, "root")
+        assert after["lv_uuid"] != uuid_before and after["lv_tags"] == "owner=ops"
+        assert names(vg) == {"root", golden_name(entry.digest, "pool")}
+    finally:
+        stop.set()
+        await jobs.drain(10)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        virsh("destroy", name, check=False)
+        virsh("undefine", name, check=False)
 
 
 if __name__ == "__main__":
