@@ -247,10 +247,10 @@ async def test_removing_the_cache_entry_removes_its_golden_and_the_clone_keeps_i
     assert await job.remove_orphan_goldens(set()) == [f"{world.vg.name}/{world.golden}"]
 
 
-async def test_a_failure_after_the_swap_puts_the_old_lv_back(world: World) -> None:
+async def test_a_start_before_the_record_puts_the_old_lv_back(world: World) -> None:
     before = sha256_of(world.path)
     uuid_before = lv_row(world.vg.name, "root")["lv_uuid"]
-    world.host.shut_off_answers = [True, False]  # started between the swap and the record
+    world.host.shut_off_answers = [True, False]  # started between the clone and the record
     await reprovisioner(world.host, world.entry, world.vg.name)(UUID)
 
     state = world.host.state
@@ -261,14 +261,14 @@ async def test_a_failure_after_the_swap_puts_the_old_lv_back(world: World) -> No
     assert names(world.vg) == {"root", world.golden}
 
 
-async def test_a_failure_between_the_snapshot_and_the_swap_removes_the_clone(
+async def test_a_failure_after_the_clone_removes_it_and_renames_the_old_lv_back(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     before = sha256_of(world.path)
 
     async def failing_grow(swap: lvm.CloneSwap, size: int) -> None:
-        assert "root-vw-next" in names(world.vg)
-        raise lvm.LvmError(["lvextend", swap.clone], 5, "Insufficient free space")
+        assert {"root", "root-vw-prev"} <= names(world.vg)  # the clone, and the old LV
+        raise lvm.LvmError(["lvextend", swap.name], 5, "Insufficient free space")
 
     monkeypatch.setattr(lvm.CloneSwap, "grow", failing_grow)
     await reprovisioner(world.host, world.entry, world.vg.name)(UUID)
@@ -305,19 +305,14 @@ def crash_child(vg: str, image: str, state_file: str, crash_at: str) -> None:
     def die(*_args: object, **_kwargs: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if crash_at != "making-golden":  # else the golden's own rename is the first one
+    if crash_at != "making-golden":  # that one dies at the golden's rename, once written
         asyncio.run(job.prepare_goldens("ubuntu", entry))
-    original_rename = lvm.rename_lv
-    renames = 0
-
-    async def rename(vg_name: str, old: str, new: str) -> None:
-        nonlocal renames
-        renames += 1
-        if renames == (2 if crash_at == "between-renames" else 1) and crash_at != "before-record":
-            die()
-        await original_rename(vg_name, old, new)
-
-    lvm.rename_lv = rename  # type: ignore[assignment]
+        if crash_at == "after-rename":
+            lvm.clone_lv = die  # type: ignore[assignment]
+        if crash_at == "before-grow":
+            lvm.extend_to = die  # type: ignore[assignment]
+    else:
+        lvm.rename_lv = die  # type: ignore[assignment]
     if crash_at == "before-record":
         original_set = host.set_state
 
@@ -330,7 +325,7 @@ def crash_child(vg: str, image: str, state_file: str, crash_at: str) -> None:
     asyncio.run(job(UUID))
 
 
-@pytest.mark.parametrize("crash_at", ["making-golden", "before-rename", "between-renames",
+@pytest.mark.parametrize("crash_at", ["making-golden", "after-rename", "before-grow",
                                       "before-record"])
 async def test_a_job_killed_mid_swap_is_finished_or_rolled_back_by_the_next_run(
     world: World, crash_at: str,
@@ -343,12 +338,12 @@ async def test_a_job_killed_mid_swap_is_finished_or_rolled_back_by_the_next_run(
     state = world.host.state
     assert state is not None and state.kind == "provisioning"  # the hook blocks a start
     leftovers = names(world.vg) - {"root", world.golden}
-    expected = {"making-golden": {f"{world.golden}-part"}, "before-rename": {"root-vw-next"},
-                "between-renames": {"root-vw-next", "root-vw-prev"},
-                "before-record": {"root-vw-prev"}}[crash_at]
+    expected = {"making-golden": {f"{world.golden}-part"}}.get(crash_at, {"root-vw-prev"})
     assert leftovers == expected
-    if crash_at == "between-renames":
-        assert "root" not in names(world.vg)  # renamed away: the domain could not start
+    # Renamed away, the disk does not even exist: the domain could not start.
+    assert ("root" in names(world.vg)) is (crash_at != "after-rename")
+    if crash_at == "before-grow":
+        assert int(lv_row(world.vg.name, "root")["lv_size"]) == 48 * MiB
 
     await reprovisioner(world.host, world.entry, world.vg.name)(UUID)  # the next run
     state = world.host.state

@@ -227,18 +227,18 @@ class FakeSwap:
 
     def __init__(self, world: World) -> None:
         self.world = world
-        self.clone = "vg0/web1-vw-next"
+
+    async def rename_old(self) -> None:
+        self.world.calls.append("rename old away")
+
+    async def clone(self, golden: str, tags: Any) -> None:
+        self.world.calls.append(f"clone {golden} tags={','.join(tags)}")
 
     async def grow(self, size: int) -> None:
         self.world.calls.append(f"grow clone {size}")
 
-    async def swap(self) -> None:
-        self.world.calls.append("swap")
-
     @contextlib.asynccontextmanager
-    async def swapping_in(self, golden: str, vg: str, lv: str,
-                          tags: Any) -> AsyncIterator[FakeSwap]:
-        self.world.calls.append(f"clone {golden} tags={','.join(tags)}")
+    async def swapping_in(self, vg: str, lv: str) -> AsyncIterator[FakeSwap]:
         try:
             yield self
         except BaseException:
@@ -272,12 +272,12 @@ async def test_a_clone_plan_runs_its_steps_in_order_and_records_before_removing_
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     await run_clone(world, monkeypatch, DomainRule("web*", "v2", start=True))
     assert world.calls == [
-        "state provisioning v2", "golden made in vg0/pool", "is shut off",
+        "state provisioning v2", "golden made in vg0/pool", "is shut off", "rename old away",
         f"clone vg0/lvw-golden-{DIGEST[:16]}-pool tags=owner=ops", f"grow clone {128 * MiB}",
-        "swap", "is shut off", "state provisioned v2", "previous removed", "start"]
+        "is shut off", "state provisioned v2", "start", "previous removed"]
 
 
-async def test_a_domain_started_during_the_swap_gets_its_old_lv_back(
+async def test_a_domain_started_before_the_record_gets_its_old_lv_back(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     world.shut_off = [True, False]
     with pytest.raises(Refused, match="started while its volume was being written"):

@@ -86,11 +86,12 @@ def test_the_lv_a_path_names_is_known_without_the_device(
     assert lv_from_path(path) == expected
 
 
-def test_an_interrupted_swap_is_recognised_by_the_names_in_the_vg() -> None:
-    assert swap_leftover("vg", "web1", {"web1", "other-vw-next"}) is None
-    made = swap_leftover("vg", "web1", {"web1", "web1-vw-next"})
-    assert made is not None and made.next_exists and not made.swapped
-    renamed = swap_leftover("vg", "web1", {"web1-vw-prev", "web1-vw-next"})
-    assert renamed is not None and not renamed.lv_exists and not renamed.swapped
-    done = swap_leftover("vg", "web1", {"web1", "web1-vw-prev"})
-    assert done is not None and done.swapped
+def test_an_interrupted_swap_is_recognised_from_the_lvs_in_the_vg() -> None:
+    root = replace(PLAIN, lv="web1", size=8 << 20)
+    previous = replace(PLAIN, lv="web1-vw-prev", size=16 << 20)
+    assert swap_leftover("vg", "web1", [root, replace(PLAIN, lv="other-vw-prev")]) is None
+    renamed = swap_leftover("vg", "web1", [previous])
+    assert renamed is not None and not renamed.cloned
+    cloned = swap_leftover("vg", "web1", [replace(root, active=False), previous])
+    assert cloned is not None and cloned.cloned and not cloned.lv_active
+    assert (cloned.lv_size, cloned.previous_size) == (8 << 20, 16 << 20)

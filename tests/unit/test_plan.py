@@ -9,6 +9,7 @@ import pytest
 from watcher.core.domain import DomainSnapshot, DomainState, Fail, RootDiskSource, decide
 from watcher.core.lvm_rules import GOLDEN_TAG, OWNER_TAG, LvInfo, SwapLeftover, digest_tag
 from watcher.core.plan import (
+    ActivateLv,
     CheckShutOff,
     CloneGolden,
     Discard,
@@ -29,7 +30,7 @@ from watcher.core.plan import (
     RenameLv,
     Snapshot,
     StartDomain,
-    SwapIn,
+    SwapOut,
     TargetFacts,
     WriteImage,
     plan,
@@ -247,9 +248,10 @@ GOLDEN_NAME = f"lvw-golden-{DIGEST[:16]}-pool0"
 GOLDEN = replace(THIN, lv=GOLDEN_NAME, path=f"/dev/vg0/{GOLDEN_NAME}", active=False,
                  tags=(OWNER_TAG, GOLDEN_TAG, digest_tag(DIGEST)))
 THIN_LV = replace(LV, lv=THIN)
-CLONE = [CloneGolden(f"vg0/{GOLDEN_NAME}", "vg0/web1-vw-next", ()),
-         SwapIn("vg0", "web1", "web1-vw-next", "web1-vw-prev"), CheckShutOff("after write"),
-         MarkProvisioned("ubuntu", DIGEST), DropPrevious("vg0/web1-vw-prev")]
+SWAP = [SwapOut("vg0", "web1", "web1-vw-prev"), CloneGolden(f"vg0/{GOLDEN_NAME}", "vg0/web1", ())]
+RECORD = [CheckShutOff("after write"), MarkProvisioned("ubuntu", DIGEST)]
+DROP = [DropPrevious("vg0/web1-vw-prev")]
+CLONE = [*SWAP, *RECORD, *DROP]
 MAKE = MakeGolden("vg0", "pool0", GOLDEN_NAME, DIGEST, 10 * GiB)
 
 
@@ -264,12 +266,13 @@ def with_golden(target: TargetFacts) -> TargetFacts:
                      id="golden-ready-clone-swap-record-drop"),
         pytest.param(THIN_LV, rule(), [BEFORE[0], MAKE, BEFORE[1], *CLONE],
                      id="no-golden-yet-it-is-made-first"),
-        pytest.param(with_golden(THIN_LV), rule(start=True), [*BEFORE, *CLONE, StartDomain()],
-                     id="then-start"),
+        pytest.param(with_golden(THIN_LV), rule(start=True),
+                     [*BEFORE, *SWAP, *RECORD, StartDomain(), *DROP],
+                     id="started-before-the-old-lv-is-removed"),
         pytest.param(with_golden(THIN_LV), rule(snapshot=GiB), [*BEFORE, *CLONE],
                      id="the-old-lv-is-the-rollback-no-snapshot"),
         pytest.param(with_golden(replace(THIN_LV, lv=replace(THIN, size=20 * GiB))), rule(),
-                     [*BEFORE, CLONE[0], GrowClone("vg0/web1-vw-next", 20 * GiB), *CLONE[1:]],
+                     [*BEFORE, *SWAP, GrowClone("vg0/web1", 20 * GiB), *RECORD, *DROP],
                      id="grown-to-the-old-lvs-size"),
         pytest.param(with_golden(smaller(THIN_LV)), rule(grow=True), [*BEFORE, *CLONE],
                      id="too-small-lv-that-may-grow-gets-the-goldens-size"),
@@ -347,36 +350,36 @@ def test_a_clone_plan_records_provisioned_before_it_removes_the_old_lv() -> None
     assert isinstance(decided, Plan)
     kinds = [type(step) for step in decided.steps]
     assert kinds[0] is MarkProvisioning
-    assert (kinds.index(CheckShutOff) < kinds.index(CloneGolden) < kinds.index(SwapIn)
+    assert (kinds.index(CheckShutOff) < kinds.index(SwapOut) < kinds.index(CloneGolden)
             < kinds.index(MarkProvisioned) < kinds.index(DropPrevious))
-    assert kinds[kinds.index(SwapIn) + 1] is CheckShutOff
+    assert kinds[kinds.index(CloneGolden) + 1] is CheckShutOff
     assert decided.describe()[2] == "check shut off before write"
-    assert decided.describe()[3].startswith(f"clone vg0/{GOLDEN_NAME} as vg0/web1-vw-next")
+    assert decided.describe()[3] == "rename vg0/web1 to vg0/web1-vw-prev (the rollback)"
+    assert decided.describe()[4].startswith(f"clone vg0/{GOLDEN_NAME} as vg0/web1")
 
 
 # ---- an interrupted swap -----------------------------------------------------------------
 
 
-def leftover(*, lv: bool, next_: bool, prev: bool) -> SwapLeftover:
-    return SwapLeftover("vg0", "web1", lv, next_, prev)
+def leftover(*, lv: bool, active: bool = True, size: int = 10 * GiB) -> SwapLeftover:
+    return SwapLeftover("vg0", "web1", lv, lv and active, size if lv else 0, 10 * GiB)
+
+
+REMOVE_PREVIOUS = RemoveLv("vg0/web1-vw-prev", "replaced by the clone of an interrupted swap")
 
 
 @pytest.mark.parametrize(
     ("swap", "steps"),
     [
-        pytest.param(leftover(lv=True, next_=True, prev=False),
-                     [RemoveLv("vg0/web1-vw-next", "a clone an interrupted swap left")],
-                     id="clone-made-not-swapped-is-removed"),
-        pytest.param(leftover(lv=False, next_=True, prev=True),
-                     [RemoveLv("vg0/web1-vw-next", "a clone an interrupted swap left"),
-                      RenameLv("vg0", "web1-vw-prev", "web1")],
-                     id="old-lv-renamed-away-is-put-back"),
-        pytest.param(leftover(lv=False, next_=False, prev=True),
-                     [RenameLv("vg0", "web1-vw-prev", "web1")],
-                     id="rolled-back-halfway-old-lv-is-put-back"),
-        pytest.param(leftover(lv=True, next_=False, prev=True),
-                     [RemoveLv("vg0/web1-vw-prev", "replaced by a completed swap")],
-                     id="swap-complete-old-lv-is-removed"),
+        pytest.param(leftover(lv=False), [RenameLv("vg0", "web1-vw-prev", "web1")],
+                     id="old-lv-renamed-away-is-renamed-back"),
+        pytest.param(leftover(lv=True), [REMOVE_PREVIOUS], id="clone-made-old-lv-removed"),
+        pytest.param(leftover(lv=True, size=GiB),
+                     [GrowClone("vg0/web1", 10 * GiB), REMOVE_PREVIOUS],
+                     id="clone-not-grown-yet-is-grown"),
+        pytest.param(leftover(lv=True, active=False, size=GiB),
+                     [ActivateLv("vg0/web1"), GrowClone("vg0/web1", 10 * GiB), REMOVE_PREVIOUS],
+                     id="clone-not-active-yet-is-activated"),
     ],
 )
 def test_an_interrupted_swap_gets_a_recovery_plan(swap: SwapLeftover,
@@ -391,7 +394,7 @@ def test_an_interrupted_swap_gets_a_recovery_plan(swap: SwapLeftover,
 
 def test_an_interrupted_swap_outside_the_allow_list_is_left_alone() -> None:
     target = TargetFacts("/dev/vg0/web1", "/dev/vg0/web1",
-                         swap=leftover(lv=False, next_=True, prev=True))
+                         swap=leftover(lv=False))
     verdict = plan(facts(target), rule(), Volumes(allow=("/dev/other/*",)))
     assert isinstance(verdict, Refusal)
     verdict = plan(facts(target), rule(), Volumes(allow=(), lvm_vgs=("vg0",)))

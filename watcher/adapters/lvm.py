@@ -35,7 +35,6 @@ from watcher.core.lvm_rules import (
     digest_tag,
     golden_name,
     golden_tags,
-    next_name,
     prev_name,
     refusal_reason,
     swap_leftover,
@@ -461,7 +460,7 @@ async def remove_lv(name: str) -> None:
 
 async def swap_state(vg: str, lv: str) -> SwapLeftover | None:
     """What an interrupted clone swap of ``vg/lv`` left behind (None: nothing)."""
-    return swap_leftover(vg, lv, {row.info.lv for row in await _report(vg)})
+    return swap_leftover(vg, lv, [row.info for row in await _report(vg)])
 
 
 async def find_golden(vg: str, pool: str, digest: str) -> LvInfo | None:
@@ -529,69 +528,80 @@ async def clone_lv(golden: str, clone: str, tags: Sequence[str]) -> None:
     await _run([*argv, golden])
 
 
+async def activate(name: str) -> None:
+    """Activate ``VG/LV``, activation-skip flag or not."""
+    await _run(["lvchange", "--activate", "y", "--ignoreactivationskip", name])
+
+
+async def extend_to(name: str, size: int) -> None:
+    """``lvextend`` ``VG/LV`` to ``size`` bytes, a whole number of extents (another LV's
+    size), in one command."""
+    await _run(["lvextend", "--size", f"{size}b", name])
+
+
 @dataclass
 class CloneSwap:
     """A clone on its way to replacing ``vg/lv`` (see ``swapping_in``)."""
 
     vg: str
     lv: str
-    swapped: bool = False
+    renamed: bool = False
+    """The old LV is ``<lv>-vw-prev`` now."""
+    cloned: bool = False
+    """The clone exists under the LV's name."""
 
     @property
-    def clone(self) -> str:
-        """``VG/<lv>-vw-next``, the clone until the swap."""
-        return f"{self.vg}/{next_name(self.lv)}"
+    def name(self) -> str:
+        return f"{self.vg}/{self.lv}"
 
     @property
     def previous(self) -> str:
         return prev_name(self.lv)
 
-    async def grow(self, size: int) -> None:
-        """Extend the clone (before the swap) to ``size`` bytes, a whole number of extents
-        (the old LV's size)."""
-        assert not self.swapped
-        await _run(["lvextend", "--size", f"{size}b", self.clone])
-
-    async def swap(self) -> None:
-        """Rename the old LV to ``<lv>-vw-prev`` and the clone to ``<lv>``."""
+    async def rename_old(self) -> None:
+        """Rename the old LV to ``<lv>-vw-prev``, freeing its name for the clone."""
         await rename_lv(self.vg, self.lv, self.previous)
+        self.renamed = True
+
+    async def clone(self, golden: str, tags: Sequence[str]) -> None:
+        """Create the clone of ``golden`` under the LV's name."""
+        assert self.renamed and not self.cloned
         try:
-            await rename_lv(self.vg, next_name(self.lv), self.lv)
+            await clone_lv(golden, self.name, tags)
         except BaseException:
-            await rename_lv(self.vg, self.previous, self.lv)
+            # lvcreate may have committed the LV and failed to activate it.
+            with contextlib.suppress(LvmError):
+                if any(row.info.lv == self.lv for row in await _report(self.vg)):
+                    self.cloned = True
             raise
-        self.swapped = True
+        self.cloned = True
+
+    async def grow(self, size: int) -> None:
+        """Extend the clone to ``size`` bytes, the old LV's size."""
+        assert self.cloned
+        await extend_to(self.name, size)
 
     async def roll_back(self) -> None:
-        """Put the old LV back under its name and remove the clone."""
-        if self.swapped:
-            await remove_lv(f"{self.vg}/{self.lv}")  # the clone, under the LV's name
+        """Remove the clone and give the old LV its name back."""
+        if self.cloned:
+            await remove_lv(self.name)
+            self.cloned = False
+        if self.renamed:
             await rename_lv(self.vg, self.previous, self.lv)
-            self.swapped = False
-        else:
-            await remove_lv(self.clone)
+            self.renamed = False
 
 
 @contextlib.asynccontextmanager
-async def swapping_in(golden: str, vg: str, lv: str,
-                      tags: Sequence[str]) -> AsyncIterator[CloneSwap]:
-    """Clone ``golden`` as ``vg/<lv>-vw-next`` and yield it, to be swapped in for ``vg/lv``.
+async def swapping_in(vg: str, lv: str) -> AsyncIterator[CloneSwap]:
+    """Yield the swap of ``vg/lv`` for a clone; the body renames, clones and grows.
 
     If the body raises (or is cancelled) the clone is removed and the old LV is back under
-    its name, whether or not the body swapped; a failed roll-back raises ``LvmError``
-    chained to the failure. When the body ends normally the old LV (now ``<lv>-vw-prev``)
-    is removed: only after the body recorded the result. A crash anywhere in between
-    leaves names ``swap_state`` recognises.
+    its name, however far the body came; a failed roll-back raises ``LvmError`` chained to
+    the failure. When the body ends normally the old LV (``<lv>-vw-prev``) is removed:
+    only after the body recorded the result. A crash anywhere in between leaves what
+    ``swap_state`` recognises.
     """
     swap = CloneSwap(vg, lv)
-    try:
-        await clone_lv(golden, swap.clone, tags)
-    except BaseException:
-        # lvcreate may have committed the LV and failed to activate it.
-        with contextlib.suppress(LvmError):
-            if any(row.info.lv == next_name(lv) for row in await _report(vg)):
-                await remove_lv(swap.clone)
-        raise
     try:
         yield swap
     except GeneratorExit:
@@ -604,7 +614,7 @@ async def swapping_in(golden: str, vg: str, lv: str,
                            f"putting {vg}/{lv} back failed after {failure!r}: "
                            f"{undo_failure.stderr}") from failure
         raise
-    if swap.swapped:
+    if swap.cloned and swap.renamed:
         await remove_lv(f"{vg}/{swap.previous}")
-    else:
-        await remove_lv(swap.clone)  # never swapped in: the old LV stays as it was
+    elif swap.renamed:
+        await swap.roll_back()  # never cloned: the old LV is the domain's again

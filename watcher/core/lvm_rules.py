@@ -8,7 +8,7 @@ LVM. ``watcher.adapters.lvm`` fills ``LvInfo`` from ``lvs``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 OWNER_TAG = "libvirt-volume-watcher"
@@ -18,8 +18,6 @@ GOLDEN_TAG = "vw-golden"
 DIGEST_TAG_PREFIX = "vw-sha256="
 """Followed by the image's SHA-256: which cache entry a golden was written from."""
 GOLDEN_PREFIX = "lvw-golden-"
-NEXT_SUFFIX = "-vw-next"
-"""The clone that is about to replace an LV, until the swap."""
 PREV_SUFFIX = "-vw-prev"
 """The LV a clone replaced, kept as the rollback until the clone is recorded provisioned."""
 PARTIAL_SUFFIX = "-part"
@@ -156,50 +154,53 @@ def carried_tags(tags: Iterable[str]) -> tuple[str, ...]:
                  if t not in own and not t.startswith(DIGEST_TAG_PREFIX))
 
 
-def next_name(lv: str) -> str:
-    return f"{lv}{NEXT_SUFFIX}"
-
-
 def prev_name(lv: str) -> str:
     return f"{lv}{PREV_SUFFIX}"
 
 
 def clone_names_fit(lv: str) -> bool:
     """Whether the swap's temporary names of ``lv`` stay within LVM's limit."""
-    return len(lv) + max(len(NEXT_SUFFIX), len(PREV_SUFFIX)) <= MAX_LV_NAME
+    return len(lv) + len(PREV_SUFFIX) <= MAX_LV_NAME
 
 
 @dataclass(frozen=True)
 class SwapLeftover:
     """What a clone swap stopped halfway (a crash) left of the LV ``vg/lv``.
 
-    The swap runs: create ``<lv>-vw-next`` → rename ``<lv>`` to ``<lv>-vw-prev`` → rename
-    ``<lv>-vw-next`` to ``<lv>`` → record ``provisioned`` → remove ``<lv>-vw-prev``. So the
-    names alone say how far it came:
+    The swap runs: rename ``<lv>`` to ``<lv>-vw-prev`` → create the clone as ``<lv>`` (a
+    thin snapshot, tags included, active) → extend it to the old size → record
+    ``provisioned`` → remove ``<lv>-vw-prev``. So LVM alone says how far it came:
 
-    - ``next`` without ``prev``: the clone was made, nothing swapped (remove the clone);
-    - ``prev`` without ``lv``: the old LV was renamed away (rename it back, remove the clone);
-    - ``prev`` and ``lv``: the swap is complete (``lv`` is the clone; remove ``prev``).
+    - ``<lv>-vw-prev`` and no ``<lv>``: the old LV was renamed away (rename it back);
+    - ``<lv>-vw-prev`` and ``<lv>``: the clone exists and may already be recorded, so it is
+      finished, never undone: activated if it is not, extended to the old LV's size if it
+      is smaller, and the old LV removed.
     """
 
     vg: str
     lv: str
     lv_exists: bool
-    next_exists: bool
-    prev_exists: bool
+    lv_active: bool
+    lv_size: int
+    """Bytes of ``<lv>`` (0 when it does not exist)."""
+    previous_size: int
+    """Bytes of ``<lv>-vw-prev``: the size the clone must reach."""
 
     @property
-    def swapped(self) -> bool:
-        """Both renames happened: ``lv`` is the new clone."""
-        return self.prev_exists and self.lv_exists
+    def cloned(self) -> bool:
+        """The clone exists under the LV's name."""
+        return self.lv_exists
 
 
-def swap_leftover(vg: str, lv: str, names: Collection[str]) -> SwapLeftover | None:
-    """The leftover of an interrupted swap of ``vg/lv`` among the VG's LV ``names``, if any."""
-    has_next, has_prev = next_name(lv) in names, prev_name(lv) in names
-    if not (has_next or has_prev):
+def swap_leftover(vg: str, lv: str, lvs: Iterable[LvInfo]) -> SwapLeftover | None:
+    """The leftover of an interrupted swap of ``vg/lv`` among the VG's ``lvs``, if any."""
+    by_name = {info.lv: info for info in lvs}
+    previous = by_name.get(prev_name(lv))
+    if previous is None:
         return None
-    return SwapLeftover(vg, lv, lv in names, has_next, has_prev)
+    current = by_name.get(lv)
+    return SwapLeftover(vg, lv, current is not None, current is not None and current.active,
+                        current.size if current else 0, previous.size)
 
 
 def lv_from_path(path: str) -> tuple[str, str] | None:

@@ -20,11 +20,11 @@ shut off right before and right after the write, and never shrinks the volume.
 Copy or clone: with ``clone: auto`` (the default) a root disk that is a thin LV is not
 written. A thin snapshot of the image's golden LV (one per image and thin pool, written
 once from the cache) takes its place under the same VG/LV name: the swap renames the old
-LV to ``<lv>-vw-prev``, the clone to ``<lv>``, records ``provisioned``, and only then
-removes the old LV. Every other rule above applies to both paths. A swap a crash
-interrupted is recognised from the LV names alone (``lvm_rules.SwapLeftover``); the plan
-for such a disk is a recovery plan that puts the VG back to one LV, after which the job
-plans again.
+LV to ``<lv>-vw-prev``, creates the clone as ``<lv>``, records ``provisioned``, and only
+then removes the old LV. Every other rule above applies to both paths. A swap a crash
+interrupted is recognised from LVM alone (``lvm_rules.SwapLeftover``); the plan for such
+a disk is a recovery plan that puts the VG back to one LV, after which the job plans
+again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from watcher.core.lvm_rules import (
     carried_tags,
     clone_names_fit,
     golden_name,
-    next_name,
     prev_name,
     refusal_reason,
 )
@@ -274,15 +273,28 @@ class MakeGolden:
 
 
 @dataclass(frozen=True)
+class SwapOut:
+    """Rename the domain's LV ``vg/lv`` to ``previous``: the rollback, until the clone is
+    recorded. From here until ``MarkProvisioned`` a failure removes the clone and renames
+    the old LV back."""
+
+    vg: str
+    lv: str
+    previous: str
+
+    def __str__(self) -> str:
+        return f"rename {self.vg}/{self.lv} to {self.vg}/{self.previous} (the rollback)"
+
+
+@dataclass(frozen=True)
 class CloneGolden:
-    """Create ``clone`` as a thin snapshot of ``golden``: active, no activation skip,
-    with ``tags`` (the old LV's). A failure from here until ``MarkProvisioned`` removes
-    the clone and puts the old LV back."""
+    """Create ``clone`` (the domain's LV name) as a thin snapshot of ``golden``: active, no
+    activation skip, with ``tags`` (the old LV's), all in one ``lvcreate``."""
 
     golden: str
     """``VG/LV``."""
     clone: str
-    """``VG/LV``: ``<lv>-vw-next``."""
+    """``VG/LV``: the domain's LV, same name and path as before."""
     tags: tuple[str, ...]
 
     def __str__(self) -> str:
@@ -302,22 +314,19 @@ class GrowClone:
 
 
 @dataclass(frozen=True)
-class SwapIn:
-    """Rename ``vg/lv`` to ``previous``, then ``clone`` to ``lv``: same name, same path."""
+class ActivateLv:
+    """Recovery: activate a clone whose creation was interrupted before its activation."""
 
-    vg: str
     lv: str
-    clone: str
-    previous: str
 
     def __str__(self) -> str:
-        return (f"swap {self.vg}/{self.clone} in as {self.vg}/{self.lv} "
-                f"(old one kept as {self.previous})")
+        return f"activate lv {self.lv}"
 
 
 @dataclass(frozen=True)
 class DropPrevious:
-    """The clone is recorded: remove the old LV (a failure leaves it for the next run)."""
+    """The clone is recorded (the domain may run already): remove the old LV; a failure
+    leaves it for the next run of the job."""
 
     lv: str
 
@@ -349,8 +358,8 @@ class RemoveLv:
 
 
 Step = (MarkProvisioning | CheckShutOff | GrowVolume | ExtendLv | Snapshot | Discard
-        | WriteImage | DropSnapshot | MarkProvisioned | StartDomain | MakeGolden | CloneGolden
-        | GrowClone | SwapIn | DropPrevious | RenameLv | RemoveLv)
+        | WriteImage | DropSnapshot | MarkProvisioned | StartDomain | MakeGolden | SwapOut
+        | CloneGolden | GrowClone | DropPrevious | ActivateLv | RenameLv | RemoveLv)
 
 
 @dataclass(frozen=True)
@@ -481,34 +490,36 @@ def clone_plan(facts: JobFacts, lv: LvInfo, golden: LvInfo | None, rule: DomainR
     name = golden_name(image.digest, lv.pool)
     extent = max(lv.extent_size, 1)
     golden_size = golden.size if golden else -(-image.virtual_size // extent) * extent
-    clone, previous = next_name(lv.lv), prev_name(lv.lv)
+    previous = prev_name(lv.lv)
     steps: list[Step] = [MarkProvisioning(image.name, image.digest)]
     if golden is None:
         steps.append(MakeGolden(lv.vg, lv.pool, name, image.digest, image.virtual_size))
-    steps += [CheckShutOff("before write"),
-              CloneGolden(f"{lv.vg}/{name}", f"{lv.vg}/{clone}", carried_tags(lv.tags))]
+    steps += [CheckShutOff("before write"), SwapOut(lv.vg, lv.lv, previous),
+              CloneGolden(f"{lv.vg}/{name}", lv.name, carried_tags(lv.tags))]
     if lv.size > golden_size:
-        steps.append(GrowClone(f"{lv.vg}/{clone}", lv.size))
-    steps += [SwapIn(lv.vg, lv.lv, clone, previous), CheckShutOff("after write"),
-              MarkProvisioned(image.name, image.digest), DropPrevious(f"{lv.vg}/{previous}")]
+        steps.append(GrowClone(lv.name, lv.size))
+    steps += [CheckShutOff("after write"), MarkProvisioned(image.name, image.digest)]
     if rule.start:
-        steps.append(StartDomain())
+        steps.append(StartDomain())  # the old LV's removal need not hold the domain back
+    steps.append(DropPrevious(f"{lv.vg}/{previous}"))
     return Plan(tuple(steps))
 
 
 def recovery_plan(swap: SwapLeftover) -> Plan:
     """The steps that bring an interrupted swap of ``swap.vg/swap.lv`` back to one LV.
 
-    Before the second rename the old LV is put back (the clone goes); after it the swap is
-    finished (the old LV goes). Either way the domain is still marked ``provisioning``, so
-    the job goes on and records the result only after planning again.
+    Before the clone exists the old LV is renamed back; once it exists it is finished
+    (it may have been recorded already). Either way the domain is still marked
+    ``provisioning`` or ``provisioned`` with what the LV now holds, and the job plans again.
     """
     vg, lv = swap.vg, swap.lv
+    previous = f"{vg}/{prev_name(lv)}"
+    if not swap.cloned:
+        return Plan((RenameLv(vg, prev_name(lv), lv),), recovery=True)
     steps: list[Step] = []
-    if swap.next_exists:
-        steps.append(RemoveLv(f"{vg}/{next_name(lv)}", "a clone an interrupted swap left"))
-    if swap.prev_exists and not swap.lv_exists:
-        steps.append(RenameLv(vg, prev_name(lv), lv))
-    elif swap.swapped:
-        steps.append(RemoveLv(f"{vg}/{prev_name(lv)}", "replaced by a completed swap"))
+    if not swap.lv_active:
+        steps.append(ActivateLv(f"{vg}/{lv}"))
+    if swap.lv_size < swap.previous_size:
+        steps.append(GrowClone(f"{vg}/{lv}", swap.previous_size))
+    steps.append(RemoveLv(previous, "replaced by the clone of an interrupted swap"))
     return Plan(tuple(steps), recovery=True)

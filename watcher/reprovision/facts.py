@@ -96,7 +96,7 @@ def clone_facts(target: TargetFacts, neighbours: Sequence[LvInfo], digest: str, 
     lv = target.lv
     if lv is None or not lv.is_thin:
         return target  # only thin LVs are swapped (a missing one: ``missing_lv_facts``)
-    swap = swap_leftover(lv.vg, lv.lv, {other.lv for other in neighbours})
+    swap = swap_leftover(lv.vg, lv.lv, neighbours)
     golden = None
     if clone and swap is None and lv.pool is not None:
         name = golden_name(digest, lv.pool)
@@ -112,10 +112,10 @@ async def missing_lv_facts(target: TargetFacts) -> TargetFacts:
     if named is None:
         return target
     try:
-        names = {other.lv for other in await lvm.vg_lvs(named[0])}
+        lvs = await lvm.vg_lvs(named[0])
     except lvm.LvmError:
         return target  # no such VG (or no LVM at all): nothing was swapped there
-    return replace(target, swap=swap_leftover(*named, names))
+    return replace(target, swap=swap_leftover(*named, lvs))
 
 
 async def gather(hypervisor: VolumeLookups, domain: DomainFacts, request: DomainState,
