@@ -101,6 +101,13 @@ def tables(results: list[dict[str, Any]]) -> list[Table]:
                   f"{median(row['clone_lvm']):.2f}", f"{median(row['removal']):.2f}",
                   f"{full / clone:.1f}",
                   f"{host_seconds(row, 'full') / host_seconds(row, 'clone'):.1f}")
+    for row in by_size:
+        profile = row.get("profile", [])
+        if profile:
+            parts = ", ".join(
+                f"{command} {median([p.get(command, 0.0) for p in profile]):.2f} s"
+                for command in sorted(profile[0]))
+            table.notes.append(f"clone at {row['size'] // MIB} MiB, median per command: {parts}")
     small, large = by_size[0], by_size[-1]
     flat = median(large["clone"]) / median(small["clone"])
     speedup = median(large["full"]) / median(large["clone"])
@@ -139,6 +146,7 @@ class LvmClock:
 
         self.seconds = 0.0
         self.commands: Counter[str] = Counter()
+        self.by_command: dict[str, float] = {}
         original = lvm._run
 
         async def timed(argv: Sequence[str]) -> str:
@@ -149,12 +157,15 @@ class LvmClock:
                 if argv[0] != "blkdiscard":  # not an LVM command: a write of its own
                     self.seconds += time.perf_counter() - started
                     self.commands[argv[0]] += 1
+                    self.by_command[argv[0]] = (self.by_command.get(argv[0], 0.0)
+                                                + time.perf_counter() - started)
 
         lvm._run = timed
 
     def reset(self) -> None:
         self.seconds = 0.0
         self.commands.clear()
+        self.by_command.clear()
 
 
 async def measure(clock: LvmClock, vg: str, size: int, image: Path,
@@ -175,8 +186,12 @@ async def measure(clock: LvmClock, vg: str, size: int, image: Path,
     await lvm.create_golden(vg, "pool", digest, size, write)
     row: dict[str, Any] = {"size": size, "data": int(size * DATA_FRACTION),
                            "golden": time.perf_counter() - started, "full": [], "clone": [],
-                           "full_lvm": [], "clone_lvm": [], "removal": []}
-    for _ in range(runs):
+                           "full_lvm": [], "clone_lvm": [], "removal": [],
+                           "profile": []}
+    for run in range(runs + 1):  # the first round warms up (LVM's and qemu-img's caches)
+        if run == 1:
+            for series in ("full", "clone", "full_lvm", "clone_lvm", "removal", "profile"):
+                row[series].clear()
         clock.reset()
         started = time.perf_counter()
         info = await lvm.lv_at(await asyncio.to_thread(os.path.realpath, f"/dev/{vg}/full"))
@@ -187,6 +202,9 @@ async def measure(clock: LvmClock, vg: str, size: int, image: Path,
         row["full_lvm"].append(clock.seconds)
         row["full_commands"] = sum(clock.commands.values())
 
+        # What the full write left to the pool (its metadata commit, discards passed down to
+        # the loop device) is flushed first, not billed to the clone's first command.
+        await asyncio.to_thread(os.sync)
         clock.reset()
         started = time.perf_counter()
         path = f"/dev/{vg}/root"
@@ -204,6 +222,7 @@ async def measure(clock: LvmClock, vg: str, size: int, image: Path,
             row["clone"].append(in_place - started)
             row["clone_lvm"].append(clock.seconds)
             row["clone_commands"] = sum(clock.commands.values())
+            row["profile"].append(dict(clock.by_command))
         row["removal"].append(time.perf_counter() - in_place)
     return row
 
