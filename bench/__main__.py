@@ -30,6 +30,7 @@ BENCHMARKS = {
     "memory": "bench.memory",
     "libvirt": "bench.domains",
     "api": "bench.api",
+    "clone": "bench.clone",
 }
 """Name -> module with ``bench(options) -> list[Table]``; run in this order."""
 

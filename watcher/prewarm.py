@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from watcher import telemetry
+from watcher.cache import CacheEntry
 from watcher.cache.warmer import ImageWarmer
 from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
@@ -56,6 +57,9 @@ class Prewarmer:
         self._trace_parent = trace_parent
         self._failing_images: set[str] = set()
         """Images whose last warm failed; their next success is logged as a recovery."""
+        self.after_warm: Callable[[str, CacheEntry], Awaitable[object]] | None = None
+        """Awaited after each successful warm (the reprovisioner makes golden LVs there);
+        its failure is logged and does not fail the warm."""
 
     def handle_message(
         self, body: bytes, headers: Mapping[str, object],
@@ -128,3 +132,9 @@ class Prewarmer:
             self._failing_images.discard(image.name)
             bound.info("image warm again", digest=entry.digest, recovered=True)
         bound.debug("image warm", digest=entry.digest)
+        if self.after_warm is not None:
+            try:
+                await self.after_warm(image.name, entry)
+            except Exception as err:  # the image is warm; the next warm tries again
+                bound.warning("preparing golden lvs failed", digest=entry.digest,
+                              error=f"{type(err).__name__}: {err}")

@@ -138,7 +138,7 @@ SNAPSHOT_SIZE = 64 * MiB + 64 * MiB // 50 + 4 * MiB
 
 
 async def test_a_thin_lv_plan_runs_every_step_in_order(world: World) -> None:
-    await world.run(THIN, replace(SNAPSHOT, start=True))
+    await world.run(THIN, replace(SNAPSHOT, start=True, clone="never"))
     assert world.calls == [
         "state provisioning v2", "is shut off", f"snapshot vg0/web1 {SNAPSHOT_SIZE}",
         "discard /dev/vg0/web1",
@@ -217,3 +217,70 @@ async def test_a_failed_start_leaves_the_job_done(world: World) -> None:
     await world.run(TargetFacts("/srv/web1.img", "/srv/web1.img", size=64 * MiB),
                     DomainRule("web*", "v2", start=True))
     assert world.calls[-2:] == ["state provisioned v2", "start"]
+
+
+# ---- the clone path ----------------------------------------------------------------------
+
+
+class FakeSwap:
+    """``lvm.swapping_in`` and ``Goldens`` as calls in the world's list."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def rename_old(self) -> None:
+        self.world.calls.append("rename old away")
+
+    async def clone(self, golden: str, tags: Any) -> None:
+        self.world.calls.append(f"clone {golden} tags={','.join(tags)}")
+
+    async def grow(self, size: int) -> None:
+        self.world.calls.append(f"grow clone {size}")
+
+    @contextlib.asynccontextmanager
+    async def swapping_in(self, vg: str, lv: str) -> AsyncIterator[FakeSwap]:
+        try:
+            yield self
+        except BaseException:
+            self.world.calls.append("clone removed, old lv back")
+            raise
+        self.world.calls.append("previous removed")
+
+    @contextlib.asynccontextmanager
+    async def held(self, vg: str, name: str) -> AsyncIterator[None]:
+        yield
+
+    async def ensure(self, vg: str, pool: str, digest: str, size: int, source: Path,
+                     image_format: str) -> None:
+        self.world.calls.append(f"golden made in {vg}/{pool}")
+
+
+async def run_clone(world: World, monkeypatch: pytest.MonkeyPatch, rule: DomainRule) -> None:
+    fake = FakeSwap(world)
+    monkeypatch.setattr(lvm, "swapping_in", fake.swapping_in)
+    target = replace(THIN, lv=replace(LV, is_thin=True, pool="pool", size=128 * MiB,
+                                      tags=("owner=ops",)))
+    facts = JobFacts("web1", "uuid-1", "v2", ImageFacts("v2", DIGEST, "qcow2", 64 * MiB),
+                     RootDiskSource("block", "vda", path=target.path), target=target)
+    decided = plan(facts, rule, Volumes())
+    assert isinstance(decided, Plan) and decided.clones, decided
+    await Executor(world, world.write_image, facts, Path("/cache/x"), Log(),
+                   goldens=fake).run(decided)  # type: ignore[arg-type]
+
+
+async def test_a_clone_plan_runs_its_steps_in_order_and_records_before_removing_the_old_lv(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    await run_clone(world, monkeypatch, DomainRule("web*", "v2", start=True))
+    assert world.calls == [
+        "state provisioning v2", "golden made in vg0/pool", "is shut off", "rename old away",
+        f"clone vg0/lvw-golden-{DIGEST[:16]}-pool tags=owner=ops", f"grow clone {128 * MiB}",
+        "is shut off", "state provisioned v2", "start", "previous removed"]
+
+
+async def test_a_domain_started_before_the_record_gets_its_old_lv_back(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.shut_off = [True, False]
+    with pytest.raises(Refused, match="started while its volume was being written"):
+        await run_clone(world, monkeypatch, DomainRule("web*", "v2"))
+    assert world.calls[-2:] == ["is shut off", "clone removed, old lv back"]
+    assert not any(call.startswith("state provisioned") for call in world.calls)

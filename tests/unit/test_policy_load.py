@@ -103,6 +103,14 @@ def test_a_rule_may_name_an_image_defined_in_a_later_file() -> None:
     assert rule is not None and rule.image == "ubuntu"
 
 
+def test_clone_is_auto_unless_a_rule_says_never() -> None:
+    text = UBUNTU + ("domains:\n  - {match: a, image: ubuntu}\n"
+                     "  - {match: b, image: ubuntu, clone: never}\n"
+                     "  - {match: c, image: ubuntu, clone: auto}\n")
+    rules = parse_policies([("p.yaml", text)]).rules
+    assert [rule.clone for rule in rules] == ["auto", "never", "auto"]
+
+
 def test_null_root_disk_and_snapshot_mean_the_defaults() -> None:
     text = UBUNTU + "domains:\n  - match: x\n    image: ubuntu\n    root_disk:\n    snapshot:\n"
     (rule,) = parse_policies([("p.yaml", text)]).rules
@@ -147,8 +155,8 @@ ERROR_CASES = [
                  id="unknown-image-key"),
     pytest.param([("p.yaml", UBUNTU + "domains:\n  - match: x\n    image: ubuntu\n"
                                       "    autostart: true\n")],
-                 [("p.yaml:9", "domains[0]: unknown key 'autostart'; allowed keys: grow, "
-                               "hosts, image, match, root_disk, snapshot, start")],
+                 [("p.yaml:9", "domains[0]: unknown key 'autostart'; allowed keys: clone, "
+                               "grow, hosts, image, match, root_disk, snapshot, start")],
                  id="unknown-rule-key"),
     pytest.param([("p.yaml", "images:\n  u:\n    key: k\n    format: qcow2\n")],
                  [("p.yaml:2", "images.u: missing required key 'bucket'")],
@@ -246,6 +254,12 @@ ERROR_CASES = [
     pytest.param([("p.yaml", UBUNTU + "domains:\n  - {match: x, image: ubuntu, snapshot: 0}\n")],
                  [("p.yaml:7", "domains[0].snapshot: the snapshot size must be larger than 0")],
                  id="snapshot-zero"),
+    pytest.param([("p.yaml", UBUNTU + "domains:\n  - {match: x, image: ubuntu, clone: always}\n")],
+                 [("p.yaml:7", "domains[0].clone: expected one of auto, never, got the string "
+                               "'always'")], id="clone-unknown-mode"),
+    pytest.param([("p.yaml", UBUNTU + "domains:\n  - {match: x, image: ubuntu, clone: false}\n")],
+                 [("p.yaml:7", "domains[0].clone: expected one of auto, never")],
+                 id="clone-boolean"),
     pytest.param([("p.yaml", UBUNTU + "domains:\n  - {match: x, image: ubuntu, snapshot: true}\n")],
                  [("p.yaml:7", "domains[0].snapshot: expected a size")], id="snapshot-boolean"),
     pytest.param([("p.yaml", UBUNTU + "domains:\n  match: x\n  image: ubuntu\n")],

@@ -22,17 +22,49 @@ import json
 import math
 import os
 import stat
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from watcher.core.errors import PermanentError
-from watcher.core.lvm_rules import LvInfo, cow_snapshot_size, refusal_reason
+from watcher.core.lvm_rules import (
+    PARTIAL_SUFFIX,
+    LvInfo,
+    SwapLeftover,
+    cow_snapshot_size,
+    digest_tag,
+    golden_name,
+    golden_tags,
+    prev_name,
+    refusal_reason,
+    swap_leftover,
+)
 
 __all__ = [
-    "LvInfo", "LvRefused", "LvmError", "create_lv", "discard", "extend", "grow",
-    "guarded_write", "lv_at", "lv_for_device", "lv_info", "recognise", "refusal_reason",
-    "rollback_snapshot", "vg_exists",
+    "CloneSwap",
+    "LvInfo",
+    "LvRefused",
+    "LvmError",
+    "clone_lv",
+    "create_golden",
+    "create_lv",
+    "discard",
+    "extend",
+    "find_golden",
+    "goldens",
+    "grow",
+    "guarded_write",
+    "lv_at",
+    "lv_for_device",
+    "lv_info",
+    "recognise",
+    "refusal_reason",
+    "remove_lv",
+    "rename_lv",
+    "rollback_snapshot",
+    "swap_state",
+    "swapping_in",
+    "vg_exists",
 ]
 
 ROLLBACK_SUFFIX = "-vw-rollback"
@@ -46,7 +78,7 @@ _STDERR_KEEP = 16 * 1024
 _REPORT_FIELDS = (
     "vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_size", "lv_attr", "lv_device_open",
     "lv_role", "lv_merging", "segtype", "pool_lv", "origin", "vg_extent_size", "data_percent",
-    "lv_kernel_major", "lv_kernel_minor",
+    "lv_kernel_major", "lv_kernel_minor", "lv_tags", "lv_skip_activation",
 )
 
 
@@ -135,6 +167,8 @@ def _parse_row(row: dict[str, Any]) -> _Row:
         origin=str(row["origin"]) or None,
         internal="private" in roles,
         merging=row["lv_merging"] == "1",
+        tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
+        activation_skip=str(row.get("lv_skip_activation", "")) in ("1", "skip activation"),
     )
     paths = tuple(p for p in (str(row["lv_path"]), dm_path) if p)
     return _Row(info, (major, minor) if major >= 0 else None, paths)
@@ -151,9 +185,13 @@ async def _report(selector: str | None = None) -> list[_Row]:
     output = await _run(argv)
     try:
         reports = json.loads(output)["report"]
-        return [_parse_row(row) for report in reports for row in report.get("lv", [])]
+        rows = [_parse_row(row) for report in reports for row in report.get("lv", [])]
     except (ValueError, KeyError, TypeError) as exc:
         raise LvmError(argv, 0, f"unexpected lvs output: {exc}") from exc
+    goldens = {(r.info.vg, r.info.lv) for r in rows if r.info.is_golden}
+    return [replace(r, info=replace(r.info, origin_is_golden=True))
+            if r.info.origin is not None and (r.info.vg, r.info.origin) in goldens else r
+            for r in rows]
 
 
 async def lv_info(name: str) -> LvInfo:
@@ -219,6 +257,27 @@ async def lv_at(real_path: str) -> LvInfo | None:
     if not await asyncio.to_thread(_is_block_device, real_path):
         return None
     return await lv_for_device(real_path)
+
+
+async def lv_with_neighbours(real_path: str) -> tuple[LvInfo | None, list[LvInfo]]:
+    """``lv_at``, and every LV of its VG, from the same single ``lvs`` run."""
+    if not await asyncio.to_thread(_is_block_device, real_path):
+        return None, []
+    real, device = await asyncio.to_thread(_dm_device, real_path)
+    if device is None:
+        return None, []
+    rows = await _report()
+    found = next((row.info for row in rows if row.kernel_device == device), None)
+    if found is None:
+        found = await asyncio.to_thread(_match_by_path, real, rows)
+    if found is None:
+        return None, []
+    return found, [row.info for row in rows if row.info.vg == found.vg]
+
+
+async def vg_lvs(vg: str) -> list[LvInfo]:
+    """Every LV of ``vg``; ``LvmError`` when there is no such VG."""
+    return [row.info for row in await _report(vg)]
 
 
 async def recognise(real_path: str) -> LvInfo | None:
@@ -384,3 +443,178 @@ async def create_lv(vg: str, name: str, size: int) -> LvInfo:
         "--type", "linear", "--size", f"{sectors * 512}b", "--name", name, vg,
     ])
     return await lv_info(f"{vg}/{name}")
+
+
+# ---- thin clones of golden LVs -----------------------------------------------------------
+
+
+async def rename_lv(vg: str, old: str, new: str) -> None:
+    """Rename ``vg/old`` to ``vg/new``; an active LV keeps its device, under the new name."""
+    await _run(["lvrename", vg, old, new])
+
+
+async def remove_lv(name: str) -> None:
+    """Remove the LV ``VG/LV`` (never asking)."""
+    await _run(["lvremove", "--yes", name])
+
+
+async def swap_state(vg: str, lv: str) -> SwapLeftover | None:
+    """What an interrupted clone swap of ``vg/lv`` left behind (None: nothing)."""
+    return swap_leftover(vg, lv, [row.info for row in await _report(vg)])
+
+
+async def find_golden(vg: str, pool: str, digest: str) -> LvInfo | None:
+    """The complete golden LV of ``digest`` in ``vg``'s thin pool ``pool``, if there is one."""
+    name = golden_name(digest, pool)
+    for row in await _report(vg):
+        info = row.info
+        if info.lv == name and info.is_golden and digest_tag(digest) in info.tags:
+            return info
+    return None
+
+
+async def goldens(*, partial: bool = False) -> list[LvInfo]:
+    """Every golden LV on this host: complete ones, and with ``partial`` those being
+    written (or left half-written by a crash) too."""
+    return [row.info for row in await _report() if row.info.is_golden
+            and (partial or not row.info.lv.endswith(PARTIAL_SUFFIX))]
+
+
+async def create_golden(vg: str, pool: str, digest: str, size: int,
+                        write: Callable[[str], Awaitable[None]]) -> LvInfo:
+    """Make the golden LV of ``digest`` in thin pool ``vg/pool``: ``size`` bytes, written by
+    ``write(path)`` (a fresh thin LV reads as zeroes, so a sparse write allocates only the
+    image's data), then read-only, inactive and skipped by ``vgchange -ay``.
+
+    It is written as ``<name>-part`` and renamed only when complete, so a crash never
+    leaves something that looks like a golden; a partial one found here is removed first.
+    """
+    name = golden_name(digest, pool)
+    partial = f"{name}{PARTIAL_SUFFIX}"
+    if any(row.info.lv == partial for row in await _report(vg)):
+        await remove_lv(f"{vg}/{partial}")
+    sectors = math.ceil(size / 512)
+    argv = ["lvcreate", "--yes", "--type", "thin", "--virtualsize", f"{sectors * 512}b",
+            "--thinpool", pool, "--name", partial, "--activate", "y",
+            "--setactivationskip", "n"]
+    for tag in golden_tags(digest):
+        argv += ["--addtag", tag]
+    await _run([*argv, vg])
+    try:
+        info = await lv_info(f"{vg}/{partial}")
+        await write(info.path)
+        await _run(["lvchange", "--permission", "r", "--setactivationskip", "y", info.name])
+        await _run(["lvchange", "--activate", "n", info.name])
+        await rename_lv(vg, partial, name)
+    except BaseException:
+        with contextlib.suppress(LvmError):
+            await remove_lv(f"{vg}/{partial}")
+        raise
+    return await lv_info(f"{vg}/{name}")
+
+
+async def clone_lv(golden: str, clone: str, tags: Sequence[str]) -> None:
+    """Create ``clone`` (``VG/LV``) as a thin snapshot of ``golden``, with ``tags``.
+
+    Active, writable and without the activation-skip flag LVM gives thin snapshots by
+    default (lvcreate fails rather than leave it otherwise), so the host activates it at
+    boot like the LV it replaces. One command: the clone path's cost is its LVM commands.
+    """
+    name = clone.partition("/")[2]
+    argv = ["lvcreate", "--snapshot", "--name", name, "--setactivationskip", "n",
+            "--activate", "y", "--ignoreactivationskip"]
+    for tag in tags:
+        argv += ["--addtag", tag]
+    await _run([*argv, golden])
+
+
+async def activate(name: str) -> None:
+    """Activate ``VG/LV``, activation-skip flag or not."""
+    await _run(["lvchange", "--activate", "y", "--ignoreactivationskip", name])
+
+
+async def extend_to(name: str, size: int) -> None:
+    """``lvextend`` ``VG/LV`` to ``size`` bytes, a whole number of extents (another LV's
+    size), in one command."""
+    await _run(["lvextend", "--size", f"{size}b", name])
+
+
+@dataclass
+class CloneSwap:
+    """A clone on its way to replacing ``vg/lv`` (see ``swapping_in``)."""
+
+    vg: str
+    lv: str
+    renamed: bool = False
+    """The old LV is ``<lv>-vw-prev`` now."""
+    cloned: bool = False
+    """The clone exists under the LV's name."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.vg}/{self.lv}"
+
+    @property
+    def previous(self) -> str:
+        return prev_name(self.lv)
+
+    async def rename_old(self) -> None:
+        """Rename the old LV to ``<lv>-vw-prev``, freeing its name for the clone."""
+        await rename_lv(self.vg, self.lv, self.previous)
+        self.renamed = True
+
+    async def clone(self, golden: str, tags: Sequence[str]) -> None:
+        """Create the clone of ``golden`` under the LV's name."""
+        assert self.renamed and not self.cloned
+        try:
+            await clone_lv(golden, self.name, tags)
+        except BaseException:
+            # lvcreate may have committed the LV and failed to activate it.
+            with contextlib.suppress(LvmError):
+                if any(row.info.lv == self.lv for row in await _report(self.vg)):
+                    self.cloned = True
+            raise
+        self.cloned = True
+
+    async def grow(self, size: int) -> None:
+        """Extend the clone to ``size`` bytes, the old LV's size."""
+        assert self.cloned
+        await extend_to(self.name, size)
+
+    async def roll_back(self) -> None:
+        """Remove the clone and give the old LV its name back."""
+        if self.cloned:
+            await remove_lv(self.name)
+            self.cloned = False
+        if self.renamed:
+            await rename_lv(self.vg, self.previous, self.lv)
+            self.renamed = False
+
+
+@contextlib.asynccontextmanager
+async def swapping_in(vg: str, lv: str) -> AsyncIterator[CloneSwap]:
+    """Yield the swap of ``vg/lv`` for a clone; the body renames, clones and grows.
+
+    If the body raises (or is cancelled) the clone is removed and the old LV is back under
+    its name, however far the body came; a failed roll-back raises ``LvmError`` chained to
+    the failure. When the body ends normally the old LV (``<lv>-vw-prev``) is removed:
+    only after the body recorded the result. A crash anywhere in between leaves what
+    ``swap_state`` recognises.
+    """
+    swap = CloneSwap(vg, lv)
+    try:
+        yield swap
+    except GeneratorExit:
+        raise
+    except BaseException as failure:
+        try:
+            await swap.roll_back()
+        except LvmError as undo_failure:
+            raise LvmError(undo_failure.argv, undo_failure.exit_code,
+                           f"putting {vg}/{lv} back failed after {failure!r}: "
+                           f"{undo_failure.stderr}") from failure
+        raise
+    if swap.cloned and swap.renamed:
+        await remove_lv(f"{vg}/{swap.previous}")
+    elif swap.renamed:
+        await swap.roll_back()  # never cloned: the old LV is the domain's again

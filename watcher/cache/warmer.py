@@ -84,6 +84,8 @@ class ImageWarmer:
         self._problems = RepeatFilter()
         self.fetching: dict[tuple[str, str], FetchProgress] = {}
         """Objects being fetched right now, by (bucket, key)."""
+        self.on_evicted: Callable[[list[str]], Awaitable[object]] | None = None
+        """Awaited with the digests ``evict`` removed (their golden LVs go with them)."""
 
     # ---- reading: the store's, for callers that warm and read (the reprovisioner) -------
 
@@ -155,7 +157,10 @@ class ImageWarmer:
         """Evict least-recently-used entries that no policy image needs, down to max_size."""
         if self.store.total_bytes <= self.store.max_size:
             return []  # fits: no need to queue behind the lock (the store checks again)
-        return await self.store.in_worker(self.store.evict, self._images_to_keep())
+        removed = await self.store.in_worker(self.store.evict, self._images_to_keep())
+        if removed and self.on_evicted is not None:
+            await self.on_evicted(removed)
+        return removed
 
     def _images_to_keep(self) -> frozenset[str]:
         if self._policies is None:

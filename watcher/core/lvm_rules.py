@@ -7,7 +7,23 @@ LVM. ``watcher.adapters.lvm`` fills ``LvInfo`` from ``lvs``.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+OWNER_TAG = "libvirt-volume-watcher"
+"""Carried by every LV the watcher creates for itself (goldens): ``lvs @libvirt-volume-watcher``."""
+GOLDEN_TAG = "vw-golden"
+"""Marks a golden LV: the read-only image a thin-LV root disk is cloned from."""
+DIGEST_TAG_PREFIX = "vw-sha256="
+"""Followed by the image's SHA-256: which cache entry a golden was written from."""
+GOLDEN_PREFIX = "lvw-golden-"
+PREV_SUFFIX = "-vw-prev"
+"""The LV a clone replaced, kept as the rollback until the clone is recorded provisioned."""
+PARTIAL_SUFFIX = "-part"
+"""A golden being written: renamed to its final name only once complete."""
+MAX_LV_NAME = 127
+"""LVM's limit on a logical volume's name."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,17 @@ class LvInfo:
     """A hidden part of another LV (a thin pool's data or metadata, a spare, ``-real``)."""
     merging: bool = False
     """A snapshot is being merged into (or out of) this LV."""
+    tags: tuple[str, ...] = ()
+    """The LV's tags (``lv_tags``)."""
+    origin_is_golden: bool = False
+    """A thin snapshot whose origin is one of the watcher's golden LVs: a reprovisioned disk."""
+    activation_skip: bool = False
+    """The LV has the activation-skip flag: ``vgchange -ay`` leaves it inactive."""
+
+    @property
+    def is_golden(self) -> bool:
+        """One of the watcher's golden LVs (never a domain's disk)."""
+        return GOLDEN_TAG in self.tags
 
     @property
     def name(self) -> str:
@@ -62,7 +89,10 @@ def refusal_reason(info: LvInfo) -> str | None:
         return f"{info.name} is a thin pool, not a volume"
     if info.internal:
         return f"{info.name} is an internal part of another logical volume"
-    if info.is_snapshot:
+    if info.is_golden:
+        return f"{info.name} is a golden image LV of the watcher, not a domain's disk"
+    if info.is_snapshot and not (info.is_thin and info.origin_is_golden):
+        # A clone of a golden is a disk the watcher made: it is the domain's, not a copy.
         return f"{info.name} is a snapshot of {info.vg}/{info.origin}"
     if info.merging:
         return f"{info.name} has a snapshot merge in progress"
@@ -82,3 +112,113 @@ def cow_snapshot_size(info: LvInfo, requested: int) -> int:
     ignore it.
     """
     return max(requested, info.size + info.size // 50 + info.extent_size)
+
+
+# ---- thin clones: names and tags, recognisable from LVM alone ----------------------------
+
+
+def golden_name(digest: str, pool: str) -> str:
+    """The golden LV of image ``digest`` in thin pool ``pool`` (an LV name in the pool's VG).
+
+    Deterministic, so any run finds the golden another made; the pool is part of the name
+    because a VG can hold several pools and a thin snapshot stays in its origin's pool.
+    A pool name too long for that is replaced by a hash of it.
+    """
+    name = f"{GOLDEN_PREFIX}{digest[:16]}-{pool}"
+    if len(name) + len(PARTIAL_SUFFIX) > MAX_LV_NAME:
+        name = f"{GOLDEN_PREFIX}{digest[:16]}-{hashlib.sha256(pool.encode()).hexdigest()[:16]}"
+    return name
+
+
+def digest_tag(digest: str) -> str:
+    return f"{DIGEST_TAG_PREFIX}{digest}"
+
+
+def golden_tags(digest: str) -> tuple[str, ...]:
+    """The tags a golden LV carries."""
+    return (OWNER_TAG, GOLDEN_TAG, digest_tag(digest))
+
+
+def golden_digest(info: LvInfo) -> str | None:
+    """The image digest a golden LV was written from, from its tag."""
+    for tag in info.tags:
+        if tag.startswith(DIGEST_TAG_PREFIX):
+            return tag[len(DIGEST_TAG_PREFIX):]
+    return None
+
+
+def carried_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    """The tags of a domain's LV its clone takes over (the watcher's own golden tags stay)."""
+    own = (GOLDEN_TAG, OWNER_TAG)
+    return tuple(t for t in dict.fromkeys(tags)
+                 if t not in own and not t.startswith(DIGEST_TAG_PREFIX))
+
+
+def prev_name(lv: str) -> str:
+    return f"{lv}{PREV_SUFFIX}"
+
+
+def clone_names_fit(lv: str) -> bool:
+    """Whether the swap's temporary names of ``lv`` stay within LVM's limit."""
+    return len(lv) + len(PREV_SUFFIX) <= MAX_LV_NAME
+
+
+@dataclass(frozen=True)
+class SwapLeftover:
+    """What a clone swap stopped halfway (a crash) left of the LV ``vg/lv``.
+
+    The swap runs: rename ``<lv>`` to ``<lv>-vw-prev`` → create the clone as ``<lv>`` (a
+    thin snapshot, tags included, active) → extend it to the old size → record
+    ``provisioned`` → remove ``<lv>-vw-prev``. So LVM alone says how far it came:
+
+    - ``<lv>-vw-prev`` and no ``<lv>``: the old LV was renamed away (rename it back);
+    - ``<lv>-vw-prev`` and ``<lv>``: the clone exists and may already be recorded, so it is
+      finished, never undone: activated if it is not, extended to the old LV's size if it
+      is smaller, and the old LV removed.
+    """
+
+    vg: str
+    lv: str
+    lv_exists: bool
+    lv_active: bool
+    lv_size: int
+    """Bytes of ``<lv>`` (0 when it does not exist)."""
+    previous_size: int
+    """Bytes of ``<lv>-vw-prev``: the size the clone must reach."""
+
+    @property
+    def cloned(self) -> bool:
+        """The clone exists under the LV's name."""
+        return self.lv_exists
+
+
+def swap_leftover(vg: str, lv: str, lvs: Iterable[LvInfo]) -> SwapLeftover | None:
+    """The leftover of an interrupted swap of ``vg/lv`` among the VG's ``lvs``, if any."""
+    by_name = {info.lv: info for info in lvs}
+    previous = by_name.get(prev_name(lv))
+    if previous is None:
+        return None
+    current = by_name.get(lv)
+    return SwapLeftover(vg, lv, current is not None, current is not None and current.active,
+                        current.size if current else 0, previous.size)
+
+
+def lv_from_path(path: str) -> tuple[str, str] | None:
+    """``(VG, LV)`` named by ``/dev/VG/LV`` or ``/dev/mapper/VG-LV`` (``--`` is a ``-``), even
+    when no such device exists (a swap renamed it away); None for any other path."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[0] == "" and parts[1] == "dev" and parts[2] != "mapper":
+        vg, lv = parts[2], parts[3]
+        return (vg, lv) if vg and lv else None
+    if len(parts) == 4 and parts[:3] == ["", "dev", "mapper"]:
+        mapped, index = parts[3], 0
+        while True:  # the VG ends at the first single '-'
+            index = mapped.find("-", index)
+            if index <= 0:
+                return None
+            if mapped[index + 1:index + 2] == "-":
+                index += 2
+                continue
+            vg, lv = mapped[:index], mapped[index + 1:]
+            return (vg.replace("--", "-"), lv.replace("--", "-")) if lv else None
+    return None

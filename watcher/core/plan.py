@@ -15,8 +15,16 @@ The rules, in the order they are checked (the first that applies is the refusal)
    libvirt storage volume (libvirt grows it) or an LV (``lvextend``).
 
 A plan always marks the domain ``provisioning`` before anything else, checks that it is
-shut off right before and right after the write, and never deletes, shrinks or recreates
-the volume.
+shut off right before and right after the write, and never shrinks the volume.
+
+Copy or clone: with ``clone: auto`` (the default) a root disk that is a thin LV is not
+written. A thin snapshot of the image's golden LV (one per image and thin pool, written
+once from the cache) takes its place under the same VG/LV name: the swap renames the old
+LV to ``<lv>-vw-prev``, creates the clone as ``<lv>``, records ``provisioned``, and only
+then removes the old LV. Every other rule above applies to both paths. A swap a crash
+interrupted is recognised from LVM alone (``lvm_rules.SwapLeftover``); the plan for such
+a disk is a recovery plan that puts the VG back to one LV, after which the job plans
+again.
 """
 
 from __future__ import annotations
@@ -26,7 +34,15 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from watcher.core.domain import RootDiskSource
-from watcher.core.lvm_rules import LvInfo, refusal_reason
+from watcher.core.lvm_rules import (
+    LvInfo,
+    SwapLeftover,
+    carried_tags,
+    clone_names_fit,
+    golden_name,
+    prev_name,
+    refusal_reason,
+)
 from watcher.core.policy import DomainRule
 from watcher.core.volume_rules import VolumeIdentity, lv_paths, refusal
 
@@ -70,6 +86,10 @@ class TargetFacts:
     """Bytes of a plain file or block device; read only once the volume is allowed."""
     size_problem: str | None = None
     """Why ``size`` could not be read."""
+    golden: LvInfo | None = None
+    """The golden LV of the image in the thin pool of ``lv``, when it exists already."""
+    swap: SwapLeftover | None = None
+    """What an interrupted clone swap of this LV left behind, if anything."""
 
     @property
     def capacity(self) -> int | None:
@@ -87,8 +107,9 @@ class TargetFacts:
 
     def identity(self) -> VolumeIdentity:
         lv = self.lv
-        return VolumeIdentity(self.path, self.real_path, lv_paths(lv.vg, lv.lv) if lv else (),
-                              lv.vg if lv else None,
+        vg_lv = (lv.vg, lv.lv) if lv else (self.swap.vg, self.swap.lv) if self.swap else None
+        return VolumeIdentity(self.path, self.real_path, lv_paths(*vg_lv) if vg_lv else (),
+                              vg_lv[0] if vg_lv else None,
                               self.pool_volume.pool_type if self.pool_volume else None)
 
 
@@ -233,8 +254,112 @@ class StartDomain:
         return "start domain"
 
 
+@dataclass(frozen=True)
+class MakeGolden:
+    """Write the image once onto a new read-only thin LV ``vg/name`` in ``pool``.
+
+    Pre-warming usually made it already; then the plan has no such step.
+    """
+
+    vg: str
+    pool: str
+    name: str
+    digest: str
+    size: int
+    """The image's virtual size: the golden's size (rounded up to whole extents)."""
+
+    def __str__(self) -> str:
+        return f"make golden {self.vg}/{self.name} in pool {self.pool} ({self.size} bytes)"
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Rename the domain's LV ``vg/lv`` to ``previous``: the rollback, until the clone is
+    recorded. From here until ``MarkProvisioned`` a failure removes the clone and renames
+    the old LV back."""
+
+    vg: str
+    lv: str
+    previous: str
+
+    def __str__(self) -> str:
+        return f"rename {self.vg}/{self.lv} to {self.vg}/{self.previous} (the rollback)"
+
+
+@dataclass(frozen=True)
+class CloneGolden:
+    """Create ``clone`` (the domain's LV name) as a thin snapshot of ``golden``: active, no
+    activation skip, with ``tags`` (the old LV's), all in one ``lvcreate``."""
+
+    golden: str
+    """``VG/LV``."""
+    clone: str
+    """``VG/LV``: the domain's LV, same name and path as before."""
+    tags: tuple[str, ...]
+
+    def __str__(self) -> str:
+        carried = f" with tags {','.join(self.tags)}" if self.tags else ""
+        return f"clone {self.golden} as {self.clone}{carried}"
+
+
+@dataclass(frozen=True)
+class GrowClone:
+    """``lvextend`` the clone to ``size`` bytes: the old LV's size, when larger."""
+
+    lv: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"extend clone {self.lv} to {self.size} bytes"
+
+
+@dataclass(frozen=True)
+class ActivateLv:
+    """Recovery: activate a clone whose creation was interrupted before its activation."""
+
+    lv: str
+
+    def __str__(self) -> str:
+        return f"activate lv {self.lv}"
+
+
+@dataclass(frozen=True)
+class DropPrevious:
+    """The clone is recorded (the domain may run already): remove the old LV; a failure
+    leaves it for the next run of the job."""
+
+    lv: str
+
+    def __str__(self) -> str:
+        return f"remove previous lv {self.lv}"
+
+
+@dataclass(frozen=True)
+class RenameLv:
+    """Recovery: rename ``vg/old`` to ``vg/new``."""
+
+    vg: str
+    old: str
+    new: str
+
+    def __str__(self) -> str:
+        return f"rename lv {self.vg}/{self.old} to {self.vg}/{self.new}"
+
+
+@dataclass(frozen=True)
+class RemoveLv:
+    """Recovery: remove the LV ``lv`` an interrupted swap left."""
+
+    lv: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"remove lv {self.lv} ({self.why})"
+
+
 Step = (MarkProvisioning | CheckShutOff | GrowVolume | ExtendLv | Snapshot | Discard
-        | WriteImage | DropSnapshot | MarkProvisioned | StartDomain)
+        | WriteImage | DropSnapshot | MarkProvisioned | StartDomain | MakeGolden | SwapOut
+        | CloneGolden | GrowClone | DropPrevious | ActivateLv | RenameLv | RemoveLv)
 
 
 @dataclass(frozen=True)
@@ -244,6 +369,13 @@ class Plan:
     steps: tuple[Step, ...]
     notes: tuple[str, ...] = ()
     """Things worth a warning that do not stop the job."""
+    recovery: bool = False
+    """Only puts an interrupted swap right; the job then gathers its facts and plans again."""
+
+    @property
+    def clones(self) -> bool:
+        """The image is cloned from a golden LV, not written onto the volume."""
+        return any(isinstance(step, CloneGolden) for step in self.steps)
 
     def describe(self) -> list[str]:
         return [str(step) for step in self.steps]
@@ -304,9 +436,14 @@ def plan(facts: JobFacts, rule: DomainRule, volumes: VolumeRules) -> Refusal | P
     """Refuse with a reason, or the ordered steps that write ``facts.image``."""
     reason = disk_refusal(facts)
     target = facts.target
-    if reason is None:
-        reason = ("the root disk's volume was not resolved" if target is None
-                  else volume_refusal(target, volumes) or target.size_problem)
+    if reason is None and target is None:
+        reason = "the root disk's volume was not resolved"
+    if reason is None and target is not None and target.swap is not None:
+        # The LV may be missing (renamed away): only the allow-list can be checked.
+        reason = refusal(target.identity(), volumes.allow, volumes.lvm_vgs)
+        return Refusal(reason) if reason else recovery_plan(target.swap)
+    if reason is None and target is not None:
+        reason = volume_refusal(target, volumes) or target.size_problem
     if reason is not None:
         return Refusal(reason)
     assert target is not None
@@ -316,6 +453,9 @@ def plan(facts: JobFacts, rule: DomainRule, volumes: VolumeRules) -> Refusal | P
         return sizing
 
     lv = target.lv
+    if (rule.clone == "auto" and lv is not None and lv.is_thin and lv.pool is not None
+            and clone_names_fit(lv.lv)):
+        return clone_plan(facts, lv, target.golden, rule)
     steps: list[Step] = [MarkProvisioning(image.name, image.digest), CheckShutOff("before write")]
     if sizing is not None:
         steps.append(sizing)
@@ -337,3 +477,49 @@ def plan(facts: JobFacts, rule: DomainRule, volumes: VolumeRules) -> Refusal | P
     if rule.start:
         steps.append(StartDomain())
     return Plan(tuple(steps), tuple(notes))
+
+
+def clone_plan(facts: JobFacts, lv: LvInfo, golden: LvInfo | None, rule: DomainRule) -> Plan:
+    """The steps that put a thin snapshot of the image's golden LV in place of ``lv``.
+
+    The refusals were checked already; a too small LV that may grow simply gets the
+    golden's size. ``snapshot:`` is not needed: the old LV itself is the rollback.
+    """
+    image = facts.image
+    assert lv.pool is not None
+    name = golden_name(image.digest, lv.pool)
+    extent = max(lv.extent_size, 1)
+    golden_size = golden.size if golden else -(-image.virtual_size // extent) * extent
+    previous = prev_name(lv.lv)
+    steps: list[Step] = [MarkProvisioning(image.name, image.digest)]
+    if golden is None:
+        steps.append(MakeGolden(lv.vg, lv.pool, name, image.digest, image.virtual_size))
+    steps += [CheckShutOff("before write"), SwapOut(lv.vg, lv.lv, previous),
+              CloneGolden(f"{lv.vg}/{name}", lv.name, carried_tags(lv.tags))]
+    if lv.size > golden_size:
+        steps.append(GrowClone(lv.name, lv.size))
+    steps += [CheckShutOff("after write"), MarkProvisioned(image.name, image.digest)]
+    if rule.start:
+        steps.append(StartDomain())  # the old LV's removal need not hold the domain back
+    steps.append(DropPrevious(f"{lv.vg}/{previous}"))
+    return Plan(tuple(steps))
+
+
+def recovery_plan(swap: SwapLeftover) -> Plan:
+    """The steps that bring an interrupted swap of ``swap.vg/swap.lv`` back to one LV.
+
+    Before the clone exists the old LV is renamed back; once it exists it is finished
+    (it may have been recorded already). Either way the domain is still marked
+    ``provisioning`` or ``provisioned`` with what the LV now holds, and the job plans again.
+    """
+    vg, lv = swap.vg, swap.lv
+    previous = f"{vg}/{prev_name(lv)}"
+    if not swap.cloned:
+        return Plan((RenameLv(vg, prev_name(lv), lv),), recovery=True)
+    steps: list[Step] = []
+    if not swap.lv_active:
+        steps.append(ActivateLv(f"{vg}/{lv}"))
+    if swap.lv_size < swap.previous_size:
+        steps.append(GrowClone(f"{vg}/{lv}", swap.previous_size))
+    steps.append(RemoveLv(previous, "replaced by the clone of an interrupted swap"))
+    return Plan(tuple(steps), recovery=True)

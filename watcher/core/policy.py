@@ -16,6 +16,8 @@ from typing import Literal
 from watcher.core.fleet import host_matches
 
 ImageFormat = Literal["qcow2", "raw"]
+CloneMode = Literal["auto", "never"]
+CLONE_MODES: tuple[CloneMode, ...] = ("auto", "never")
 SIDECAR_SUFFIX = ".sha256"
 
 
@@ -66,6 +68,9 @@ class DomainRule:
     """Start the domain after a successful reprovision."""
     snapshot: int | None = None
     """Size in bytes of an LVM rollback snapshot taken before writing; None = no snapshot."""
+    clone: CloneMode = "auto"
+    """``auto``: a thin-LV root disk becomes a thin snapshot of the image's golden LV;
+    ``never``: always write (copy) the image onto the volume."""
     origin: str = ""
     hosts: tuple[str, ...] = ()
     """Globs on the host name of the hosts where the rule applies; empty = every host."""

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from watcher.core.errors import ConfigError, Problem
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
-from watcher.core.policy import DomainRule, ImageFormat, ImageSpec, PolicySet
+from watcher.core.policy import CLONE_MODES, DomainRule, ImageFormat, ImageSpec, PolicySet
 from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineList, LineMap, describe, parse_yaml
 
 TOP_LEVEL_KEYS = ("images", "domains")
 IMAGE_KEYS = ("bucket", "key", "prefix", "format", "checksum", "hosts")
-RULE_KEYS = ("match", "image", "root_disk", "grow", "start", "snapshot", "hosts")
+RULE_KEYS = ("match", "image", "root_disk", "grow", "start", "snapshot", "clone", "hosts")
 IMAGE_FORMATS: tuple[ImageFormat, ...] = ("qcow2", "raw")
 CHECKSUM_MODES = ("required", "optional")
 
@@ -179,6 +179,7 @@ def _read_rule(reader: FieldReader, item: LineMap, where: str) -> DomainRule | N
     grow = reader.boolean(item, "grow", where)
     start = reader.boolean(item, "start", where)
     snapshot = _snapshot_size(reader, item, where)
+    clone = reader.choice(item, "clone", where, CLONE_MODES)
     hosts = _host_globs(reader, item, where)
     if len(reader.problems) > before or match is None or image is None:
         return None
@@ -189,6 +190,7 @@ def _read_rule(reader: FieldReader, item: LineMap, where: str) -> DomainRule | N
         grow=bool(grow),
         start=bool(start),
         snapshot=snapshot,
+        clone="never" if clone == "never" else "auto",
         origin=f"{reader.file}:{item.line}",
         hosts=hosts,
     )

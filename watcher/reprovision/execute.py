@@ -5,6 +5,11 @@ step at a time and in order, so what runs is exactly what the plan (and its log 
 says. A rollback snapshot taken by one step guards every later step until
 ``DropSnapshot``: a failure in between merges it back before the error travels on, and
 the error then says whether the volume was rolled back.
+
+A clone works the same way: from ``SwapOut`` on, the old LV and the clone are guarded
+until ``DropPrevious``; a failure before ``MarkProvisioned`` removes the clone and puts the
+old LV back under its name. ``DropPrevious`` comes after ``MarkProvisioned`` (and after
+the start), so what the metadata records is always what the domain's LV holds.
 """
 
 from __future__ import annotations
@@ -23,20 +28,29 @@ from watcher.core.domain import DomainState
 from watcher.core.errors import PermanentError, PermanentImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
 from watcher.core.plan import (
+    ActivateLv,
     CheckShutOff,
+    CloneGolden,
     Discard,
+    DropPrevious,
     DropSnapshot,
     ExtendLv,
+    GrowClone,
     GrowVolume,
     JobFacts,
+    MakeGolden,
     MarkProvisioned,
     MarkProvisioning,
     Plan,
+    RemoveLv,
+    RenameLv,
     Snapshot,
     StartDomain,
     Step,
+    SwapOut,
     WriteImage,
 )
+from watcher.reprovision.goldens import Goldens
 
 
 class Capacity(Protocol):
@@ -75,11 +89,17 @@ class WriteFailed(PermanentError):
         self.rolled_back = rolled_back
 
 
+class GoldenFailed(PermanentError):
+    """Writing the golden LV failed; the domain's LV was not touched."""
+
+
 _SPAN_NAMES: dict[type[Any], str] = {
     MarkProvisioning: "metadata update", MarkProvisioned: "metadata update",
     CheckShutOff: "check shut off", GrowVolume: "grow", ExtendLv: "grow",
     Snapshot: "snapshot", Discard: "discard", WriteImage: "write",
-    DropSnapshot: "snapshot", StartDomain: "start",
+    DropSnapshot: "snapshot", StartDomain: "start", MakeGolden: "golden",
+    SwapOut: "swap", CloneGolden: "clone", GrowClone: "grow", DropPrevious: "swap",
+    ActivateLv: "recover", RenameLv: "recover", RemoveLv: "recover",
 }
 
 
@@ -99,31 +119,82 @@ class Executor:
     log: Any
     lv: LvInfo | None = None
     """The root LV as it is now: a grow step changes it, the snapshot step needs it."""
+    goldens: Goldens | None = None
+    """Makes the golden LVs a clone plan needs; required for one."""
+    swap: lvm.CloneSwap | None = None
+    """The clone on its way in, from ``SwapOut`` to ``DropPrevious``."""
+    marker: contextlib.ExitStack | None = None
+    """The write marker a swap holds until ``MarkProvisioned``."""
+    _guarded: bool = False
+    """A rollback snapshot guards the steps running now."""
 
     async def run(self, plan: Plan) -> None:
         """Run every step; raise what stopped it (``Deferred``, a refusal, a failure)."""
         self.lv = self.facts.target.lv if self.facts.target else None
         for note in plan.notes:
             self.log.warning(note)
-        guarded = False
+        self._guarded = False
         try:
-            async with contextlib.AsyncExitStack() as guard:
-                for step in plan.steps:
-                    self.log.debug("reprovision step", step=str(step))
-                    with telemetry.tracer.start_as_current_span(_SPAN_NAMES[type(step)]) as span:
-                        span.set_attribute("step", str(step))
-                        if isinstance(step, Snapshot):
-                            await guard.enter_async_context(self._snapshot(step))
-                            guarded = True
-                        elif isinstance(step, DropSnapshot):
-                            await guard.aclose()  # success: the snapshot is removed
-                            guarded = False
-                        else:
-                            await self._run(step)
+            # The marker outlives the guard: a swap is rolled back while it is still held.
+            with contextlib.ExitStack() as marker:
+                self.marker = marker
+                async with contextlib.AsyncExitStack() as guard:
+                    for step in plan.steps:
+                        await self._traced(step, guard)
         except PermanentImageWriteError as exc:
             # Still guarded here means the snapshot was merged back: a failed merge
             # raises LvmError instead.
-            raise WriteFailed(exc, rolled_back=guarded) from exc
+            raise WriteFailed(exc, rolled_back=self._guarded) from exc
+
+    async def _traced(self, step: Step, guard: contextlib.AsyncExitStack) -> None:
+        self.log.debug("reprovision step", step=str(step))
+        with telemetry.tracer.start_as_current_span(_SPAN_NAMES[type(step)]) as span:
+            span.set_attribute("step", str(step))
+            if isinstance(step, Snapshot):
+                await guard.enter_async_context(self._snapshot(step))
+                self._guarded = True
+            elif isinstance(step, DropSnapshot):
+                await guard.aclose()  # success: the snapshot is removed
+                self._guarded = False
+            elif isinstance(step, SwapOut):
+                await self._swap_out(step, guard)
+            elif isinstance(step, DropPrevious):
+                await self._drop_previous(step, guard)
+            else:
+                await self._run(step)
+                if isinstance(step, MarkProvisioned) and self.marker is not None:
+                    self.marker.close()  # recorded: the volume is the domain's again
+
+    async def _swap_out(self, step: SwapOut, guard: contextlib.AsyncExitStack) -> None:
+        target = self.facts.target
+        assert target is not None and self.marker is not None
+        pool = target.pool_volume
+        # The same marker as a write's: one writer per volume, and the hook holds back any
+        # other domain with a disk on it.
+        self.marker.enter_context(write_markers.marked_writing(
+            target.real_path, pool=pool.pool if pool else None, volume=None,
+            job_id=f"reprovision {self.facts.domain}"))
+        self.swap = await guard.enter_async_context(lvm.swapping_in(step.vg, step.lv))
+        await self.swap.rename_old()
+        self.log.info("old lv renamed away", lv=f"{step.vg}/{step.lv}",
+                      previous=f"{step.vg}/{step.previous}")
+
+    async def _clone(self, step: CloneGolden) -> None:
+        assert self.goldens is not None and self.swap is not None
+        vg, _, golden = step.golden.partition("/")
+        async with self.goldens.held(vg, golden):  # not removed while it is cloned
+            await self.swap.clone(step.golden, step.tags)
+        self.log.info("golden lv cloned", golden=step.golden, clone=step.clone)
+
+    async def _drop_previous(self, step: DropPrevious,
+                             guard: contextlib.AsyncExitStack) -> None:
+        try:
+            await guard.aclose()  # success: the old LV is removed
+        except lvm.LvmError as exc:
+            # The result is recorded; the next run of this domain removes the leftover.
+            self.log.warning("removing the previous lv failed; it is removed at the next "
+                             "reprovision of this domain", lv=step.lv, error=str(exc))
+        self.swap = None
 
     def _snapshot(self, step: Snapshot) -> contextlib.AbstractAsyncContextManager[LvInfo]:
         assert self.lv is not None and self.lv.name == step.lv
@@ -134,7 +205,9 @@ class Executor:
             MarkProvisioning: self._mark, MarkProvisioned: self._mark,
             CheckShutOff: self._check_shut_off, GrowVolume: self._grow_volume,
             ExtendLv: self._extend_lv, Discard: self._discard, WriteImage: self._write,
-            StartDomain: self._start,
+            StartDomain: self._start, MakeGolden: self._make_golden,
+            CloneGolden: self._clone, GrowClone: self._grow_clone, ActivateLv: self._activate,
+            RenameLv: self._rename, RemoveLv: self._remove,
         }
         await handlers[type(step)](step)
 
@@ -159,6 +232,34 @@ class Executor:
         assert self.lv is not None
         self.lv = await lvm.grow(self.lv, step.size)
         self.log.info("logical volume grown", lv=self.lv.name, size=self.lv.size)
+
+    async def _make_golden(self, step: MakeGolden) -> None:
+        assert self.goldens is not None
+        try:
+            await self.goldens.ensure(step.vg, step.pool, step.digest, step.size, self.source,
+                                      self.facts.image.format)
+        except PermanentImageWriteError as exc:
+            raise GoldenFailed(f"writing the golden lv {step.vg}/{step.name} failed: {exc}; "
+                               "the domain's lv was not touched") from exc
+
+    async def _grow_clone(self, step: GrowClone) -> None:
+        if self.swap is not None:
+            await self.swap.grow(step.size)
+        else:  # recovery of a swap whose clone was not grown yet
+            await lvm.extend_to(step.lv, step.size)
+        self.log.info("clone grown", lv=step.lv, size=step.size)
+
+    async def _activate(self, step: ActivateLv) -> None:
+        await lvm.activate(step.lv)
+        self.log.info("interrupted swap: clone activated", lv=step.lv)
+
+    async def _rename(self, step: RenameLv) -> None:
+        await lvm.rename_lv(step.vg, step.old, step.new)
+        self.log.info("interrupted swap: lv renamed back", lv=f"{step.vg}/{step.new}")
+
+    async def _remove(self, step: RemoveLv) -> None:
+        await lvm.remove_lv(step.lv)
+        self.log.info("interrupted swap: lv removed", lv=step.lv, why=step.why)
 
     async def _discard(self, step: Discard) -> None:
         await lvm.discard(step.path)

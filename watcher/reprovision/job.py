@@ -7,18 +7,22 @@ worker hands over (by UUID) it reads the domain, decides whether a job is due
 ``provisioned``, ``failed`` with a reason, deferred to the next stop, or a
 ``TemporaryError`` for the worker to retry. Serialising runs per domain, bounding them
 and retrying belong to the worker (``watcher.runtime.keyed``), not here.
+
+It also owns the golden LVs the clone path needs (``goldens``): pre-warming asks it to
+make them (``prepare_goldens``) and the cache's eviction to remove them
+(``remove_goldens``, ``remove_orphan_goldens``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from watcher import telemetry
-from watcher.adapters import qemu_img
+from watcher.adapters import lvm, qemu_img
 from watcher.adapters.hypervisor import DomainFacts, DomainGone, DomainWatcher
 from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.cache import CacheEntry
@@ -28,15 +32,18 @@ from watcher.core.domain import (
     Fail,
     MalformedState,
     Nothing,
+    RootDiskUnusable,
     Write,
     decide,
     parse_state,
+    root_disk,
 )
-from watcher.core.errors import NotUploadedYet, PermanentError, TemporaryError
-from watcher.core.plan import Refusal, VolumeRules, plan
+from watcher.core.errors import NotUploadedYet, PermanentError, TemporaryError, WatcherError
+from watcher.core.plan import Plan, Refusal, TargetFacts, VolumeRules, plan, volume_refusal
 from watcher.core.policy import ImageSpec, PolicySet
 from watcher.reprovision.execute import Deferred, Executor, Refused
-from watcher.reprovision.facts import gather
+from watcher.reprovision.facts import gather, resolve_target
+from watcher.reprovision.goldens import Goldens
 from watcher.settings import REPROVISION_TUNING
 
 RETRY_BACKOFF = REPROVISION_TUNING.retry_backoff
@@ -74,7 +81,10 @@ class Reprovisioner:
         self.volumes = volumes
         self.log = log if log is not None else telemetry.get_logger(component="reprovision")
         self.write_image = write_image
+        self.goldens = Goldens(write_image, self.log)
         self._active = 0
+        self._goldens_prepared: dict[str, str] = {}
+        """Image name -> the digest whose goldens ``prepare_goldens`` made last."""
 
     @property
     def running_jobs(self) -> int:
@@ -125,15 +135,22 @@ class Reprovisioner:
                 except NotUploadedYet as exc:
                     raise TemporaryError(f"image not available yet: {exc}") from exc
                 span.set_attribute("digest", entry.digest)
-                with telemetry.tracer.start_as_current_span("resolve volume"):
-                    facts = await gather(self.hypervisor, domain, request, action.rule,
-                                         action.image, entry, self.volumes)
-                decision = plan(facts, action.rule, self.volumes)
-                if isinstance(decision, Refusal):
-                    raise Refused(decision.reason)
-                log.info("reprovision planned", steps=decision.describe())
-                await Executor(self.hypervisor, self.write_image, facts, entry.path,
-                               log).run(decision)
+                for attempt in range(2):
+                    with telemetry.tracer.start_as_current_span("resolve volume"):
+                        facts = await gather(self.hypervisor, domain, request, action.rule,
+                                             action.image, entry, self.volumes)
+                    decision = plan(facts, action.rule, self.volumes)
+                    if isinstance(decision, Refusal):
+                        raise Refused(decision.reason)
+                    if decision.recovery and attempt > 0:
+                        raise Refused("an interrupted clone swap of the root disk is still "
+                                      f"there after recovering it: {decision.describe()}")
+                    log.info("reprovision planned", steps=decision.describe(),
+                             recovery=decision.recovery)
+                    await Executor(self.hypervisor, self.write_image, facts, entry.path,
+                                   log, goldens=self.goldens).run(decision)
+                    if not decision.recovery:
+                        break
             except Deferred as exc:
                 log.info("reprovision deferred", reason=str(exc))
                 span.set_attribute("result", "deferred")
@@ -157,9 +174,90 @@ class Reprovisioner:
         seconds = time.monotonic() - began
         telemetry.reprovisions.labels(result="provisioned").inc()
         telemetry.reprovision_seconds.observe(seconds)
-        telemetry.written_bytes.inc(entry.virtual_size)
+        written = 0 if _cloned(decision) else entry.virtual_size
+        telemetry.written_bytes.inc(written)
         log.info("reprovision finished", digest=entry.digest, seconds=round(seconds, 2),
-                 bytes=entry.virtual_size, result="provisioned")
+                 bytes=written, result="provisioned",
+                 method="clone" if _cloned(decision) else "copy")
+
+    # ---- golden LVs -------------------------------------------------------------------------
+
+    async def prepare_goldens(self, image_name: str, entry: CacheEntry) -> list[str]:
+        """Make the goldens of ``entry`` in every thin pool where a domain whose rule names
+        ``image_name`` (with ``clone: auto``) has its allowed root LV; for pre-warming, so
+        a reprovision finds them ready. Once per digest of an image in this process; a
+        domain defined later gets its golden at its first reprovision. Returns their names.
+        """
+        if self._goldens_prepared.get(image_name) == entry.digest or not self.hypervisor.connected:
+            return []  # done already, or tried again at the next warm once libvirt is back
+        policies = self.policies()
+
+        def clones_image(name: str) -> bool:
+            rule = policies.rule_for(name)
+            return rule is not None and rule.image == image_name and rule.clone == "auto"
+
+        if not any(rule.image == image_name and rule.clone == "auto" for rule in policies.rules):
+            self._goldens_prepared[image_name] = entry.digest
+            return []
+        pools: set[tuple[str, str]] = set()
+        for row in await self.hypervisor.domain_overview(clones_image):
+            pool = await self._thin_pool_of(row.uuid, policies)
+            if pool is not None:
+                pools.add(pool)
+        made = []
+        for vg, pool_name in sorted(pools):
+            golden = await self.goldens.ensure(vg, pool_name, entry.digest, entry.virtual_size,
+                                               entry.path, entry.format)
+            made.append(golden.name)
+        self._goldens_prepared[image_name] = entry.digest
+        return made
+
+    async def _thin_pool_of(self, uuid: str, policies: PolicySet) -> tuple[str, str] | None:
+        """``(VG, pool)`` of the domain's root disk when it is an allowed thin LV."""
+        facts = await self.hypervisor.describe(uuid)
+        rule = policies.rule_for(facts.name) if facts is not None else None
+        if facts is None or rule is None:
+            return None
+        try:
+            disk = root_disk(facts.xml, rule.root_disk)
+        except RootDiskUnusable:
+            return None
+        if disk.format not in (None, "raw"):
+            return None
+        try:
+            target: TargetFacts = await resolve_target(self.hypervisor, disk)
+        except (WatcherError, OSError):
+            return None
+        lv = target.lv
+        if lv is None or not lv.is_thin or lv.pool is None:
+            return None
+        if volume_refusal(target, self.volumes) is not None:
+            return None
+        return lv.vg, lv.pool
+
+    async def remove_goldens(self, digests: Iterable[str]) -> list[str]:
+        """Remove the golden LVs of cache entries that were removed; returns their names."""
+        digests = list(digests)
+        if not digests:
+            return []
+        for name, digest in list(self._goldens_prepared.items()):
+            if digest in digests:
+                del self._goldens_prepared[name]
+        try:
+            return await self.goldens.remove_many(digests)
+        except lvm.LvmError as exc:
+            self.log.warning("removing golden lvs of evicted cache entries failed; the next "
+                             "reconcile tries again", error=str(exc))
+            return []
+
+    async def remove_orphan_goldens(self, cached: Collection[str]) -> list[str]:
+        """Remove the golden LVs of every digest not in ``cached``; quiet on a host without
+        LVM. Returns their names."""
+        try:
+            return await self.goldens.remove_orphans(cached)
+        except lvm.LvmError as exc:
+            self.log.debug("golden lvs not looked at", error=str(exc))
+            return []
 
     async def _finish_failed(self, facts: DomainFacts, image: str | None, reason: str,
                              began: float, entry: CacheEntry | None = None) -> None:
@@ -173,3 +271,7 @@ class Reprovisioner:
         self.log.warning("reprovision finished", domain=facts.name, uuid=facts.uuid,
                          image=image, digest=entry.digest if entry else None,
                          seconds=round(seconds, 2), bytes=0, result="failed", reason=reason)
+
+
+def _cloned(decision: Plan | Refusal) -> bool:
+    return isinstance(decision, Plan) and decision.clones

@@ -162,6 +162,9 @@ class Daemon:
             self.domains = DomainWatcher(config.libvirt.uri, self._domain_reported)
             self.reprovisioner = Reprovisioner(
                 self.domains, self.cache, self.policies.get, config.volumes)
+            # Golden LVs of the clone path: made when an image warms, gone with its entry.
+            self.prewarm.after_warm = self.reprovisioner.prepare_goldens
+            self.cache.on_evicted = self.reprovisioner.remove_goldens
             self.reprovisions = KeyedWorker(
                 self.reprovisioner, unit="reprovision", key_field="uuid",
                 max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF,
@@ -244,6 +247,9 @@ class Daemon:
             except Exception:
                 telemetry.report_unexpected(log, "sweep")
         await self.cache.evict()
+        if self.reprovisioner is not None:  # also the goldens of entries another process removed
+            await self.reprovisioner.remove_orphan_goldens(
+                {entry.digest for entry in self.store.entries()})
         self.fleet.reconciled(outdated)
         log.info("reconciled", images=images,
                  seconds=round(time.monotonic() - started, 3))
