@@ -6,7 +6,7 @@ Usage (as root, with ``./scripts/services.sh`` up)::
     .venv/bin/python -m bench --quick         # smaller images, a few minutes
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
 
-Benchmarks: writer, prewarm, events, libvirt, memory, api. Each prints its tables as soon as
+Benchmarks: writer, prewarm, events, libvirt, memory, api, clone. Each prints its tables as soon as
 it finishes; ``--markdown`` also writes the machine description and every table to a
 file (what bench/RESULTS.md is made from).
 """
