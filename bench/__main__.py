@@ -29,6 +29,7 @@ BENCHMARKS = {
     "events": "bench.events",
     "memory": "bench.memory",
     "libvirt": "bench.domains",
+    "scale": "bench.scale",
 }
 """Name -> module with ``bench(options) -> list[Table]``; run in this order."""
 

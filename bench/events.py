@@ -127,9 +127,13 @@ async def _drain(here: World, prefix: str, count: int, same_key: bool) -> float:
     return count / ((last_done - started) / 1e9)
 
 
-async def _bare_drain(here: World, prefix: str, count: int, *, no_ack: bool) -> float:
-    """Handled per second by a consumer that only acks (or consumes with ``no_ack``)."""
-    await asyncio.to_thread(run, _publisher_argv(here, prefix, count, 0, False))
+async def _bare_drain(here: World, prefix: str, count: int, *, no_ack: bool,
+                      paced: bool = False) -> tuple[float, list[float]]:
+    """Handled per second by a consumer that only acks (or consumes with ``no_ack``), and
+    the latencies in ms; ``paced``: consuming while the publisher offers ``OFFERED_RATE``."""
+    if not paced:
+        await asyncio.to_thread(run, _publisher_argv(here, prefix, count, 0, False))
+    latencies: list[float] = []
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=False)
@@ -142,16 +146,26 @@ async def _bare_drain(here: World, prefix: str, count: int, *, no_ack: bool) -> 
             nonlocal seen
             if not no_ack:
                 await message.ack()
+            published = message.headers.get("bench-published-ns")
+            if isinstance(published, int):
+                latencies.append((time.time_ns() - published) / 1e6)
             seen += 1
             if seen >= count:
                 done.set()
 
         started = time.perf_counter()
         tag = await queue.consume(on_message, no_ack=no_ack)
+        proc = None
+        if paced:
+            proc = await asyncio.create_subprocess_exec(
+                *_publisher_argv(here, prefix, count, OFFERED_RATE, False),
+                stdout=subprocess.PIPE)
         await asyncio.wait_for(done.wait(), timeout=600)
         seconds = time.perf_counter() - started
         await queue.cancel(tag)
-    return count / seconds
+        if proc is not None:
+            await proc.communicate()
+    return count / seconds, latencies
 
 
 def _queue_name(here: World) -> str:
@@ -192,6 +206,8 @@ def bench(options: Options) -> list[Table]:
         ["consumer", "handled/s", "runs"])
     bare_ack: list[float] = []
     bare_no_ack: list[float] = []
+    bare_paced: list[float] = []
+    bare_p99: list[float] = []
     with world(options.scratch, "events") as here:
         asyncio.run(_prepare(here))
         for label, prefix, count, same_key in (
@@ -206,11 +222,16 @@ def bench(options: Options) -> list[Table]:
             for _ in range(options.runs):
                 if not same_key:  # the reference, in the same round as the daemon
                     bare_ack.append(asyncio.run(
-                        _bare_drain(here, prefix, count, no_ack=False)))
+                        _bare_drain(here, prefix, count, no_ack=False))[0])
                     bare_no_ack.append(asyncio.run(
-                        _bare_drain(here, prefix, count, no_ack=True)))
+                        _bare_drain(here, prefix, count, no_ack=True))[0])
+                    rate, latencies = asyncio.run(
+                        _bare_drain(here, prefix, count, no_ack=False, paced=True))
+                    bare_paced.append(rate)
+                    bare_p99.append(percentile(latencies, 0.99))
                     print(f"  bare consumer: ack each {bare_ack[-1]:.0f}/s, "
-                          f"no_ack {bare_no_ack[-1]:.0f}/s", flush=True)
+                          f"no_ack {bare_no_ack[-1]:.0f}/s, paced {rate:.0f}/s "
+                          f"p99 {bare_p99[-1]:.1f} ms", flush=True)
                 offered, rate, latencies = asyncio.run(_paced(here, prefix, count, same_key))
                 offers.append(offered)
                 rates.append(rate)
@@ -246,6 +267,9 @@ def bench(options: Options) -> list[Table]:
              f"{min(bare_ack):.0f}-{max(bare_ack):.0f}")
     bare.add("`no_ack=True` (settled by the broker on delivery)", f"{median(bare_no_ack):.0f}",
              f"{min(bare_no_ack):.0f}-{max(bare_no_ack):.0f}")
+    bare.add(f"ack each, paced: consuming while {OFFERED_RATE:.0f}/s are offered",
+             f"{median(bare_paced):.0f} (p99 {median(bare_p99):.1f} ms)",
+             f"{min(bare_paced):.0f}-{max(bare_paced):.0f}")
     bare.notes.append(f"same queue, prefetch {AmqpSettings().prefetch}, in this process; "
                       "queued by the same publisher before the consumer starts")
     return [table, bare]
