@@ -12,8 +12,9 @@ has reconciled.
   object under each prefix is the current, cached image);
 - cache records: entries for old versions (small data files with real digests), read at
   start-up like any other;
-- domains: shut off, each with a ``provisioned`` metadata element; defining thousands of
-  libvirt domains is slow, so they stop growing at ``DOMAIN_CAP`` (the table says where).
+- domains: shut off, each with a ``provisioned`` metadata element; they stop growing at
+  ``DOMAIN_CAP`` (5,000): the libvirtd is shared, and 50,000 defined domains would slow
+  everyone else's calls to it.
 
 Each step's growth factor is its time (or RSS) divided by the previous step's, next to
 how much the world grew; "super-linear" means the figure grew faster than the world.
@@ -218,8 +219,10 @@ def bench(options: Options) -> list[Table]:
         "growth = this step's figure / the previous step's; kind compares it with how much "
         "the objects and records grew (10x per step): linear (0.5-1.25x of that), sub-linear "
         "below, super-linear above",
-        f"domains stop at {DOMAIN_CAP}: defining libvirt domains is slow (time to grow each "
-        "step: " + ", ".join(f"{s.factor}x {s.grow_seconds:.0f} s" for s in steps) + ")",
+        f"domains stop at {DOMAIN_CAP} (the issue's 10x): this libvirtd is shared, and tens "
+        "of thousands of defined domains would slow every other user's calls; time to grow "
+        "each step (uploads, records, domains): "
+        + ", ".join(f"{s.factor}x {s.grow_seconds:.0f} s" for s in steps),
         "the daemon connects to libvirt (qemu:///system); its sweep and outdated count also "
         "go through any other domains on this host",
     ]
