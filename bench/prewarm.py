@@ -9,12 +9,18 @@ server. The variants take turns in a shuffled order each round, each from a cold
 - one thread: ``get_object`` streamed into a file in 1 MiB chunks, hashed in the same
   thread, then fsync: the straightforward verified download, and what ``S3Store.download``
   did before it handed writing, hashing and writeback to a second thread (``filesink``);
-- cache: ``ImageCache.ensure`` on a fresh cache (stat, sidecar, download + SHA-256,
-  fsync, inspection, atomic rename);
+- unsynced download: ``S3Store.download(durable=False)``, what a pre-warm runs: the
+  receiving thread writes, a second one hashes, nothing is flushed;
+- cache: ``ImageWarmer.ensure`` on a fresh cache, as a job calls it (stat, sidecar,
+  download + SHA-256 with writeback, fsync, inspection, atomic rename);
 - daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
   notification is published and stops when the verified entry's record exists (polled
-  every 5 ms). Every run uses a fresh cache and a new key (a server-side copy of the
-  same bytes, made before the clock starts).
+  every 5 ms). The entry appears unsynced (``durable: false``) and is fsynced right
+  after. Every run uses a fresh cache and a new key (a server-side copy of the same
+  bytes, made before the clock starts).
+
+CPU seconds (user + system, of this process and its threads) are noted for the variants
+that run nothing else in the process.
 
 Inspection alone (``inspect_image_file`` on the cached file) is timed after each cache run.
 """
@@ -72,6 +78,14 @@ def _one_thread(here: World, dest: Path) -> float:
         finally:
             response.close()
             response.release_conn()
+    dest.unlink()
+    return sw.seconds
+
+
+def _unsynced(here: World, dest: Path) -> float:
+    s3 = S3Store(here.s3_settings())
+    with Stopwatch() as sw:
+        s3.download(here.bucket, SOURCE_KEY, dest, durable=False)
     dest.unlink()
     return sw.seconds
 
@@ -144,6 +158,8 @@ def bench(options: Options) -> list[Table]:
     cached: list[float] = []
     inspection: list[float] = []
     daemon: list[float] = []
+    unsynced: list[float] = []
+    cpu: dict[str, list[float]] = {}
     with world(options.scratch, "prewarm") as here:
         print(f"  uploading {size / MIB:.0f} MiB", flush=True)
         digest = here.upload_with_sidecar(SOURCE_KEY, image)
@@ -154,40 +170,51 @@ def bench(options: Options) -> list[Table]:
                     _plain(here, here.root / "plain.qcow2", durable=True))),
                 ("one thread", lambda: one_thread.append(
                     _one_thread(here, here.root / "one.qcow2"))),
+                ("unsynced", lambda: unsynced.append(_unsynced(here, here.root / "u.qcow2"))),
                 ("cache", lambda: _note_cache(
                     asyncio.run(_cache(here, here.root / "cache")), cached, inspection)),
                 ("daemon", partial(_daemon_run, here, run, digest, daemon)),
             ]
             random.Random(run).shuffle(variants)
-            for _name, measure in variants:
+            for name, measure in variants:
                 drop_caches()
+                before = os.times()
                 measure()
+                after = os.times()
+                cpu.setdefault(name, []).append(
+                    after.user - before.user + after.system - before.system)
             print(f"  run {run + 1}: plain {plain[-1]:.2f} s, one thread {one_thread[-1]:.2f} s, "
-                  f"cache {cached[-1]:.2f} s, daemon {daemon[-1]:.2f} s", flush=True)
+                  f"unsynced {unsynced[-1]:.2f} s, cache {cached[-1]:.2f} s, "
+                  f"daemon {daemon[-1]:.2f} s", flush=True)
     t_plain = median(plain)
     table = Table(
         f"Pre-warming a {size / MIB:.0f} MiB qcow2 (median of {options.runs}, min-max s)",
-        ["variant", "seconds", "MB/s", "/ plain download", "target", "verdict"])
+        ["variant", "seconds", "MB/s", "/ plain download", "CPU s", "target", "verdict"])
     table.add("plain `fget_object`", f"{t_plain:.2f} [{spread(plain)}]",
-              f"{size / t_plain / 1e6:.0f}", "1.00", "", "")
-    for name, times, target in (
-        ("plain `fget_object` + fsync (durable, like the cache)", durable, None),
-        ("one thread: `get_object`, SHA-256 and write in turn, fsync", one_thread, None),
-        ("`ImageCache.ensure` (download, hash, fsync, inspect)", cached, None),
-        ("daemon: publish -> verified entry (unsynced until just after)", daemon, 1.05),
+              f"{size / t_plain / 1e6:.0f}", "1.00", f"{median(cpu['plain']):.2f}", "", "")
+    for name, key, times, target in (
+        ("plain `fget_object` + fsync (durable, like the cache)", "plain+fsync", durable, None),
+        ("one thread: `get_object`, SHA-256 and write in turn, fsync", "one thread",
+         one_thread, None),
+        ("`S3Store.download(durable=False)`: hashed, not flushed", "unsynced", unsynced, None),
+        ("`ImageWarmer.ensure` (download, hash, fsync, inspect)", "cache", cached, None),
+        ("daemon: publish -> verified entry (unsynced until just after)", "", daemon, 1.05),
     ):
         t = median(times)
         table.add(name, f"{t:.2f} [{spread(times)}]", f"{size / t / 1e6:.0f}",
-                  f"{t / t_plain:.2f}", f"<= {target}x plain" if target else "",
+                  f"{t / t_plain:.2f}", f"{median(cpu[key]):.2f}" if key else "",
+                  f"<= {target}x plain" if target else "",
                   verdict(t / t_plain <= target) if target else "")
     t_inspect = median(inspection)
     table.add("inspection alone (header check + `qemu-img info`)",
               f"{t_inspect:.3f} [{spread(inspection)}]", "",
-              f"{t_inspect / t_plain:.3f}", "", "")
+              f"{t_inspect / t_plain:.3f}", "", "", "")
     table.notes += [
         "page cache dropped before every variant and after the daemon's server-side copy, "
         "so S3 serves from disk each time; variants run in a shuffled order each round",
         "daemon: in this process, `Daemon(config, with_libvirt=False).run(handle_signals=False)`"
         ", logging JSON at info level to a file",
+        "CPU s: user + system time of this process (all threads) during the variant; the S3 "
+        "server's own CPU is not counted",
     ]
     return [table]
