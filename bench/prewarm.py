@@ -16,8 +16,13 @@ server. The variants take turns in a shuffled order each round, each from a cold
 - daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
   notification is published and stops when the verified entry's record exists (polled
   every 5 ms). The entry appears unsynced (``durable: false``) and is fsynced right
-  after. Every run uses a fresh cache and a new key (a server-side copy of the same
-  bytes, made before the clock starts).
+  after. Every run uses a fresh cache.
+
+Every variant of a round downloads the same object: a new key per round (a server-side
+copy of the image, made before the round), so that the daemon, started while that key's
+checksum sidecar is missing, has nothing to fetch until the sidecar is uploaded and the
+notification published. The cache variant computes the digest instead of reading the
+sidecar, which may not exist yet when it runs.
 
 CPU seconds (user + system, of this process and its threads) are noted for the variants
 that run nothing else in the process.
@@ -38,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 import aio_pika
+from minio.commonconfig import CopySource
 
 from bench.common import (
     AMQP_URL,
@@ -64,9 +70,9 @@ from watcher.core.policy import ImageSpec
 SOURCE_KEY = "images/source.qcow2"
 
 
-def _one_thread(here: World, dest: Path) -> float:
+def _one_thread(here: World, key: str, dest: Path) -> float:
     with Stopwatch() as sw:
-        response = here.minio().get_object(here.bucket, SOURCE_KEY)
+        response = here.minio().get_object(here.bucket, key)
         digest = hashlib.sha256()
         try:
             with open(dest, "wb") as out:
@@ -82,29 +88,29 @@ def _one_thread(here: World, dest: Path) -> float:
     return sw.seconds
 
 
-def _unsynced(here: World, dest: Path) -> float:
+def _unsynced(here: World, key: str, dest: Path) -> float:
     s3 = S3Store(here.s3_settings())
     with Stopwatch() as sw:
-        s3.download(here.bucket, SOURCE_KEY, dest, durable=False)
+        s3.download(here.bucket, key, dest, durable=False)
     dest.unlink()
     return sw.seconds
 
 
-def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
+def _plain(here: World, key: str, dest: Path, *, durable: bool = False) -> float:
     with Stopwatch() as sw:
-        here.minio().fget_object(here.bucket, SOURCE_KEY, str(dest))
+        here.minio().fget_object(here.bucket, key, str(dest))
         if durable:
             fsync_path(dest)
     dest.unlink()
     return sw.seconds
 
 
-async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
+async def _cache(here: World, key: str, cache_dir: Path) -> tuple[float, float]:
     store = CacheStore(cache_dir, max_size=100 * 1024**3)
     store.prepare()
     cache = ImageWarmer(store, S3Store(here.s3_settings()))
-    spec = ImageSpec(name="bench", bucket=here.bucket, key=SOURCE_KEY, prefix=None,
-                     format="qcow2")
+    spec = ImageSpec(name="bench", bucket=here.bucket, key=key, prefix=None,
+                     format="qcow2", checksum_required=False)
     with Stopwatch() as sw:
         entry = await cache.ensure(spec)
     with Stopwatch() as inspection:
@@ -113,15 +119,15 @@ async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
     return sw.seconds, inspection.seconds
 
 
-async def _daemon(here: World, run: int, digest: str) -> float:
-    key = f"images/run-{run}.qcow2"
+async def _daemon(here: World, run: int, key: str, digest: str) -> float:
     cache_dir = here.root / f"daemon-cache-{run}"
     here.write_policy({"bench": {"key": key}})
     here.write_config(cache_dir)
     async with running_daemon(here.config_path) as running:
         daemon = running.daemon
-        await asyncio.sleep(1.0)  # the start-up reconcile finds nothing yet and finishes
-        await asyncio.to_thread(here.copy_with_sidecar, SOURCE_KEY, key, digest)
+        await asyncio.sleep(1.0)  # the start-up reconcile waits for the sidecar and finishes
+        await asyncio.to_thread(here.upload, key + ".sha256",
+                                f"{digest}  {Path(key).name}\n".encode())
         drop_caches()
         body = minio_event(here.bucket, key)
         connection = await aio_pika.connect(AMQP_URL)
@@ -138,8 +144,8 @@ async def _daemon(here: World, run: int, digest: str) -> float:
     return seconds
 
 
-def _daemon_run(here: World, run: int, digest: str, daemon: list[float]) -> None:
-    daemon.append(asyncio.run(_daemon(here, run, digest)))
+def _daemon_run(here: World, run: int, key: str, digest: str, daemon: list[float]) -> None:
+    daemon.append(asyncio.run(_daemon(here, run, key, digest)))
 
 
 def _note_cache(result: tuple[float, float], cached: list[float],
@@ -164,16 +170,20 @@ def bench(options: Options) -> list[Table]:
         print(f"  uploading {size / MIB:.0f} MiB", flush=True)
         digest = here.upload_with_sidecar(SOURCE_KEY, image)
         for run in range(options.runs):
+            key = f"images/run-{run}.qcow2"  # this round's object, for every variant
+            here.minio().copy_object(here.bucket, key, CopySource(here.bucket, SOURCE_KEY))
             variants: list[tuple[str, Callable[[], None]]] = [
-                ("plain", lambda: plain.append(_plain(here, here.root / "plain.qcow2"))),
-                ("plain+fsync", lambda: durable.append(
-                    _plain(here, here.root / "plain.qcow2", durable=True))),
-                ("one thread", lambda: one_thread.append(
-                    _one_thread(here, here.root / "one.qcow2"))),
-                ("unsynced", lambda: unsynced.append(_unsynced(here, here.root / "u.qcow2"))),
-                ("cache", lambda: _note_cache(
-                    asyncio.run(_cache(here, here.root / "cache")), cached, inspection)),
-                ("daemon", partial(_daemon_run, here, run, digest, daemon)),
+                ("plain", lambda key=key: plain.append(
+                    _plain(here, key, here.root / "plain.qcow2"))),
+                ("plain+fsync", lambda key=key: durable.append(
+                    _plain(here, key, here.root / "plain.qcow2", durable=True))),
+                ("one thread", lambda key=key: one_thread.append(
+                    _one_thread(here, key, here.root / "one.qcow2"))),
+                ("unsynced", lambda key=key: unsynced.append(
+                    _unsynced(here, key, here.root / "u.qcow2"))),
+                ("cache", lambda key=key: _note_cache(
+                    asyncio.run(_cache(here, key, here.root / "cache")), cached, inspection)),
+                ("daemon", partial(_daemon_run, here, run, key, digest, daemon)),
             ]
             random.Random(run).shuffle(variants)
             for name, measure in variants:
@@ -210,8 +220,9 @@ def bench(options: Options) -> list[Table]:
               f"{t_inspect:.3f} [{spread(inspection)}]", "",
               f"{t_inspect / t_plain:.3f}", "", "", "")
     table.notes += [
-        "page cache dropped before every variant and after the daemon's server-side copy, "
-        "so S3 serves from disk each time; variants run in a shuffled order each round",
+        "page cache dropped before every variant, so S3 serves from disk each time; variants "
+        "run in a shuffled order each round, all on the same object (a copy made for the "
+        "round)",
         "daemon: in this process, `Daemon(config, with_libvirt=False).run(handle_signals=False)`"
         ", logging JSON at info level to a file",
         "CPU s: user + system time of this process (all threads) during the variant; the S3 "
