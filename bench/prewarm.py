@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 from minio.commonconfig import CopySource
@@ -148,10 +149,14 @@ def _daemon_run(here: World, run: int, key: str, digest: str, daemon: list[float
     daemon.append(asyncio.run(_daemon(here, run, key, digest)))
 
 
-def _note_cache(result: tuple[float, float], cached: list[float],
-                inspection: list[float]) -> None:
-    cached.append(result[0])
-    inspection.append(result[1])
+def _cache_run(here: World, key: str, cached: list[float], inspection: list[float]) -> None:
+    seconds, inspecting = asyncio.run(_cache(here, key, here.root / "cache"))
+    cached.append(seconds)
+    inspection.append(inspecting)
+
+
+def _timed(into: list[float], measure: Callable[..., float], *args: Any, **kwargs: Any) -> None:
+    into.append(measure(*args, **kwargs))
 
 
 def bench(options: Options) -> list[Table]:
@@ -173,16 +178,14 @@ def bench(options: Options) -> list[Table]:
             key = f"images/run-{run}.qcow2"  # this round's object, for every variant
             here.minio().copy_object(here.bucket, key, CopySource(here.bucket, SOURCE_KEY))
             variants: list[tuple[str, Callable[[], None]]] = [
-                ("plain", lambda key=key: plain.append(
-                    _plain(here, key, here.root / "plain.qcow2"))),
-                ("plain+fsync", lambda key=key: durable.append(
-                    _plain(here, key, here.root / "plain.qcow2", durable=True))),
-                ("one thread", lambda key=key: one_thread.append(
-                    _one_thread(here, key, here.root / "one.qcow2"))),
-                ("unsynced", lambda key=key: unsynced.append(
-                    _unsynced(here, key, here.root / "u.qcow2"))),
-                ("cache", lambda key=key: _note_cache(
-                    asyncio.run(_cache(here, key, here.root / "cache")), cached, inspection)),
+                ("plain", partial(_timed, plain, _plain, here, key, here.root / "plain.qcow2")),
+                ("plain+fsync", partial(_timed, durable, _plain, here, key,
+                                        here.root / "plain.qcow2", durable=True)),
+                ("one thread", partial(_timed, one_thread, _one_thread, here, key,
+                                       here.root / "one.qcow2")),
+                ("unsynced", partial(_timed, unsynced, _unsynced, here, key,
+                                     here.root / "u.qcow2")),
+                ("cache", partial(_cache_run, here, key, cached, inspection)),
                 ("daemon", partial(_daemon_run, here, run, key, digest, daemon)),
             ]
             random.Random(run).shuffle(variants)
