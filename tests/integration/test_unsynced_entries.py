@@ -6,13 +6,16 @@ lost, so ``ensure`` (the job paths' call) returns only durable entries, and a da
 finds an entry still marked at start-up hashes it again before anything can use it. The
 crash tests kill a real daemon process with SIGKILL right after the entry appears, drop the
 page cache where allowed, and restart it; in one of them the data is corrupted on purpose
-meanwhile, as a torn write would leave it.
+meanwhile, as a torn write would leave it. The killed daemon's background sync is turned
+off, as if the crash came before it: otherwise the kill would race an fsync that takes
+well under a second.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,12 @@ from watcher.core.policy import ImageSpec
 
 pytestmark = pytest.mark.integration
 KEY = "images/base.qcow2"
+# The daemon, with the background sync of unsynced entries turned off.
+WITHOUT_BACKGROUND_SYNC = (sys.executable, "-c", (
+    "from watcher.cache.warmer import ImageWarmer\n"
+    "ImageWarmer._sync_in_background = lambda self, entry: None\n"
+    "from watcher.cli import main\n"
+    "raise SystemExit(main())"))
 
 
 def open_cache(env: Env) -> ImageWarmer:
@@ -64,16 +73,13 @@ async def test_a_pre_warm_commits_unsynced_and_ensure_returns_the_entry_durable(
     digest = env.upload_with_sidecar(KEY, make_qcow2(tmp_path / "i.qcow2"))
     cache = open_cache(env)
     warmed = await cache.ensure(spec(env), durable=False)
-    assert warmed.digest == digest
-    await cache.close()  # the background sync is cancelled, so the mark stays
-    marked = cache.get(digest)
-    assert marked is not None
-    if not marked.durable:
-        assert record(env, digest)["durable"] is False
-    # The job paths' call: the same entry, now fsynced and marked durable.
+    assert warmed.digest == digest and not warmed.durable  # committed before the fsync
+    # The job paths' call: the same entry, fsynced and marked durable (now, or by the
+    # background sync the pre-warm started).
     used = await cache.ensure(spec(env))
     assert used.digest == digest and used.durable
     assert record(env, digest)["durable"] is True
+    await cache.close()
 
 
 async def test_another_process_hashes_an_unsynced_entry_before_using_it(
@@ -82,9 +88,11 @@ async def test_another_process_hashes_an_unsynced_entry_before_using_it(
     first = open_cache(env)
     entry = await first.ensure(spec(env), durable=False)
     await first.close()
-    if record(env, digest)["durable"] is not False:
-        pytest.skip("the background sync finished before it could be cancelled")
-    with open(entry.path, "r+b") as fh:  # a torn write the first process never saw
+    # What a crash of the machine before the background sync would leave: the record
+    # still unsynced, and bytes the page cache never got to write.
+    path = env.cache_dir / "objects" / f"{digest}.json"
+    path.write_text(json.dumps({**record(env, digest), "durable": False}))
+    with open(entry.path, "r+b") as fh:
         fh.seek(70_000)
         fh.write(b"torn")
 
@@ -100,18 +108,22 @@ async def test_another_process_hashes_an_unsynced_entry_before_using_it(
 @pytest.mark.parametrize("corrupt", [False, True], ids=["intact", "corrupted"])
 def test_an_entry_left_unsynced_by_a_crash_is_hashed_again_at_start_up(
         env: Env, tmp_path: Path, corrupt: bool) -> None:
-    # Big enough that its fsync takes a while: the kill lands before the entry is marked.
-    image = make_qcow2(tmp_path / "big.qcow2", size="512M", fill_mib=384)
+    image = make_qcow2(tmp_path / "big.qcow2", size="256M", fill_mib=128)
     digest = env.upload_with_sidecar(KEY, image)
     env.write_policy({"base": {"bucket": env.bucket, "key": KEY, "format": "qcow2"}})
     data = env.cache_dir / "objects" / f"{digest}.qcow2"
     record_path = data.with_suffix(".json")
-    daemon = DaemonProcess(env.config_path, log=tmp_path / "watcher.log")
-    daemon.start()  # the start-up reconcile pre-warms the image
+    crashing = DaemonProcess(env.config_path, log=tmp_path / "crashed.log",
+                             command=WITHOUT_BACKGROUND_SYNC)
+    crashing.start()  # the start-up reconcile pre-warms the image
     try:
-        daemon.wait(record_path.exists, 120, "the cache entry")
-        daemon.kill()
-        assert record(env, digest)["durable"] is False, "synced before the kill"
+        crashing.wait(record_path.exists, 120, "the cache entry")
+        crashing.kill()
+    finally:
+        crashing.stop()
+    daemon = DaemonProcess(env.config_path, log=tmp_path / "restarted.log")
+    try:
+        assert record(env, digest)["durable"] is False
         if corrupt:
             with open(data, "r+b") as fh:
                 fh.seek(data.stat().st_size // 2)

@@ -38,6 +38,9 @@ from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
 from watcher.core.repeats import RepeatFilter
 from watcher.core.sidecar import parse_sidecar
 
+SYNC_GRACE = 5.0
+"""Seconds ``close`` waits for background fsyncs of unsynced entries before cancelling."""
+
 
 @dataclass
 class FetchProgress:
@@ -208,6 +211,9 @@ class ImageWarmer:
     async def close(self) -> None:
         """Cancel running downloads and drop the ones kept aside (the daemon is stopping)."""
         await self._flights.cancel()
+        # A sync left running would cost a full re-hash at the next start: give it a while.
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=SYNC_GRACE)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
