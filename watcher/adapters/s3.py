@@ -201,8 +201,12 @@ class S3Store:
         where = f"{bucket}/{key}"
         stop = stop or threading.Event()
         transfer = _Transfer(expected_etag.strip('"') if expected_etag else None)
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        # Truncated only when not empty: ext4 (auto_da_alloc) answers a truncation, even of
+        # an empty file, by writing back everything written since when the file is
+        # closed, which cost an unsynced 1 GiB download a third of a second at close().
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
         sink = HashingFileSink(fd, durable=durable)
         finished = False
         try:
