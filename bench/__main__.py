@@ -6,8 +6,8 @@ Usage (as root, with ``./scripts/services.sh`` up)::
     .venv/bin/python -m bench --quick         # smaller images, a few minutes
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
 
-Benchmarks: writer, prewarm, events, libvirt, memory, api, clone. Each prints its tables as soon as
-it finishes; ``--markdown`` also writes the machine description and every table to a
+Benchmarks: writer, prewarm, events, libvirt, memory, api, clone, scale. Each prints its
+tables as soon as it finishes; ``--markdown`` also writes the machine description and every table to a
 file (what bench/RESULTS.md is made from).
 """
 
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "libvirt": "bench.domains",
     "api": "bench.api",
     "clone": "bench.clone",
+    "scale": "bench.scale",
 }
 """Name -> module with ``bench(options) -> list[Table]``; run in this order."""
 

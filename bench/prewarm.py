@@ -9,12 +9,23 @@ server. The variants take turns in a shuffled order each round, each from a cold
 - one thread: ``get_object`` streamed into a file in 1 MiB chunks, hashed in the same
   thread, then fsync: the straightforward verified download, and what ``S3Store.download``
   did before it handed writing, hashing and writeback to a second thread (``filesink``);
-- cache: ``ImageCache.ensure`` on a fresh cache (stat, sidecar, download + SHA-256,
-  fsync, inspection, atomic rename);
+- unsynced download: ``S3Store.download(durable=False)``, what a pre-warm runs: the
+  receiving thread writes, a second one hashes, nothing is flushed;
+- cache: ``ImageWarmer.ensure`` on a fresh cache, as a job calls it (stat, sidecar,
+  download + SHA-256 with writeback, fsync, inspection, atomic rename);
 - daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
   notification is published and stops when the verified entry's record exists (polled
-  every 5 ms). Every run uses a fresh cache and a new key (a server-side copy of the
-  same bytes, made before the clock starts).
+  every 5 ms). The entry appears unsynced (``durable: false``) and is fsynced right
+  after. Every run uses a fresh cache.
+
+Every variant of a round downloads the same object: a new key per round (a server-side
+copy of the image, made before the round), so that the daemon, started while that key's
+checksum sidecar is missing, has nothing to fetch until the sidecar is uploaded and the
+notification published. The cache variant computes the digest instead of reading the
+sidecar, which may not exist yet when it runs.
+
+CPU seconds (user + system, of this process and its threads) are noted for the variants
+that run nothing else in the process.
 
 Inspection alone (``inspect_image_file`` on the cached file) is timed after each cache run.
 """
@@ -30,8 +41,10 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aio_pika
+from minio.commonconfig import CopySource
 
 from bench.common import (
     AMQP_URL,
@@ -58,9 +71,9 @@ from watcher.core.policy import ImageSpec
 SOURCE_KEY = "images/source.qcow2"
 
 
-def _one_thread(here: World, dest: Path) -> float:
+def _one_thread(here: World, key: str, dest: Path) -> float:
     with Stopwatch() as sw:
-        response = here.minio().get_object(here.bucket, SOURCE_KEY)
+        response = here.minio().get_object(here.bucket, key)
         digest = hashlib.sha256()
         try:
             with open(dest, "wb") as out:
@@ -76,21 +89,29 @@ def _one_thread(here: World, dest: Path) -> float:
     return sw.seconds
 
 
-def _plain(here: World, dest: Path, *, durable: bool = False) -> float:
+def _unsynced(here: World, key: str, dest: Path) -> float:
+    s3 = S3Store(here.s3_settings())
     with Stopwatch() as sw:
-        here.minio().fget_object(here.bucket, SOURCE_KEY, str(dest))
+        s3.download(here.bucket, key, dest, durable=False)
+    dest.unlink()
+    return sw.seconds
+
+
+def _plain(here: World, key: str, dest: Path, *, durable: bool = False) -> float:
+    with Stopwatch() as sw:
+        here.minio().fget_object(here.bucket, key, str(dest))
         if durable:
             fsync_path(dest)
     dest.unlink()
     return sw.seconds
 
 
-async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
+async def _cache(here: World, key: str, cache_dir: Path) -> tuple[float, float]:
     store = CacheStore(cache_dir, max_size=100 * 1024**3)
     store.prepare()
     cache = ImageWarmer(store, S3Store(here.s3_settings()))
-    spec = ImageSpec(name="bench", bucket=here.bucket, key=SOURCE_KEY, prefix=None,
-                     format="qcow2")
+    spec = ImageSpec(name="bench", bucket=here.bucket, key=key, prefix=None,
+                     format="qcow2", checksum_required=False)
     with Stopwatch() as sw:
         entry = await cache.ensure(spec)
     with Stopwatch() as inspection:
@@ -99,15 +120,15 @@ async def _cache(here: World, cache_dir: Path) -> tuple[float, float]:
     return sw.seconds, inspection.seconds
 
 
-async def _daemon(here: World, run: int, digest: str) -> float:
-    key = f"images/run-{run}.qcow2"
+async def _daemon(here: World, run: int, key: str, digest: str) -> float:
     cache_dir = here.root / f"daemon-cache-{run}"
     here.write_policy({"bench": {"key": key}})
     here.write_config(cache_dir)
     async with running_daemon(here.config_path) as running:
         daemon = running.daemon
-        await asyncio.sleep(1.0)  # the start-up reconcile finds nothing yet and finishes
-        await asyncio.to_thread(here.copy_with_sidecar, SOURCE_KEY, key, digest)
+        await asyncio.sleep(1.0)  # the start-up reconcile waits for the sidecar and finishes
+        await asyncio.to_thread(here.upload, key + ".sha256",
+                                f"{digest}  {Path(key).name}\n".encode())
         drop_caches()
         body = minio_event(here.bucket, key)
         connection = await aio_pika.connect(AMQP_URL)
@@ -120,18 +141,22 @@ async def _daemon(here: World, run: int, digest: str) -> float:
         await wait_for(lambda: daemon.cache.get(digest) is not None, timeout=600, interval=0.005,
                        what="the cache entry")
         seconds = time.perf_counter() - started
-    shutil.rmtree(cache_dir)
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the world's removal takes any rest
     return seconds
 
 
-def _daemon_run(here: World, run: int, digest: str, daemon: list[float]) -> None:
-    daemon.append(asyncio.run(_daemon(here, run, digest)))
+def _daemon_run(here: World, run: int, key: str, digest: str, daemon: list[float]) -> None:
+    daemon.append(asyncio.run(_daemon(here, run, key, digest)))
 
 
-def _note_cache(result: tuple[float, float], cached: list[float],
-                inspection: list[float]) -> None:
-    cached.append(result[0])
-    inspection.append(result[1])
+def _cache_run(here: World, key: str, cached: list[float], inspection: list[float]) -> None:
+    seconds, inspecting = asyncio.run(_cache(here, key, here.root / "cache"))
+    cached.append(seconds)
+    inspection.append(inspecting)
+
+
+def _timed(into: list[float], measure: Callable[..., float], *args: Any, **kwargs: Any) -> None:
+    into.append(measure(*args, **kwargs))
 
 
 def bench(options: Options) -> list[Table]:
@@ -144,50 +169,66 @@ def bench(options: Options) -> list[Table]:
     cached: list[float] = []
     inspection: list[float] = []
     daemon: list[float] = []
+    unsynced: list[float] = []
+    cpu: dict[str, list[float]] = {}
     with world(options.scratch, "prewarm") as here:
         print(f"  uploading {size / MIB:.0f} MiB", flush=True)
         digest = here.upload_with_sidecar(SOURCE_KEY, image)
         for run in range(options.runs):
+            key = f"images/run-{run}.qcow2"  # this round's object, for every variant
+            here.minio().copy_object(here.bucket, key, CopySource(here.bucket, SOURCE_KEY))
             variants: list[tuple[str, Callable[[], None]]] = [
-                ("plain", lambda: plain.append(_plain(here, here.root / "plain.qcow2"))),
-                ("plain+fsync", lambda: durable.append(
-                    _plain(here, here.root / "plain.qcow2", durable=True))),
-                ("one thread", lambda: one_thread.append(
-                    _one_thread(here, here.root / "one.qcow2"))),
-                ("cache", lambda: _note_cache(
-                    asyncio.run(_cache(here, here.root / "cache")), cached, inspection)),
-                ("daemon", partial(_daemon_run, here, run, digest, daemon)),
+                ("plain", partial(_timed, plain, _plain, here, key, here.root / "plain.qcow2")),
+                ("plain+fsync", partial(_timed, durable, _plain, here, key,
+                                        here.root / "plain.qcow2", durable=True)),
+                ("one thread", partial(_timed, one_thread, _one_thread, here, key,
+                                       here.root / "one.qcow2")),
+                ("unsynced", partial(_timed, unsynced, _unsynced, here, key,
+                                     here.root / "u.qcow2")),
+                ("cache", partial(_cache_run, here, key, cached, inspection)),
+                ("daemon", partial(_daemon_run, here, run, key, digest, daemon)),
             ]
             random.Random(run).shuffle(variants)
-            for _name, measure in variants:
+            for name, measure in variants:
                 drop_caches()
+                before = os.times()
                 measure()
+                after = os.times()
+                cpu.setdefault(name, []).append(
+                    after.user - before.user + after.system - before.system)
             print(f"  run {run + 1}: plain {plain[-1]:.2f} s, one thread {one_thread[-1]:.2f} s, "
-                  f"cache {cached[-1]:.2f} s, daemon {daemon[-1]:.2f} s", flush=True)
+                  f"unsynced {unsynced[-1]:.2f} s, cache {cached[-1]:.2f} s, "
+                  f"daemon {daemon[-1]:.2f} s", flush=True)
     t_plain = median(plain)
     table = Table(
         f"Pre-warming a {size / MIB:.0f} MiB qcow2 (median of {options.runs}, min-max s)",
-        ["variant", "seconds", "MB/s", "/ plain download", "target", "verdict"])
+        ["variant", "seconds", "MB/s", "/ plain download", "CPU s", "target", "verdict"])
     table.add("plain `fget_object`", f"{t_plain:.2f} [{spread(plain)}]",
-              f"{size / t_plain / 1e6:.0f}", "1.00", "", "")
-    for name, times, target in (
-        ("plain `fget_object` + fsync (durable, like the cache)", durable, None),
-        ("one thread: `get_object`, SHA-256 and write in turn, fsync", one_thread, None),
-        ("`ImageCache.ensure` (download, hash, fsync, inspect)", cached, None),
-        ("daemon: publish -> verified entry", daemon, 1.15),
+              f"{size / t_plain / 1e6:.0f}", "1.00", f"{median(cpu['plain']):.2f}", "", "")
+    for name, key, times, target in (
+        ("plain `fget_object` + fsync (durable, like the cache)", "plain+fsync", durable, None),
+        ("one thread: `get_object`, SHA-256 and write in turn, fsync", "one thread",
+         one_thread, None),
+        ("`S3Store.download(durable=False)`: hashed, not flushed", "unsynced", unsynced, None),
+        ("`ImageWarmer.ensure` (download, hash, fsync, inspect)", "cache", cached, None),
+        ("daemon: publish -> verified entry (unsynced until just after)", "", daemon, 1.05),
     ):
         t = median(times)
         table.add(name, f"{t:.2f} [{spread(times)}]", f"{size / t / 1e6:.0f}",
-                  f"{t / t_plain:.2f}", f"<= {target}x plain" if target else "",
+                  f"{t / t_plain:.2f}", f"{median(cpu[key]):.2f}" if key else "",
+                  f"<= {target}x plain" if target else "",
                   verdict(t / t_plain <= target) if target else "")
     t_inspect = median(inspection)
     table.add("inspection alone (header check + `qemu-img info`)",
               f"{t_inspect:.3f} [{spread(inspection)}]", "",
-              f"{t_inspect / t_plain:.3f}", "", "")
+              f"{t_inspect / t_plain:.3f}", "", "", "")
     table.notes += [
-        "page cache dropped before every variant and after the daemon's server-side copy, "
-        "so S3 serves from disk each time; variants run in a shuffled order each round",
+        "page cache dropped before every variant, so S3 serves from disk each time; variants "
+        "run in a shuffled order each round, all on the same object (a copy made for the "
+        "round)",
         "daemon: in this process, `Daemon(config, with_libvirt=False).run(handle_signals=False)`"
         ", logging JSON at info level to a file",
+        "CPU s: user + system time of this process (all threads) during the variant; the S3 "
+        "server's own CPU is not counted",
     ]
     return [table]

@@ -108,7 +108,7 @@ class Prewarmer:
         bound = log.bind(image=image.name, trigger=trigger)
         try:
             entry = await self.fleet.warm(image.name, lambda before: self.warmer.ensure(
-                image, before_download=before))
+                image, before_download=before, durable=False))
         except NotUploadedYet as err:
             # Either object may come first; the missing one's own event retriggers.
             what = "the checksum sidecar" if isinstance(err, SidecarUnavailable) else "the image"

@@ -27,12 +27,14 @@ def chunks(total: int) -> list[bytes]:
     return out
 
 
-def test_the_file_and_digest_match_what_was_written(tmp_path: Path) -> None:
+# Unsynced (a pre-warm's download): the receiving thread writes, the sink only hashes.
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "unsynced"])
+def test_the_file_and_digest_match_what_was_written(tmp_path: Path, durable: bool) -> None:
     data = chunks(6 * 1024 * KiB)
     path = tmp_path / "image.part"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        sink = HashingFileSink(fd, window=256 * KiB)  # many writeback windows
+        sink = HashingFileSink(fd, window=256 * KiB, durable=durable)  # many windows
         for chunk in data:
             sink.write(chunk)
         digest = sink.finish()
@@ -54,12 +56,14 @@ def test_an_empty_stream_gives_an_empty_file_and_the_empty_digest(tmp_path: Path
     assert digest == hashlib.sha256(b"").hexdigest()
 
 
-def test_a_write_error_reaches_the_caller_and_the_writer_thread_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "unsynced"])
+def test_a_write_error_reaches_the_caller_and_the_writer_thread_ends(
+        tmp_path: Path, durable: bool) -> None:
     path = tmp_path / "read-only.part"
     path.write_bytes(b"")
     fd = os.open(path, os.O_RDONLY)  # every write fails with EBADF
     try:
-        sink = HashingFileSink(fd)
+        sink = HashingFileSink(fd, durable=durable)
         with pytest.raises(OSError):
             # The failure surfaces on a later write or, at the latest, on finish().
             for chunk in chunks(4 * 1024 * KiB):

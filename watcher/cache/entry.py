@@ -37,6 +37,10 @@ class CacheEntry:
     verified_at: str = ""
     checksum: str = "sidecar"
     """``sidecar``: compared with a published checksum; ``computed``: optional-checksum image."""
+    durable: bool = True
+    """False while the data may still sit in the page cache only (a pre-warm commits before
+    its fsync); such an entry is fsynced before a volume is written from it, and re-hashed
+    after a restart (``CacheStore.recover``). Records without the field are durable."""
 
     def record(self) -> dict[str, Any]:
         data = asdict(self)

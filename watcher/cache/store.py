@@ -16,6 +16,13 @@ An entry exists when its record exists. Both files appear by atomic rename after
 download was hashed, compared with the sidecar and inspected, so a crash leaves at most
 a temp file. Records are small JSON files so an operator can read them with ``cat``.
 
+A pre-warm may commit its entry before the data is on stable storage, marked
+``"durable": false``: its bytes were verified in memory, but a crash of the machine may
+lose or tear what the page cache held. Such an entry is fsynced and marked durable before
+a volume is written from it (``sync_data`` then ``mark_durable``; the warmer's
+``durable``), and one still marked at start-up is hashed again (``recover``) and removed
+when its bytes no longer match.
+
 Records are read once (``load``) into an immutable index that lookups, listings and
 counts use without touching the disk; every change writes the files, then publishes a
 new index. Another process (``cache prune``) may change the directory too: every change
@@ -104,6 +111,9 @@ class CacheStore:
             "waiting for the cache lock another process holds"))
         self._index = Index()
         self._worker: ThreadPoolExecutor | None = None
+        # Unsynced entries this process wrote, by digest -> file identity at commit: their
+        # bytes are still the verified ones in the page cache, so an fsync suffices.
+        self._written_here: dict[str, tuple[int, ...] | None] = {}
 
     # ---- the worker thread --------------------------------------------------------------
 
@@ -128,14 +138,31 @@ class CacheStore:
             d.mkdir(parents=True, exist_ok=True)
 
     async def recover(self) -> int:
-        """The daemon's start-up: create the layout, remove leftovers, read the records;
-        returns files removed."""
+        """The daemon's start-up: create the layout, remove leftovers, read the records,
+        hash again every entry still marked unsynced; returns files removed."""
         return await self.in_worker(self._recover)
 
     def _recover(self) -> int:
         self.prepare()
         removed = self.remove_leftovers()
         self.load()
+        return removed + self.rehash_unsynced()
+
+    def rehash_unsynced(self) -> int:
+        """Hash every entry marked unsynced that this process did not write (a crash may
+        have lost or torn its bytes): fsync and mark the intact ones, remove the others.
+        Returns the entries removed."""
+        removed = 0
+        for entry in self.entries():
+            if entry.durable or entry.digest in self._written_here:
+                continue
+            seen, problem = self.sync_data(entry)
+            if problem is None:
+                self.mark_durable(entry.digest, seen)
+                self.log.info("unsynced cache entry verified after a restart",
+                              digest=entry.digest, image=entry.image)
+            elif self.discard(entry.digest, seen, problem):
+                removed += 1
         return removed
 
     def load(self) -> None:
@@ -252,6 +279,8 @@ class CacheStore:
                             sources=_merge(base.sources, entry.sources))
             if existing is None:
                 part.replace(entry.path)
+                if not entry.durable:
+                    self._written_here[entry.digest] = stat_key(entry.path)
             self._write_record(final, draft)
             if existing is None:
                 fsync_path(self.objects)
@@ -324,6 +353,48 @@ class CacheStore:
             self._remove(entry, draft)
         self.log.info("cache entry removed", digest=digest, image=entry.image, size=entry.size)
         return entry
+
+    def sync_data(self, entry: CacheEntry) -> tuple[tuple[int, ...] | None, str | None]:
+        """Bring an unsynced entry's data to stable storage, without the lock (an fsync of
+        gigabytes must not hold up other changes): ``(file identity, None)`` when done,
+        ``(identity, what is wrong)`` when its bytes no longer hash to its digest.
+
+        Data this process wrote is fsynced; any other is hashed first, since a crash may
+        have lost what the page cache held. For ``mark_durable`` or ``discard`` next.
+        """
+        seen = stat_key(entry.path)
+        if seen is None or seen != self._written_here.get(entry.digest):
+            result, seen = _check(entry)
+            if not result.ok:
+                return seen, result.detail
+        fsync_path(entry.path)
+        return seen, None
+
+    def mark_durable(self, digest: str, seen: tuple[int, ...] | None) -> CacheEntry | None:
+        """Record that the data ``sync_data`` saw as ``seen`` is durable; None when the
+        entry is gone or its file was replaced meanwhile (sync it again)."""
+        with self._changing() as draft:
+            now = draft.entries.get(digest)
+            if now is None or stat_key(now.path) != seen:
+                return None
+            if now.durable:
+                return now
+            updated = replace(now, durable=True)
+            self._write_record(updated, draft)
+        self._written_here.pop(digest, None)
+        return updated
+
+    def discard(self, digest: str, seen: tuple[int, ...] | None, detail: str) -> bool:
+        """Remove a corrupt entry (it is fetched again when needed), unless its file was
+        replaced since it was hashed as ``seen``; True when removed."""
+        with self._changing() as draft:
+            now = draft.entries.get(digest)
+            if now is None or stat_key(now.path) != seen:
+                return False
+            self._remove(now, draft)
+        self._written_here.pop(digest, None)
+        self.log.warning("corrupt cache entry removed", digest=digest, detail=detail)
+        return True
 
     def verify(self) -> list[VerifyResult]:
         """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""

@@ -38,6 +38,9 @@ from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
 from watcher.core.repeats import RepeatFilter
 from watcher.core.sidecar import parse_sidecar
 
+SYNC_GRACE = 5.0
+"""Seconds ``close`` waits for background fsyncs of unsynced entries before cancelling."""
+
 
 @dataclass
 class FetchProgress:
@@ -76,6 +79,8 @@ class ImageWarmer:
         self._policies = policies
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._flights = SingleFlight()
+        self._syncs = SingleFlight()  # durable(): one fsync (or re-hash) per entry at a time
+        self._background: set[asyncio.Task[CacheEntry | None]] = set()
         self.log = telemetry.get_logger(component="cache")
         # Downloads whose sidecar did not match yet, kept (and locked) for a newer one.
         self._pending: dict[Source, tuple[PartFile, str, int]] = {}
@@ -102,8 +107,14 @@ class ImageWarmer:
 
     async def ensure(self, image: ImageSpec, *,
                      before_download: Callable[[Source], Awaitable[None]] | None = None,
+                     durable: bool = True,
                      ) -> CacheEntry:
         """The current version of ``image``: from the cache, or downloaded, verified, inspected.
+
+        The entry returned is durable (its data fsynced; see ``durable``), which a volume
+        write needs. A pre-warm passes ``durable=False``: its download is not flushed while
+        it runs, the entry appears as soon as it is verified, marked unsynced, and is
+        fsynced in the background right after.
 
         ``before_download`` is awaited when this version is not cached, before the download
         is shared with other callers: pre-warming waits its fleet spread there, while a
@@ -136,19 +147,79 @@ class ImageWarmer:
                 used = await self._use(hit, image, source)
                 if used is not None:
                     telemetry.cache_hits.inc()
-                    return used
+                    return await self._ready(used, image, before_download, durable)
             flight_key = digest or f"{obj.bucket}/{obj.key}@{obj.etag}"
             entry = await self._flights.run(
-                flight_key, lambda: self._fetch(image, obj, source, digest))
+                flight_key, lambda: self._fetch(image, obj, source, digest, durable))
             # A caller that joined another image's download (same bytes) records its own ref.
             entry = await self._use(entry, image, source) or entry
             # Only now is the new version the image's current one, so the old may go.
             await self.evict()
+            return await self._ready(entry, image, before_download, durable)
+
+    async def _ready(self, entry: CacheEntry, image: ImageSpec,
+                     before_download: Callable[[Source], Awaitable[None]] | None,
+                     durable: bool) -> CacheEntry:
+        """What ``ensure`` returns: ``entry`` made durable when asked (else synced in the
+        background); fetched again if it proved corrupt."""
+        if not durable:
+            if not entry.durable:
+                self._sync_in_background(entry)
             return entry
+        synced = await self.durable(entry)
+        if synced is None:  # corrupt after a crash, and removed: fetch it again
+            return await self.ensure(image, before_download=before_download)
+        return synced
+
+    async def durable(self, entry: CacheEntry) -> CacheEntry | None:
+        """``entry`` with its data on stable storage, fsynced now if it was committed
+        unsynced; None when its bytes no longer match its digest (an unsynced entry left by
+        a crash), in which case it was removed and must be fetched again (``ensure``).
+
+        Every volume write must start from a durable entry; ``ensure`` returns one unless
+        told otherwise. Callers that take an entry from ``get`` or ``current`` instead call
+        this before writing.
+        """
+        if entry.durable:
+            return entry
+        return await self._syncs.run(entry.digest, lambda: self._make_durable(entry.digest))
+
+    async def _make_durable(self, digest: str) -> CacheEntry | None:
+        while True:
+            current = self.store.get(digest)
+            if current is None or current.durable:
+                return current
+            seen, problem = await asyncio.to_thread(self.store.sync_data, current)
+            if problem is not None:
+                await self.store.in_worker(self.store.discard, digest, seen, problem)
+                return None
+            synced = await self.store.in_worker(self.store.mark_durable, digest, seen)
+            if synced is not None or self.store.get(digest) is None:
+                return synced
+            # The file was replaced while it was synced (another process): sync the new one.
+
+    def _sync_in_background(self, entry: CacheEntry) -> None:
+        task = asyncio.ensure_future(self.durable(entry))
+        self._background.add(task)
+        task.add_done_callback(self._synced)
+
+    def _synced(self, task: asyncio.Task[CacheEntry | None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Not fatal: the entry stays unsynced, and the next use syncs it (or a restart
+            # hashes it again).
+            self.log.warning("cache entry not synced", error=repr(task.exception()))
 
     async def close(self) -> None:
         """Cancel running downloads and drop the ones kept aside (the daemon is stopping)."""
         await self._flights.cancel()
+        # A sync left running would cost a full re-hash at the next start: give it a while.
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=SYNC_GRACE)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._syncs.cancel()
         for part, _, _ in self._pending.values():
             part.release()
         self._pending.clear()
@@ -204,18 +275,19 @@ class ImageWarmer:
         return parse_sidecar(content, obj.key.rsplit("/", 1)[-1])
 
     async def _fetch(self, image: ImageSpec, obj: ObjectInfo, source: Source,
-                     expected: str | None) -> CacheEntry:
+                     expected: str | None, durable: bool) -> CacheEntry:
         pending = self._pending.get(source)
         if pending is not None and expected is not None and pending[1] == expected:
             # Downloaded earlier against a stale sidecar; the fresh sidecar now matches.
             part, digest, size = self._pending.pop(source)
+            durable = False  # it may have been downloaded unsynced; ensure() syncs it
             self.log.info("sidecar now matches an earlier download", image=image.name,
                           digest=digest)
         else:
             telemetry.cache_misses.inc()
             progress = self.fetching[(obj.bucket, obj.key)] = FetchProgress(obj.size)
             try:
-                part, digest, size = await self._download(image, obj, progress)
+                part, digest, size = await self._download(image, obj, progress, durable)
             except BaseException:
                 self.fetching.pop((obj.bucket, obj.key), None)
                 raise
@@ -238,6 +310,7 @@ class ImageWarmer:
                 image=image.name, bucket=obj.bucket, key=obj.key, etag=obj.etag,
                 sources=(source,), created_at=now, last_used_at=now, verified_at=now,
                 checksum="sidecar" if expected is not None else "computed",
+                durable=durable,
             )
             entry = await self.store.in_worker(self.store.commit, part.path, entry)
         except ImageRejected as err:
@@ -253,8 +326,8 @@ class ImageWarmer:
                       virtual_size=entry.virtual_size, key=obj.key)
         return entry
 
-    async def _download(self, image: ImageSpec, obj: ObjectInfo,
-                        progress: FetchProgress) -> tuple[PartFile, str, int]:
+    async def _download(self, image: ImageSpec, obj: ObjectInfo, progress: FetchProgress,
+                        durable: bool) -> tuple[PartFile, str, int]:
         part = await asyncio.to_thread(self.store.new_part)
         started = time.monotonic()
         async with self._downloads:
@@ -263,7 +336,7 @@ class ImageWarmer:
             try:
                 with telemetry.tracer.start_as_current_span(
                         "download", attributes={"bucket": obj.bucket, "key": obj.key}):
-                    result = await self._transfer(obj, part, progress)
+                    result = await self._transfer(obj, part, progress, durable)
             except BaseException as err:
                 telemetry.downloads.labels(result="failed").inc()
                 part.release()
@@ -278,8 +351,8 @@ class ImageWarmer:
                       seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
         return part, result.sha256, result.size
 
-    async def _transfer(self, obj: ObjectInfo, part: PartFile,
-                        progress: FetchProgress) -> DownloadResult:
+    async def _transfer(self, obj: ObjectInfo, part: PartFile, progress: FetchProgress,
+                        durable: bool) -> DownloadResult:
         """The download in a thread; cancelling this stops the thread and waits for it."""
         stop = threading.Event()
 
@@ -289,7 +362,7 @@ class ImageWarmer:
 
         transfer = asyncio.ensure_future(asyncio.to_thread(
             self.s3.download, obj.bucket, obj.key, part.path,
-            expected_etag=obj.etag, on_bytes=on_bytes, stop=stop))
+            expected_etag=obj.etag, on_bytes=on_bytes, stop=stop, durable=durable))
         try:
             return await asyncio.shield(transfer)
         except asyncio.CancelledError:
