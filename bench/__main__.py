@@ -7,8 +7,8 @@ Usage (as root, with ``./scripts/services.sh`` up)::
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
 
 Benchmarks: writer, prewarm, events, libvirt, memory, api, clone, scale. Each prints its
-tables as soon as it finishes; ``--markdown`` also writes the machine description and every table to a
-file (what bench/RESULTS.md is made from).
+tables as soon as it finishes; ``--markdown`` also writes the machine description and
+every table to a file (what bench/RESULTS.md is made from).
 """
 
 from __future__ import annotations

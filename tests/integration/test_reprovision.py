@@ -150,6 +150,9 @@ class LocalImages:
     def current(self, image_name: str) -> CacheEntry | None:
         return self.entries.get(image_name)
 
+    async def durable(self, entry: CacheEntry) -> CacheEntry | None:
+        return entry  # files the test wrote and closed
+
 
 @dataclass
 class World:

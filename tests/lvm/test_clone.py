@@ -109,6 +109,9 @@ class Images:
     def current(self, image_name: str) -> CacheEntry | None:
         return self.entry
 
+    async def durable(self, entry: CacheEntry) -> CacheEntry | None:
+        return entry  # a file the test wrote and closed
+
 
 class Volumes:
     def __init__(self, vg: str) -> None:

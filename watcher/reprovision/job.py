@@ -57,6 +57,8 @@ class ImageSource(Protocol):
 
     def current(self, image_name: str) -> CacheEntry | None: ...
 
+    async def durable(self, entry: CacheEntry) -> CacheEntry | None: ...
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -204,7 +206,13 @@ class Reprovisioner:
             pool = await self._thin_pool_of(row.uuid, policies)
             if pool is not None:
                 pools.add(pool)
-        made = []
+        made: list[str] = []
+        if pools:
+            # A golden is a volume write: it starts from data on stable storage.
+            durable = await self.images.durable(entry)
+            if durable is None:
+                return made  # corrupt after a crash: removed, fetched again at the next warm
+            entry = durable
         for vg, pool_name in sorted(pools):
             golden = await self.goldens.ensure(vg, pool_name, entry.digest, entry.virtual_size,
                                                entry.path, entry.format)
