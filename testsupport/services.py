@@ -34,6 +34,8 @@ def write_daemon_config(
                  "routing_key": "", "queue": queue},
         "cache": {"dir": str(cache_dir), "max_size": max_size},
         "policies": {"dir": str(policies_dir)},
+        # Durable state beside the cache, never the host's /var/lib/libvirt-volume-watcher.
+        "state": {"dir": str(cache_dir.parent / "state")},
         "http": {"listen": "127.0.0.1:0"},
         "reconcile_interval": 3600,
     }

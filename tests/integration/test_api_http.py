@@ -422,7 +422,8 @@ def daemon_env(env: Env, tmp_path: Path) -> Iterator[tuple[Env, int, int, Path]]
     probe_port, api_port = free_port(), free_port()
     env.write_config(http={"listen": f"127.0.0.1:{probe_port}"},
                      api={"listen": f"127.0.0.1:{api_port}", "tokens_file": str(tokens),
-                          "pool": "default"})
+                          "pool": "default"},
+                     state={"dir": str(tmp_path / "state")})  # never the host's own
     env.write_policy({})
     yield env, probe_port, api_port, tokens
 
