@@ -304,10 +304,10 @@ def _guest_table(options: Options) -> Table:
         "loop device (over a sparse file in the scratch directory) inside a User-Mode Linux "
         "guest; the guest's page cache is dropped before every run",
         "the images are read from ext4 on a third LV of the same VG (copied there first): "
-        "the guest's hostfs, where the host's files are, takes no O_DIRECT, which `-T none` "
-        "needs",
-        "thick LV: `lvcreate --size`; thin LV: `lvcreate --virtualsize` in a thin pool as big "
-        "as the LV (the fill before each run provisions every block of it)",
+        "a cache directory sits on a local block-backed filesystem, which the guest's hostfs "
+        "(where it sees the host's files) is not; the images and the LVs share one PV",
+        "thick LV: `lvcreate --size`; thin LV: `lvcreate --virtualsize` in a thin pool 64 MiB "
+        "bigger than the LV (the fill before each run provisions every block of it)",
         f"images of {size // MIB} MiB, half the host's: every write in the guest is slower "
         "and each run first rewrites the whole volume",
     ]
@@ -320,8 +320,8 @@ def _sh(*argv: str) -> str:
 
 
 def _images_in_guest(images: list[Image], where: Path) -> list[Image]:
-    """The images copied onto ``where`` (ext4 on an LV of the guest): hostfs, where the
-    host's scratch directory is, takes no O_DIRECT, which ``-T none`` asks for."""
+    """The images copied onto ``where`` (ext4 on an LV of the guest): a cache directory
+    sits on a local block-backed filesystem, which the guest's hostfs is not."""
     copies: dict[Path, Path] = {}
     for path in dict.fromkeys(p for image in images for p in (image.qcow2, image.expanded)):
         copies[path] = where / path.name
