@@ -6,7 +6,7 @@ Usage (as root, with ``./scripts/services.sh`` up)::
     .venv/bin/python -m bench --quick         # smaller images, a few minutes
     .venv/bin/python -m bench --only writer,events --markdown /tmp/tables.md
 
-Benchmarks: writer, prewarm, events, libvirt, memory, api, clone, scale. Each prints its
+Benchmarks: writer, prewarm, events, libvirt, memory, api, clone, scale, e2e. Each prints its
 tables as soon as it finishes; ``--markdown`` also writes the machine description and
 every table to a file (what bench/RESULTS.md is made from).
 """
@@ -32,6 +32,7 @@ BENCHMARKS = {
     "api": "bench.api",
     "clone": "bench.clone",
     "scale": "bench.scale",
+    "e2e": "bench.reprovision_e2e",
 }
 """Name -> module with ``bench(options) -> list[Table]``; run in this order."""
 
