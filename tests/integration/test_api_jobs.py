@@ -31,9 +31,9 @@ from tests.integration.test_reprovision import (
     virsh_sync,
     wait_for_banner,
 )
-from testsupport.api import ready
+from testsupport.api import api_daemon, ready
 from testsupport.daemon import DaemonProcess
-from testsupport.services import delete_amqp, free_port, sha256_file
+from testsupport.services import delete_amqp, sha256_file
 
 pytestmark = pytest.mark.libvirt
 TOKEN = "api-test-token-" + "b" * 24
@@ -133,31 +133,18 @@ def api(services_env: dict[str, str], s3_bucket: str, unique_name: str,
     env = Env(root=world_readable_tmp, bucket=s3_bucket,
               exchange=f"minio-events-{unique_name}", queue=f"lvw-test-{unique_name}",
               s3=services_env)
-    pool = f"lvw-{unique_name}"
-    pool_dir = world_readable_tmp / "pool"
-    pool_dir.mkdir(mode=0o755)
-    virsh_sync("pool-define-as", pool, "dir", "--target", str(pool_dir))
-    virsh_sync("pool-start", pool)
-    tokens = world_readable_tmp / "tokens"
-    tokens.write_text(TOKEN + "\n")
-    tokens.chmod(0o600)
-    port, probe_port = free_port(), free_port()
-    env.write_config(api={"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens),
-                          "pool": pool},
-                     http={"listen": f"127.0.0.1:{probe_port}"},
-                     state={"dir": str(world_readable_tmp / "state")})
-    daemon = DaemonProcess(env.config_path, log=world_readable_tmp / "watcher.log").start()
-    world = ApiWorld(env, pool, pool_dir, port, daemon, probe_port)
     try:
-        world.wait_ready()
-        yield world
+        with api_daemon(world_readable_tmp, f"lvw-{unique_name}", env.write_config,
+                        token=TOKEN) as served:
+            world = ApiWorld(env, served.pool, served.pool_dir, served.port, served.daemon,
+                             served.probe_port)
+            try:
+                yield world
+            finally:
+                for name in world.domains:
+                    virsh_sync("destroy", name, check=False)
+                    virsh_sync("undefine", name, check=False)
     finally:
-        daemon.stop()
-        for name in world.domains:
-            virsh_sync("destroy", name, check=False)
-            virsh_sync("undefine", name, check=False)
-        virsh_sync("pool-destroy", pool, check=False)
-        virsh_sync("pool-undefine", pool, check=False)
         asyncio.run(delete_amqp(env.exchange, env.queue))
 
 
