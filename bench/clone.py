@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import MIB, Options, Table, median, spread, verdict
+from bench.common import MIB, Options, Table, loop_volume_group, lvm, median, spread, verdict
 
 GIB = 1024 * MIB
 HOST_LVM_SECONDS = 0.05
@@ -133,11 +133,6 @@ def host_seconds(row: dict[str, Any], kind: str) -> float:
 # ---- the guest half ------------------------------------------------------------------------
 
 
-def sh(*argv: str) -> str:
-    env = {**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
-    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-
-
 class LvmClock:
     """Wraps the LVM adapter's command runner: time spent in LVM commands, and how many."""
 
@@ -235,31 +230,18 @@ def guest(job: dict[str, Any]) -> None:
     scratch = Path(job["scratch"])
     images = {int(size): Path(path) for size, path in job["images"].items()}
     pool_size = int(max(images) * DATA_FRACTION * 2.5) + 512 * MIB
-    backing = scratch / "pv.img"
-    with backing.open("wb") as handle:
-        handle.truncate(pool_size + 1024 * MIB)
-    loop = sh("losetup", "--find", "--show", str(backing)).strip()
     vg = f"lvwbench_{uuid.uuid4().hex[:8]}"
-    try:
-        sh("pvcreate", "--yes", "--quiet", loop)
-        sh("vgcreate", "--yes", "--quiet", vg, loop)
-        sh("lvcreate", "--yes", "--quiet", "--type", "thin-pool", "--name", "pool",
+    with loop_volume_group(scratch / "pv.img", pool_size + 1024 * MIB, vg):
+        lvm("lvcreate", "--yes", "--quiet", "--type", "thin-pool", "--name", "pool",
            "--size", f"{pool_size // MIB}m", vg)
         for size, image in sorted(images.items()):
             for name in ("root", "full"):
-                sh("lvcreate", "--yes", "--quiet", "--name", name, "--virtualsize",
+                lvm("lvcreate", "--yes", "--quiet", "--name", name, "--virtualsize",
                    f"{size // MIB}m", "--thinpool", "pool", vg)
             print(json.dumps(asyncio.run(measure(clock, vg, size, image, job["runs"]))),
                   flush=True)
             for name in ("root", "full", golden_name(f"{size:064x}", "pool")):
-                sh("lvremove", "--yes", "--quiet", f"{vg}/{name}")
-    finally:
-        subprocess.run(["vgremove", "--yes", "--force", "--quiet", vg], capture_output=True,
-                       check=False)
-        subprocess.run(["pvremove", "--yes", "--quiet", loop], capture_output=True, check=False)
-        subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
-        backing.unlink(missing_ok=True)
-
+                lvm("lvremove", "--yes", "--quiet", f"{vg}/{name}")
 
 if __name__ == "__main__":
     guest(json.loads(sys.argv[1]))

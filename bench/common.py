@@ -7,6 +7,7 @@ and every table carries a PASS/MISS verdict against the target the issue set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -14,7 +15,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,3 +169,29 @@ def machine_description(scratch: Path) -> list[str]:
         f"qemu-img: {_first_line(['qemu-img', '--version'])}",
         f"python: {platform.python_version()}",
     ]
+
+
+def lvm(*argv: str) -> str:
+    """An LVM (or other system) command inside the UML guest; its stdout, or it raises."""
+    env = {**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
+
+
+@contextlib.contextmanager
+def loop_volume_group(backing: Path, size: int, vg: str) -> Iterator[str]:
+    """A volume group ``vg`` on a loop device over a sparse ``backing`` file of ``size``
+    bytes, for benchmarks inside the UML guest; yields the loop device. Removed, with the
+    file, afterwards."""
+    with backing.open("wb") as handle:
+        handle.truncate(size)
+    loop = lvm("losetup", "--find", "--show", str(backing)).strip()
+    try:
+        lvm("pvcreate", "--yes", "--quiet", loop)
+        lvm("vgcreate", "--yes", "--quiet", vg, loop)
+        yield loop
+    finally:
+        subprocess.run(["vgremove", "--yes", "--force", "--quiet", vg], capture_output=True,
+                       check=False)
+        subprocess.run(["pvremove", "--yes", "--quiet", loop], capture_output=True, check=False)
+        subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
+        backing.unlink(missing_ok=True)

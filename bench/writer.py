@@ -35,7 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import MIB, Options, Stopwatch, Table, drop_caches, median, run, spread, verdict
+from bench.common import (
+    MIB,
+    Options,
+    Stopwatch,
+    Table,
+    drop_caches,
+    loop_volume_group,
+    lvm,
+    median,
+    run,
+    spread,
+    verdict,
+)
 from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import convert_argv, write_image
 
@@ -314,18 +326,13 @@ def _guest_table(options: Options) -> Table:
     return table
 
 
-def _sh(*argv: str) -> str:
-    env = {**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
-    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-
-
 def _images_in_guest(images: list[Image], where: Path) -> list[Image]:
     """The images copied onto ``where`` (ext4 on an LV of the guest): a cache directory
     sits on a local block-backed filesystem, which the guest's hostfs is not."""
     copies: dict[Path, Path] = {}
     for path in dict.fromkeys(p for image in images for p in (image.qcow2, image.expanded)):
         copies[path] = where / path.name
-        _sh("cp", "--sparse=always", str(path), str(copies[path]))
+        lvm("cp", "--sparse=always", str(path), str(copies[path]))
     return [Image(i.label, copies[i.qcow2], copies[i.expanded]) for i in images]
 
 
@@ -339,49 +346,40 @@ def guest(job: dict[str, Any]) -> None:
         p for image in on_host for p in (image.qcow2, image.expanded)))
     images_mib = images_bytes // MIB + 128
     tag = uuid.uuid4().hex[:8]
-    backing = options.scratch / f"writer-pv-{tag}.img"
     mountpoint = options.scratch / f"writer-images-{tag}"
-    with backing.open("wb") as handle:
-        handle.truncate(2 * size + images_mib * MIB + 512 * MIB)
-    loop = _sh("losetup", "--find", "--show", str(backing)).strip()
     vg = f"lvwwriter_{tag}"
     mounted = False
-    try:
-        _sh("pvcreate", "--yes", "--quiet", loop)
-        _sh("vgcreate", "--yes", "--quiet", vg, loop)
-        _sh("lvcreate", "--yes", "--quiet", "--name", "images", "--size", f"{images_mib}m", vg)
-        _sh("mkfs.ext4", "-q", "-E", "nodiscard", f"/dev/{vg}/images")
-        mountpoint.mkdir()
-        _sh("mount", f"/dev/{vg}/images", str(mountpoint))
-        mounted = True
-        images = _images_in_guest(on_host, mountpoint)
-        _sh("lvcreate", "--yes", "--quiet", "--name", "thick", "--size", f"{size // MIB}m", vg)
-        _sh("lvcreate", "--yes", "--quiet", "--type", "thin-pool", "--name", "pool",
-            "--size", f"{size // MIB + 64}m", vg)
-        _sh("lvcreate", "--yes", "--quiet", "--name", "thin", "--virtualsize",
-            f"{size // MIB}m", "--thinpool", "pool", vg)
-        for volume_name, lv in (("thick LV", "thick"), ("thin LV", "thin")):
-            target = Path(f"/dev/{vg}/{lv}")
-            print(f"  guest: {volume_name} {target}", file=sys.stderr, flush=True)
-            for image in images:
-                _check_written(image, target, size)
-            times = _measure(images, target, options)
-            # Keyed by the host's paths, which the host side tabulates by.
-            by_host = {str(i.expanded): str(h.expanded)
-                       for i, h in zip(images, on_host, strict=True)}
-            print(json.dumps({"volume": volume_name, "times": [
-                [name, by_host.get(key, key), values]
-                for (name, key), values in times.items()]}), flush=True)
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
-        with contextlib.suppress(OSError):
-            mountpoint.rmdir()
-        subprocess.run(["vgremove", "--yes", "--force", "--quiet", vg], capture_output=True,
-                       check=False)
-        subprocess.run(["pvremove", "--yes", "--quiet", loop], capture_output=True, check=False)
-        subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
-        backing.unlink(missing_ok=True)
+    with loop_volume_group(options.scratch / f"writer-pv-{tag}.img",
+                           2 * size + images_mib * MIB + 512 * MIB, vg):
+        try:
+            lvm("lvcreate", "--yes", "--quiet", "--name", "images", "--size", f"{images_mib}m", vg)
+            lvm("mkfs.ext4", "-q", "-E", "nodiscard", f"/dev/{vg}/images")
+            mountpoint.mkdir()
+            lvm("mount", f"/dev/{vg}/images", str(mountpoint))
+            mounted = True
+            images = _images_in_guest(on_host, mountpoint)
+            lvm("lvcreate", "--yes", "--quiet", "--name", "thick", "--size", f"{size // MIB}m", vg)
+            lvm("lvcreate", "--yes", "--quiet", "--type", "thin-pool", "--name", "pool",
+                "--size", f"{size // MIB + 64}m", vg)
+            lvm("lvcreate", "--yes", "--quiet", "--name", "thin", "--virtualsize",
+                f"{size // MIB}m", "--thinpool", "pool", vg)
+            for volume_name, lv in (("thick LV", "thick"), ("thin LV", "thin")):
+                target = Path(f"/dev/{vg}/{lv}")
+                print(f"  guest: {volume_name} {target}", file=sys.stderr, flush=True)
+                for image in images:
+                    _check_written(image, target, size)
+                times = _measure(images, target, options)
+                # Keyed by the host's paths, which the host side tabulates by.
+                by_host = {str(i.expanded): str(h.expanded)
+                           for i, h in zip(images, on_host, strict=True)}
+                print(json.dumps({"volume": volume_name, "times": [
+                    [name, by_host.get(key, key), values]
+                    for (name, key), values in times.items()]}), flush=True)
+        finally:
+            if mounted:
+                subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
 
 
 if __name__ == "__main__":
