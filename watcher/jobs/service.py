@@ -194,7 +194,7 @@ class ApiJobs:
             return record
         live = running.live
         self._read_transfer(live)
-        return _with(record, **live.fields())
+        return replace(record, **live.fields())
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a pending or running job; ``JobNotFound``, ``JobEnded``."""
@@ -207,7 +207,7 @@ class ApiJobs:
         if running is not None:
             running.cancelled = True
             if running.task.cancel():
-                return _with(record, status="cancelled")
+                return replace(record, status="cancelled")
             ended = self.store.get(job_id)  # it finished just now, between two awaits
             assert ended is not None
             raise JobEnded(ended)
@@ -490,10 +490,6 @@ class ApiJobs:
             yield
         finally:
             telemetry.jobs_in_progress.labels(kind="api").dec()
-
-
-def _with(record: JobRecord, **fields: Any) -> JobRecord:
-    return replace(record, **fields)
 
 
 def _left(record: JobRecord, live: Live, target: VolumeTarget) -> str:
