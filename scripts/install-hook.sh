@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the start interlock (watcher/libvirt_hook.py) as a libvirt qemu hook:
-# /etc/libvirt/hooks/qemu.d/libvirt-volume-watcher, executable, run by /usr/bin/python3.
+# /etc/libvirt/hooks/qemu.d/libvirt-volume-watcher, executable, run by /usr/bin/python3 -IS
+# (isolated, no site: the system Python's standard library only, started fast).
 # libvirtd reads the hook directory only when it starts, so a new or changed hook is
 # followed by a restart: through systemctl when systemd runs (virtqemud on a host with
 # modular daemons, else libvirtd; only a running one). Only where systemd does not run
@@ -16,8 +17,8 @@ TARGET=$HOOKS/qemu.d/libvirt-volume-watcher
 SOURCE=watcher/libvirt_hook.py
 URI=qemu:///system
 
-if [ "$(head -n 1 "$SOURCE")" != "#!/usr/bin/python3" ]; then
-  echo "install-hook: $SOURCE must start with #!/usr/bin/python3" >&2; exit 1
+if [ "$(head -n 1 "$SOURCE")" != "#!/usr/bin/python3 -IS" ]; then
+  echo "install-hook: $SOURCE must start with #!/usr/bin/python3 -IS" >&2; exit 1
 fi
 if [ -x "$TARGET" ] && cmp -s "$SOURCE" "$TARGET"; then
   echo "install-hook: $TARGET is up to date"

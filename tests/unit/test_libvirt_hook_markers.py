@@ -224,3 +224,31 @@ def test_the_hook_reads_the_marker_directory_the_writer_uses_by_default(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(libvirt_hook.WRITING_DIR_ENV, raising=False)
     assert libvirt_hook.writing_dir() == str(write_markers.WRITING_DIR)
+
+
+@pytest.mark.parametrize("xml", [
+    pytest.param("<domain><metadata><vw:provisioning xmlns:vw='urn:other:1' image='u'/>"
+                 "</metadata></domain>", id="same-name-other-namespace"),
+    pytest.param("<domain><devices><disk type='file'><mirror type='file'><source file='DISK'/>"
+                 "</mirror><source file='/elsewhere'/></disk></devices></domain>",
+                 id="a-mirror-is-not-the-disk"),
+    pytest.param("<domain><devices><hostdev><source file='DISK'/></hostdev></devices>"
+                 "</domain>", id="not-a-disk"),
+    pytest.param("<domain><metadata><devices><disk type='file'><source file='DISK'/></disk>"
+                 "</devices></metadata></domain>", id="disk-inside-metadata"),
+])
+def test_the_hook_reads_only_the_elements_libvirt_means(
+        xml: str, disk: Path, markers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with marked_writing(str(disk), pool="api", volume="root.img", job_id="job-7",
+                        directory=markers):
+        assert hook(xml.replace("DISK", str(disk)), markers, monkeypatch) == (0, "")
+
+
+def test_the_hook_follows_a_backing_chain_to_any_depth(
+        disk: Path, markers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = (f"<disk type='file'><source file='/a'/><backingStore type='file'>"
+             f"<source file='/b'/><backingStore type='block'><source dev='{disk}'/>"
+             f"<backingStore/></backingStore></backingStore></disk>")
+    with marked_writing(str(disk), pool="api", volume="root.img", job_id="job-7",
+                        directory=markers):
+        assert hook(domain(chain), markers, monkeypatch)[0] == 1
