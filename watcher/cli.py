@@ -25,7 +25,7 @@ from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import PolicySet
 from watcher.core.units import format_size
-from watcher.settings import Config
+from watcher.settings import LOG_LEVELS, Config
 
 if TYPE_CHECKING:
     from watcher.adapters.hypervisor import DomainRow
@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run the daemon in the foreground"))
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
-    run.add_argument("--log-level", default="info",
-                     choices=("debug", "info", "warning", "error", "critical"))
+    run.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                     help="the level to start at (default: the config's log.level, else info)")
     with_config(sub.add_parser("check", help="validate the config and every policy file"))
 
     rep = sub.add_parser("reprovision", help="tag a domain for reprovisioning")
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _reprovision(args)
         config = load_config(args.config)
         if args.command == "run":
-            return _run(config, args.log_format, args.log_level)
+            return _run(config, args.log_format, args.log_level or config.log.level or "info")
         if args.command == "status" and args.domain:
             return _status_of(config, args.domain, as_json=args.json)
         if args.command == "status":

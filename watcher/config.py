@@ -40,6 +40,7 @@ from watcher.core.policy_load import parse_policies
 from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineMap, describe, field_path, parse_yaml
 from watcher.settings import (
+    LOG_LEVELS,
     AmqpSettings,
     ApiSettings,
     CacheSettings,
@@ -48,6 +49,7 @@ from watcher.settings import (
     HostSettings,
     HttpSettings,
     LibvirtSettings,
+    LogSettings,
     PoliciesSettings,
     PrewarmSettings,
     ReprovisionSettings,
@@ -85,6 +87,7 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
     # the HTTP job API and its durable state
     "api": ("listen", "tokens_file", "tls_cert", "tls_key", "client_ca", "pool"),
     "state": ("dir",),
+    "log": ("level",),
 }
 TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -295,6 +298,8 @@ class _ConfigReader:
             api=self._api(sections["api"]),
             state=StateSettings(dir=_given(self._path(sections["state"], "dir", "state"),
                                            StateSettings().dir)),
+            log=LogSettings(level=self.fields.choice(sections["log"], "level", "log",
+                                                     LOG_LEVELS)),
             source=self.path.absolute(),
         )
 

@@ -134,6 +134,16 @@ class ApiSettings:
     """libvirt storage pool holding the API's volumes; required with ``listen``."""
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str | None = None
+    """One of ``LOG_LEVELS``; None = ``run --log-level`` (default info). Unlike the rest of
+    the config, a SIGHUP applies a changed level to the running daemon."""
+
+
 @dataclass(frozen=True)
 class StateSettings:
     dir: Path = Path("/var/lib/libvirt-volume-watcher")
@@ -204,6 +214,7 @@ class Config:
     prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     source: Path | None = None
     """The file this config was read from."""
 

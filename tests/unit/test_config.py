@@ -122,7 +122,7 @@ ERROR_CASES = [
                  id="top-level-a-list"),
     pytest.param("libvirt: {uri: x}\nlogging: {}\n",
                  [(2, "unknown key 'logging'; allowed keys: amqp, api, cache, fleet, host, "
-                      "http, libvirt, policies, prewarm, reconcile_interval, reprovision, s3, "
+                      "http, libvirt, log, policies, prewarm, reconcile_interval, reprovision, s3, "
                       "state, tracing, volumes")],
                  id="unknown-section"),
     pytest.param("s3:\n  endpoint: http://h:1\n  acess_key: x\n",
@@ -483,3 +483,29 @@ def test_check_reports_a_missing_policy_directory(tmp_path: Path) -> None:
 
 def test_check_of_a_missing_config_reports_only_that(tmp_path: Path) -> None:
     assert [p.line for p in check_all(tmp_path / "absent.yaml", {})] == [0]
+
+
+# --- the log level (the one setting a SIGHUP applies) --------------------------------------
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "critical"])
+def test_the_log_level_is_read(tmp_path: Path, level: str) -> None:
+    config = load_config(config_file(tmp_path, f"log: {{level: {level}}}\n"), {})
+    assert config.log.level == level
+
+
+def test_without_a_log_level_the_command_line_decides(tmp_path: Path) -> None:
+    assert load_config(config_file(tmp_path, "log: {}\n"), {}).log.level is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("log: {level: loud}\n", "log.level: expected one of debug, info, warning, error, critical"),
+    ("log: {level: INFO}\n", "log.level: expected one of"),
+    ("log: {level: 3}\n", "log.level: expected one of"),
+    ("log: {format: json}\n", "format"),
+])
+def test_a_bad_log_setting_is_a_problem_at_its_line(tmp_path: Path, text: str,
+                                                    message: str) -> None:
+    problems = problems_of(config_file(tmp_path, text))
+    assert len(problems) == 1 and problems[0].line == 1
+    assert message in problems[0].message

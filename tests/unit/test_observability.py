@@ -25,6 +25,7 @@ from watcher.runtime.observability import (
     configure_tracing,
     context_from_amqp_headers,
     otlp_traces_url,
+    set_log_level,
     trace_headers,
 )
 from watcher.settings import TracingSettings
@@ -210,6 +211,20 @@ class TestTracingSetup:
         self, endpoint: str, url: str
     ) -> None:
         assert otlp_traces_url(endpoint) == url
+
+
+def test_the_log_level_changes_in_a_running_process(log_output: io.StringIO) -> None:
+    logger = telemetry.get_logger(component="test")  # bound before the change, follows it
+    logger.debug("hidden")
+    assert set_log_level("debug") is True
+    assert set_log_level("debug") is False  # already there
+    logger.debug("shown")
+    assert set_log_level("error") is True
+    logger.warning("hidden too")
+    logger.error("shown too")
+    assert [line["event"] for line in _lines(log_output)] == ["shown", "shown too"]
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        set_log_level("loud")
 
 
 class TestStateTransitionLog:

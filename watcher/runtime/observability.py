@@ -118,6 +118,20 @@ def configure_logging(
     root.setLevel(numeric_level)
 
 
+def set_log_level(level: str) -> bool:
+    """Change the level of the running process's logs (``configure_logging`` done before);
+    False when it already was ``level``. ``ValueError`` for an unknown level."""
+    try:
+        numeric_level = _LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; one of {', '.join(_LEVELS)}") from None
+    root = logging.getLogger()
+    if root.level == numeric_level:
+        return False
+    root.setLevel(numeric_level)
+    return True
+
+
 _PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2,
                "exception": 3}
 

@@ -9,8 +9,9 @@ supervisor reacts to them:
   against one deadline (``drain_timeout``, 75 s: below the unit's ``TimeoutStopSec=90``),
   cancel what is left, and log one ``stopped`` line naming whatever was still running.
 - SIGHUP: reload policies and the API's tokens; a reload that fails keeps the previous
-  ones running. The config file is read once, at start: a SIGHUP after it changed on
-  disk logs a warning that only a restart applies it.
+  ones running. The config file is read again for its log level (``log.level``), applied
+  at once; everything else in it is read once, at start: a SIGHUP after any other setting
+  changed on disk logs a warning that only a restart applies it.
 
 Each unit of background work (one image warm, one reconcile pass, one domain sweep, one
 reprovision) is isolated: an unexpected exception is logged once with its traceback,
@@ -22,12 +23,10 @@ exits) stops the daemon, and systemd then restarts it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
@@ -36,7 +35,7 @@ from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
 from watcher.cache import CacheStore, ImageWarmer
-from watcher.config import load_policy_dir
+from watcher.config import load_config, load_policy_dir
 from watcher.core.decide import count_by_state, is_outdated
 from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.policy import PolicySet
@@ -50,7 +49,7 @@ from watcher.jobs.upload import Uploader
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.keyed import KeyedWorker
-from watcher.runtime.observability import context_from_amqp_headers
+from watcher.runtime.observability import context_from_amqp_headers, set_log_level
 from watcher.runtime.sdnotify import SystemdNotifier
 from watcher.settings import RUNTIME_TUNING, Config
 
@@ -185,8 +184,6 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
-        self._config_digest = _file_digest(config.source)
-        """The config file as read at start, to tell a SIGHUP that it changed since."""
 
     async def _process_api_key(self, key: str) -> None:
         assert self.api_jobs is not None
@@ -299,18 +296,30 @@ class Daemon:
                 return
             self.reload_requested.clear()
             self.notifier.reloading()
-            self._warn_if_config_changed()
+            self._reread_config()
             if self.api is not None:
                 self.api.reload_tokens()
             if self.policies.load():
                 self.reconcile_requested.set()
             self.notifier.ready()
 
-    def _warn_if_config_changed(self) -> None:
+    def _reread_config(self) -> None:
+        """Apply the config file's log level; warn when any other setting changed on disk."""
         source = self.config.source
-        if source is not None and _file_digest(source) != self._config_digest:
-            log.warning("the config file changed since start; SIGHUP reloads only the "
-                        "policies: restart the service to apply it", path=str(source))
+        if source is None:
+            return
+        try:
+            now = load_config(source)
+        except ConfigError as exc:
+            log.warning("the config file is not valid now; nothing of it applied",
+                        path=str(source), problems=len(exc.problems))
+            return
+        if now.log.level is not None and set_log_level(now.log.level):
+            log.warning("log level changed", new_level=now.log.level, path=str(source))
+        if replace(now, log=self.config.log) != self.config:
+            log.warning("the config file changed since start; SIGHUP applies only its log "
+                        "level (and reloads the policies): restart the service to apply the "
+                        "rest", path=str(source))
 
     async def _watchdog_loop(self) -> None:
         """Watchdog pings, the STATUS= line and connection gauges, every few seconds."""
@@ -449,13 +458,3 @@ class Daemon:
         summary = log.warning if still_running else log.info
         summary("stopped", seconds=round(deadline.elapsed(), 3), deadline=self.drain_timeout,
                 still_running=still_running)
-
-
-def _file_digest(path: Path | None) -> str | None:
-    """SHA-256 of a small file's bytes; None when there is no file or it cannot be read."""
-    if path is None:
-        return None
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
