@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 export PYTHONDONTWRITEBYTECODE=1
 
 rc=0
-./scripts/uml-run -t "${LVM_TEST_TIMEOUT:-900}" -m "${LVM_TEST_MEMORY:-1G}" -- \
+./scripts/uml-run -t "${LVM_TEST_TIMEOUT:-1800}" -m "${LVM_TEST_MEMORY:-1G}" -- \
   .venv/bin/pytest -m lvm tests/lvm --color=no -p no:cacheprovider \
   --basetemp="$work/pytest" "$@" || rc=$?
 exit "$rc"

@@ -14,7 +14,8 @@
 # so that device-mapper nodes appear as on a real host.
 #
 # Environment: LVW_DEB (a built .deb; default: scripts/build-deb.sh builds one),
-# LVW_SYSTEMD_TIMEOUT (seconds the guest may run, default 280).
+# LVW_SYSTEMD_TIMEOUT (seconds the guest may run, default 600: the whole run takes 130-270 s
+# on a quiet 2-core machine and more on a slower one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -36,7 +37,7 @@ fi
 say "package $(basename "$deb"), $(basename "$udev"); booting systemd in the guest"
 
 rc=0
-./scripts/uml-run -s -m 1536M -t "${LVW_SYSTEMD_TIMEOUT:-280}" -- \
+./scripts/uml-run -s -m 1536M -t "${LVW_SYSTEMD_TIMEOUT:-600}" -- \
   tests/systemd/in-guest.sh "$deb" "$udev" || rc=$?
 say "$([ "$rc" = 0 ] && echo ok || echo "FAIL (exit $rc)") in $(( $(date +%s) - started )) s"
 exit "$rc"
