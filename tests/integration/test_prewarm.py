@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.integration.harness import Env
@@ -270,9 +270,15 @@ async def test_an_event_traced_upstream_parents_the_warm_download_and_inspect_sp
                   headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
     await wait_for(lambda: digest in daemon.entries(), what="cache entry")
 
-    finished = {s.name: s for s in exporter.get_finished_spans()
+    def in_trace() -> dict[str, ReadableSpan]:
+        return {s.name: s for s in exporter.get_finished_spans()
                 if s.context.trace_id == int(trace_id, 16)}
-    assert {"bucket event", "warm", "download", "inspect"} <= set(finished)
+
+    # The entry is visible before the spans around its download end (a moment later).
+    wanted = {"bucket event", "warm", "download", "inspect"}
+    await wait_for(lambda: wanted <= set(in_trace()),
+                   what=lambda: f"spans {wanted}; finished {set(in_trace())}")
+    finished = in_trace()
     event, warm = finished["bucket event"], finished["warm"]
     assert event.parent is not None and event.parent.span_id == int(parent_id, 16)
     assert warm.parent is not None and warm.parent.span_id == event.context.span_id
