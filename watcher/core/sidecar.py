@@ -2,8 +2,12 @@
 
 Operators produce sidecars with ``sha256sum`` (``<hex>  <name>``, ``<hex> *<name>`` in
 binary mode), ``sha256sum --tag`` (``SHA256 (<name>) = <hex>``) or by writing the bare
-digest. A sidecar that is ambiguous or names another file is rejected: caching an image
-under a digest nobody vouched for would defeat the verification.
+digest. A sidecar with one entry vouches for the object it sits beside whatever file name
+the entry gives: images are often renamed on upload (``sha256sum`` ran on the build's file
+name), and the digest, not the name, is what the download must match. A sidecar with
+several entries (a ``SHA256SUMS`` list) yields the one entry naming this object; one that
+stays ambiguous is rejected, since caching an image under a digest nobody vouched for
+would defeat the verification.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ class MalformedSidecar(ImageRejected):
 def parse_sidecar(content: bytes, object_name: str | None = None) -> str:
     """Return the lowercase hex SHA-256 a sidecar declares.
 
-    When the sidecar names a file and ``object_name`` is given, their basenames must match.
-    Raises ``MalformedSidecar`` otherwise.
+    One entry is the digest, whatever name it gives. Of several different entries, the one
+    whose file name is ``object_name``'s (compared by basename) is; raises
+    ``MalformedSidecar`` when that does not single out one digest, or the content is not a
+    sidecar.
     """
     if len(content) > MAX_SIDECAR_BYTES:
         raise MalformedSidecar(f"sidecar is {len(content)} bytes, over {MAX_SIDECAR_BYTES}")
@@ -45,14 +51,20 @@ def parse_sidecar(content: bytes, object_name: str | None = None) -> str:
     entries = {_parse_line(line) for line in text.splitlines() if line.strip()}
     if not entries:
         raise MalformedSidecar("sidecar is empty")
-    if len(entries) > 1:
-        raise MalformedSidecar(f"sidecar holds {len(entries)} different entries, expected one")
-    digest, name = entries.pop()
-
-    expected = posixpath.basename(object_name) if object_name is not None else None
-    if name is not None and expected is not None and posixpath.basename(name) != expected:
-        raise MalformedSidecar(f"sidecar names {name!r}, not {expected!r}")
-    return digest
+    digests = {digest for digest, _name in entries}
+    if len(digests) == 1:
+        return digests.pop()
+    if object_name is not None:
+        expected = posixpath.basename(object_name)
+        named = {digest for digest, name in entries
+                 if name is not None and posixpath.basename(name) == expected}
+        if len(named) == 1:
+            return named.pop()
+        if len(named) > 1:
+            raise MalformedSidecar(f"sidecar gives {len(named)} different digests for {expected!r}")
+        raise MalformedSidecar(
+            f"sidecar holds {len(digests)} different digests and none for {expected!r}")
+    raise MalformedSidecar(f"sidecar holds {len(digests)} different digests, expected one")
 
 
 def _parse_line(line: str) -> tuple[str, str | None]:
