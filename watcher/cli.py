@@ -22,6 +22,7 @@ from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_
 from watcher.core.address import parse_listen
 from watcher.core.decide import is_outdated
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
+from watcher.core.fleet import host_matches
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import PolicySet
 from watcher.core.units import format_size
@@ -41,9 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="PATH",
                         help=f"daemon config (default {DEFAULT_CONFIG_PATH})")
     sub = parser.add_subparsers(dest="command", required=True)
+    version = f"libvirt-volume-watcher {__version__}"
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-c", "--config", type=Path, default=None, metavar="PATH",
+    def with_config(p: argparse.ArgumentParser, dest: str = "config") -> argparse.ArgumentParser:
+        p.add_argument("--version", action="version", version=version)
+        p.add_argument("-c", "--config", dest=dest, type=Path, default=None, metavar="PATH",
                        help=f"daemon config (default {DEFAULT_CONFIG_PATH})")
         return p
 
@@ -53,11 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="the level to start at (default: the config's log.level, else info)")
     with_config(sub.add_parser("check", help="validate the config and every policy file"))
 
-    rep = sub.add_parser("reprovision", help="tag a domain for reprovisioning")
+    rep = with_config(sub.add_parser("reprovision", help="tag a domain for reprovisioning"))
     rep.add_argument("domain")
-    rep.add_argument("--image", help="image name to write instead of the policy's")
+    rep.add_argument("--image", type=_image_name,
+                     help="image name to write instead of the policy's")
     rep.add_argument("--connect", help="libvirt URI (default: the config's, else qemu:///system)")
-    rep.add_argument("-c", "--config", type=Path, default=None)
     rep.add_argument("--wait", action="store_true",
                      help="follow the request to its end; exit 0 only when provisioned")
     rep.add_argument("--shutdown", action="store_true",
@@ -77,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("domain", nargs="?", help="one domain in detail")
     status.add_argument("--json", action="store_true")
 
-    cache = sub.add_parser("cache", help="operate on the image cache")
+    # A group's own -c (``cache -c PATH list``) has a dest of its own, so that an absent
+    # -c after the second word does not overwrite it.
+    cache = with_config(sub.add_parser("cache", help="operate on the image cache"),
+                        dest="config_group")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     with_config(cache_sub.add_parser("list", help="list cache entries")).add_argument(
         "--json", action="store_true")
@@ -91,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--corrupt", action="store_true",
                        help="also re-hash every entry and remove the corrupt ones")
 
-    fleet = sub.add_parser("fleet", help="every host's status, from fleet.status_bucket")
+    fleet = with_config(
+        sub.add_parser("fleet", help="every host's status, from fleet.status_bucket"),
+        dest="config_group")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
     with_config(fleet_sub.add_parser("status", help="hosts x images; stale hosts marked")
                 ).add_argument("--json", action="store_true")
@@ -99,10 +107,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args.config = args.config or args.config_before
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.config = args.config or getattr(args, "config_group", None) or args.config_before
+    if args.command == "reprovision" and args.cancel and (args.wait or args.image):
+        parser.error("reprovision --cancel goes without --wait, --shutdown and --image")
+    if args.command == "reprovision" and args.shutdown and not args.wait:
+        parser.error("reprovision --shutdown goes with --wait")
     if args.config is None and args.command != "reprovision":
-        args.config = DEFAULT_CONFIG_PATH  # reprovision without a config talks to --connect
+        args.config = DEFAULT_CONFIG_PATH  # reprovision reads it only when it exists
     if args.command != "run":  # run sets up its own; structlog's default would use stdout
         from watcher.runtime.observability import configure_logging
 
@@ -133,13 +146,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _image_name(text: str) -> str:
+    """``--image`` as argparse checks it: a bad name is a usage error (exit 2)."""
+    if not is_image_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image name ({IMAGE_NAME_RULE})")
+    return text
+
+
 def _check(path: Path) -> int:
+    """Problems and warnings go to stderr, the verdict and the host's scope to stdout."""
     report = check_config(path)
     problems = report.problems
     for problem in problems:
-        print(problem)
+        print(problem, file=sys.stderr)
     for warning in report.warnings:  # shown, but they do not fail the check
-        print(warning)
+        print(warning, file=sys.stderr)
     if not problems:
         print(f"{path}: ok")
         _print_host_scope(load_config(path))
@@ -156,7 +177,7 @@ def _print_host_scope(config: Config) -> None:
         print(f"host {host}: image {name} (hosts: {where}): {verdict}")
     for rule in policies.rules:
         if rule.hosts:
-            verdict = "applies here" if rule.matches(rule.match, host) else "does not apply here"
+            verdict = "applies here" if host_matches(rule.hosts, host) else "does not apply here"
             print(f"host {host}: rule {rule.match!r} at {rule.origin} "
                   f"(hosts: {', '.join(rule.hosts)}): {verdict}")
 
@@ -200,14 +221,7 @@ def _fleet_status(config: Config, *, as_json: bool) -> int:
 def _reprovision(args: argparse.Namespace) -> int:
     from watcher.adapters.hypervisor.queries import request_reprovision
 
-    if args.image is not None and not is_image_name(args.image):
-        print(f"error: --image {args.image!r} is not an image name ({IMAGE_NAME_RULE})",
-              file=sys.stderr)
-        return 1
-    if args.shutdown and not args.wait:
-        print("error: --shutdown goes with --wait", file=sys.stderr)
-        return 2
-    config = load_config(args.config) if args.config else None
+    config = _reprovision_config(args.config)
     uri = args.connect or (config.libvirt.uri if config else "qemu:///system")
     if args.cancel:
         from watcher.adapters.hypervisor.queries import cancel_request
@@ -227,6 +241,21 @@ def _reprovision(args: argparse.Namespace) -> int:
                   metrics_url=metrics, console=Console(sys.stdout))
 
 
+def _reprovision_config(path: Path | None) -> Config | None:
+    """The config ``reprovision`` reads: ``-c``'s (its errors are errors), else the default
+    file when there is one (a broken default is a warning: the tag needs only libvirt)."""
+    if path is not None:
+        return load_config(path)
+    if not DEFAULT_CONFIG_PATH.exists():
+        return None
+    try:
+        return load_config(DEFAULT_CONFIG_PATH)
+    except ConfigError as err:
+        first = err.problems[0] if err.problems else str(err)
+        print(f"warning: {DEFAULT_CONFIG_PATH} not used: {first}", file=sys.stderr)
+        return None
+
+
 def _local(listen: str) -> str:
     """Where this host reaches a listener bound to ``listen`` (all interfaces: loopback)."""
     host, port = parse_listen(listen)
@@ -239,7 +268,7 @@ def _cache_for(config: Config) -> Any:
     """The cache store, read (read-only: nothing is created), and the policies."""
     from watcher.cache import CacheStore
 
-    policies = load_policy_dir(config.policies.dir)
+    policies = load_policy_dir(config.policies.dir).on_host(config.host.resolved)
     store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
     store.load()
     return store, policies
@@ -249,7 +278,7 @@ def _explain(config: Config, domain: str, *, as_json: bool) -> int:
     from watcher.explain import explain
 
     store, policies = _cache_for(config)
-    answer = asyncio.run(explain(config, policies.on_host(config.host.resolved), store, domain))
+    answer = asyncio.run(explain(config, policies, store, domain))
     if as_json:
         print(json.dumps(answer.as_json(), indent=2))
     else:
@@ -267,7 +296,7 @@ def _status_of(config: Config, domain: str, *, as_json: bool) -> int:
     from watcher.follow import write_progress
 
     store, policies = _cache_for(config)
-    answer = asyncio.run(explain(config, policies.on_host(config.host.resolved), store, domain))
+    answer = asyncio.run(explain(config, policies, store, domain))
     state = answer.parsed
     listen = config.http.listen
     written = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)

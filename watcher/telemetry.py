@@ -91,8 +91,9 @@ build_info = Gauge(
     _P + "build_info", "Always 1; the version label says which release is running.",
     ["version"], registry=REGISTRY)
 build_info.labels(version=__version__).set(1)
-# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...
-ProcessCollector(registry=REGISTRY)
+# The standard process metrics under this daemon's prefix, as every metric here:
+# volume_watcher_process_cpu_seconds_total, ..._resident_memory_bytes, ..._open_fds...
+ProcessCollector(namespace="volume_watcher", registry=REGISTRY)
 
 unexpected_errors = Counter(
     _P + "unexpected_errors",

@@ -74,7 +74,8 @@ def test_check_reports_every_policy_problem_with_file_and_line(env: Env) -> None
     result = subprocess.run([*CLI, "check", "--config", str(env.config_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    lines = result.stdout.splitlines()
+    assert result.stdout == ""  # errors go to stderr, all of them
+    lines = result.stderr.splitlines()
     path = str(env.policies_dir / "10-bad.yaml")
     assert any(line.startswith(f"{path}:6:") and "qcow3" in line for line in lines), lines
     assert any(line.startswith(f"{path}:10:") and "colour" in line for line in lines), lines

@@ -109,7 +109,7 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_served(
     used = _names_in(_alert_expressions()) | _names_in(_dashboard_expressions())
     # The lookup is not vacuous: both files name the new metrics.
     assert {"volume_watcher_domains", "volume_watcher_download_duration_seconds_bucket",
-            "volume_watcher_build_info", "process_resident_memory_bytes"} <= used
+            "volume_watcher_build_info", "volume_watcher_process_resident_memory_bytes"} <= used
 
     async with running_daemon(env.config_path) as daemon:
         assert daemon.daemon.http is not None
@@ -139,3 +139,7 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_served(
     for reason in REJECTION_REASONS:
         assert f'volume_watcher_images_rejected_total{{reason="{reason}"}} ' in text, reason
     assert "\nvolume_watcher_written_bytes_total " in text
+    # Every series carries the daemon's prefix, the process metrics too.
+    unprefixed = sorted(name for name in _exposed(text) if not name.startswith("volume_watcher_"))
+    assert unprefixed == [], unprefixed
+    assert "volume_watcher_process_open_fds" in _exposed(text)

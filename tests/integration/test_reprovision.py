@@ -815,3 +815,14 @@ async def test_wait_exits_1_when_the_job_fails(world: World) -> None:
     assert "grow: false" in detail["reason"]
     assert detail["image"] == "v2" and detail["rule"].startswith(f"{world.prefix}-*")
     assert detail["root_disk"] and detail["volume"]
+
+    # Policies scoped to other hosts: the rule does not match here, in status as elsewhere.
+    (policies_dir / "p.yaml").write_text(
+        "images:\n  v2: {bucket: local, key: v2.qcow2, format: qcow2}\n"
+        f"domains:\n  - {{match: '{world.prefix}-*', image: v2, hosts: ['hv-other-*']}}\n")
+    config.write_text(config.read_text() + "host: {name: hv-here}\n")
+    listed = await cli("status", "--json", "-c", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert name not in [row["domain"] for row in json.loads(listed.stdout)["domains"]]
+    shown = await cli("status", name, "--json", "-c", str(config))
+    assert json.loads(shown.stdout)["rule"] is None, shown.stdout

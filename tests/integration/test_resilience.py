@@ -60,8 +60,8 @@ def test_check_reports_image_names_that_are_not_identifiers_at_their_line(env: E
         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 1, result.stdout + result.stderr
     bad = str(env.policies_dir / "10-bad.yaml")
-    assert f"{bad}:2: images: image name '../../x' is not valid" in result.stdout
-    assert f"{bad}:3: images: image name 'ubuntu/24.04' is not valid" in result.stdout
+    assert f"{bad}:2: images: image name '../../x' is not valid" in result.stderr
+    assert f"{bad}:3: images: image name 'ubuntu/24.04' is not valid" in result.stderr
     assert ":4:" not in result.stdout  # ubuntu-24.04 is fine
 
 
