@@ -218,7 +218,8 @@ async def test_batched_acks_settle_every_message_once_around_failures_and_a_slow
     failing = {f"m{i}".encode() for i in range(0, 300, 7)}
 
     async def finish_slowly() -> None:
-        await asyncio.wait_for(release_slow.wait(), WAIT)
+        # Its own generous limit: it must outlast publishing and handling the 300 others.
+        await asyncio.wait_for(release_slow.wait(), 6 * WAIT)
         handled.append(b"slow")
 
     def handler(body: bytes, headers: Mapping[str, object]) -> Awaitable[None] | None:
@@ -234,7 +235,7 @@ async def test_batched_acks_settle_every_message_once_around_failures_and_a_slow
         await wait_for(lambda: consumer.messages_in_flight == 1, WAIT,
                        what="the slow one is running")
         await broker.publish_many([f"m{i}".encode() for i in range(300)])
-        await wait_for(lambda: len(handled) == 300 - len(failing), WAIT,
+        await wait_for(lambda: len(handled) == 300 - len(failing), 4 * WAIT,
                        what="every other message is handled while the slow one runs")
         release_slow.set()
         await wait_for(lambda: b"slow" in handled, WAIT, what="the slow one finishes")

@@ -268,11 +268,13 @@ async def test_a_fleet_of_twelve_hosts_handles_every_event_once(
             assert download.started - published >= delay - 0.05, (host.name, delay)
         longest = max((d.ended or time.monotonic()) - d.started for d in downloads)
         peak = peak_concurrency(downloads)
-        bound = allowed_peak(delays, longest + 1.0)
+        # Slack for each host's own latency (delivery, HEAD, sidecar) on a loaded machine.
+        bound = allowed_peak(delays, longest + 3.0)
         first = min(d.started for d in downloads)
         last = max(d.started for d in downloads)
         assert peak <= bound < HOSTS, (peak, bound, delays)
-        assert last - first > SPREAD / 2  # spread over the window, not in one burst
+        # Spread over the window as the delays are, not in one burst.
+        assert last - first >= max(delays) - min(delays) - 1.0, (first, last, delays)
 
         # Cut one host off, then: an image only hosts 01-04 take, and one every host takes.
         cut = hosts[4]
@@ -296,17 +298,26 @@ async def test_a_fleet_of_twelve_hosts_handles_every_event_once(
         # Every host triaged the scoped event before the extra one it has handled.
         assert fleet.gets(keys["scoped"]) == [1] * 4 + [0] * (HOSTS - 4)
 
-        # fleet status: every host, every image it holds, nobody stale.
-        status = await fleet.fleet_status()
-        rows = {row["host"]: row for row in status["hosts"]}
-        assert sorted(rows) == [h.name for h in hosts]
-        assert set(status["images"]) == {"base", "extra", "scoped"}
-        for index, host in enumerate(hosts):
-            row = rows[host.name]
+        # fleet status: every host, every image it holds, nobody stale. A host writes its
+        # status object a moment after it caches (at most once a second): poll for it.
+        def expected_of(index: int) -> dict[str, str]:
             expected = {"base": base_digest, "extra": extra_digest}
             if index < 4:
                 expected["scoped"] = scoped_digest
-            assert (row["images"], row["stale"]) == (expected, False), row
+            return expected
+
+        seen: list[dict[str, Any]] = [{}]
+
+        async def status_complete() -> bool:
+            seen[0] = status = await fleet.fleet_status()
+            rows = {row["host"]: row for row in status["hosts"]}
+            return sorted(rows) == [h.name for h in hosts] and all(
+                (rows[h.name]["images"], rows[h.name]["stale"]) == (expected_of(i), False)
+                for i, h in enumerate(hosts))
+
+        await wait_for(status_complete, timeout=30, interval=0.5,
+                       what=lambda: f"every host's status complete; last {seen[0]}")
+        assert set(seen[0]["images"]) == {"base", "extra", "scoped"}
         rss = {h.name: round(h.rss_mib(), 1) for h in hosts}
 
         # A host down while its queue is deleted gets the next image through reconcile.
@@ -379,7 +390,9 @@ async def test_a_quorum_queue_dead_letters_a_message_whose_consumer_keeps_crashi
                 await publish(exchange, minio_event(s3_bucket, key))
             # Delivered and unsettled: the warm waits out its spread; kill it meanwhile.
             await wait_for(lambda: counts_are((0, 0)), 30, 0.2, f"delivery {delivery}")
-            assert "waiting before the download" in host.log_text()
+            # The broker hands the message over before the host has triaged it.
+            await wait_for(lambda: "waiting before the download" in host.log_text(), 30, 0.2,
+                           f"delivery {delivery} waiting out its spread")
             await host.stop(signal.SIGKILL)
             if delivery <= limit:
                 await wait_for(lambda: counts_are((1, 0)), 30, 0.2,

@@ -235,8 +235,9 @@ async def test_probes_are_answered_while_another_process_holds_500_idle_and_slow
         assert attacker.returncode is None, "the attack stopped before the probes did"
     finally:
         await _stop_after_the_attack(srv, *attackers)
+    # Under 1.9 s: answered, not held until an attacker's 2 s head deadline freed a slot.
     for path, seen in results.items():
-        assert all(status == 200 and took < 1.0 for status, took in seen), (path, seen)
+        assert all(status == 200 and took < 1.9 for status, took in seen), (path, seen)
 
 
 async def test_a_full_server_admits_a_probe_by_dropping_the_oldest_unfinished_connection(
@@ -251,7 +252,7 @@ async def test_a_full_server_admits_a_probe_by_dropping_the_oldest_unfinished_co
         seen = [await _timed_get(srv.port, "/healthz") for _ in range(10)]
     finally:
         await _stop_after_the_attack(srv, *attackers)
-    assert all(status == 200 and took < 1.0 for status, took in seen), seen
+    assert all(status == 200 and took < 1.9 for status, took in seen), seen
 
 
 async def test_a_request_head_trickling_in_is_cut_at_the_two_second_deadline(
@@ -272,7 +273,7 @@ async def test_a_request_head_trickling_in_is_cut_at_the_two_second_deadline(
 
         sender = asyncio.create_task(trickle())
         try:
-            reply = await asyncio.wait_for(reader.read(), timeout=3.0)
+            reply = await asyncio.wait_for(reader.read(), timeout=10.0)
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
@@ -281,7 +282,8 @@ async def test_a_request_head_trickling_in_is_cut_at_the_two_second_deadline(
     finally:
         await srv.stop()
     assert reply == b""
-    assert 1.95 <= took <= 3.0, took
+    # Cut at its deadline (the request itself would take 12 s), with room for a busy machine.
+    assert 1.95 <= took <= 5.0, took
 
 
 async def test_stop_closes_the_listening_socket(checks: Checks) -> None:

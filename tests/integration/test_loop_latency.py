@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 RECORDS = 5000
 WARMS = 50
-P99_LIMIT = 0.050
+P99_LIMIT = 0.100
+"""A blocked loop showed 266 ms (a fork under the GIL per image); with nothing blocking,
+p99 is 13-50 ms on two cores that the downloads' threads, the S3 server and the broker
+share, so 100 ms tells one from the other without failing on a loaded machine."""
 
 # The daemon's own command line, with a thread that times how long the event loop takes
 # to run a callback scheduled every 10 ms, and appends each lag over 20 ms to a file.
@@ -288,6 +291,7 @@ async def test_a_daemon_stopped_while_a_warm_hangs_stops_within_its_deadline_nam
     stopped = [e for e in logs if e["event"] == "stopped"]
     print(f"\nstopped after {took:.2f} s (deadline {deadline:g} s):", stopped)
     assert len(stopped) == 1
-    assert took < deadline + 0.5, took
+    # The drain's deadline, then closing the broker connection and the listeners.
+    assert took < deadline + 2.0, took
     assert "warm base" in stopped[0]["still_running"]
     assert stopped[0]["log_level"] == "warning"

@@ -43,8 +43,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def daemon(env: Env) -> AsyncIterator[RunningDaemon]:
-    """The daemon, in this test's loop, without libvirt (pre-warming needs none)."""
+    """The daemon, in this test's loop, without libvirt (pre-warming needs none), past its
+    start-up reconcile (quick: the tests upload their images later), so that only their
+    own events warm."""
     async with running_daemon(env.config_path) as running:
+        await wait_for(lambda: running.daemon.reconciles >= 1 or running.task.done(),
+                       what="the start-up reconcile")
         yield running
     assert running.exit_code == 0
 
@@ -232,7 +236,10 @@ async def test_eviction_keeps_the_current_version_of_policy_images(
                        what="initial reconcile")
         new_other = env.upload_with_sidecar(other_key, make_qcow2(tmp_path / "o2.qcow2", seed=3))
         await publish(env.exchange, minio_event(env.bucket, other_key))
-        await wait_for(lambda: new_other in running.entries(), what="new version cached")
+        # Eviction runs just after the commit that made room necessary: wait for both.
+        await wait_for(lambda: new_other in running.entries()
+                       and old_other not in running.entries(),
+                       what=lambda: f"new version cached, old evicted; {set(running.entries())}")
         digests = set(running.entries())
         assert pinned in digests and new_other in digests and old_other not in digests
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,21 +395,39 @@ async def test_no_more_than_max_concurrent_volumes_are_written_at_once(world: Wo
         path = world.volume(pool, f"{suffix}.img", IMAGE_SIZE)
         names.append(world.define(suffix, path)[0])
     running, peak = 0, 0
+    release = asyncio.Event()
 
     async def counted_write(*args: Any, **kwargs: Any) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         try:
-            await asyncio.sleep(2.0)  # long enough for the other tags to arrive and wait
+            await asyncio.wait_for(release.wait(), 120)  # held until the third one waits
             await write_image(*args, **kwargs)
         finally:
             running -= 1
 
     async with watching(world, world.policies(), world.allow_own_files(), write=counted_write,
-                        max_concurrent=2):
+                        max_concurrent=2) as watcher:
+        uuids = {(await virsh("domuuid", name)).stdout.strip() for name in names}
+        jobs, process = Counter[str](), watcher.jobs.process
+
+        async def counted_process(uuid: str) -> None:  # the job as a whole, not only its write
+            jobs[uuid] += 1
+            try:
+                await process(uuid)
+            finally:
+                jobs[uuid] -= 1
+
+        watcher.jobs.process = counted_process
         for name in names:
             await tag(name)
+        # Every job has its worker, and writes are held: two run, the third waits for a
+        # slot without having started (a job runs as soon as its worker has a slot).
+        await wait_for(lambda: uuids <= set(watcher.jobs.keys) and running >= 2, timeout=60,
+                       what=lambda: f"3 jobs, 2 writing; {watcher.jobs.keys}, {running}")
+        assert running == 2 and sum(jobs[u] for u in uuids) == 2, (running, jobs)
+        release.set()
         states = [await wait_for_state(name) for name in names]
 
     assert [s.kind for s in states] == ["provisioned"] * 3

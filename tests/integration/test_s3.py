@@ -268,7 +268,7 @@ def test_stop_wakes_a_download_waiting_to_retry(
     with pytest.raises(TemporaryError, match="download cancelled"):
         store.download(s3_bucket, "img.qcow2", dest, stop=stop)
 
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 15  # well before the first 30 s retry delay
     assert not dest.exists()
 
 

@@ -184,6 +184,8 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
         self.reconcile_requested = asyncio.Event()
+        self.reconciles = 0
+        """Reconcile passes finished since start."""
 
     async def _process_api_key(self, key: str) -> None:
         assert self.api_jobs is not None
@@ -248,6 +250,7 @@ class Daemon:
             await self.reprovisioner.remove_orphan_goldens(
                 {entry.digest for entry in self.store.entries()})
         self.fleet.reconciled(outdated)
+        self.reconciles += 1
         log.info("reconciled", images=images,
                  seconds=round(time.monotonic() - started, 3))
 
