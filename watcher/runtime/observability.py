@@ -32,10 +32,18 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from watcher import __version__, telemetry
-from watcher.settings import TracingSettings
+from watcher.settings import LOG_LEVELS, TracingSettings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {name: logging.getLevelName(name.upper()) for name in LOG_LEVELS}
+
+
+def _numeric_level(level: str) -> int:
+    """The standard-library level of a ``LOG_LEVELS`` name; ``ValueError`` for another."""
+    try:
+        return int(_LEVELS[level.lower()])
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; one of {', '.join(_LEVELS)}") from None
+
 _PROPAGATOR = TraceContextTextMapPropagator()
 # Marks the handler this module installs so a second configure_logging replaces it.
 _HANDLER_NAME = "libvirt-volume-watcher"
@@ -62,10 +70,7 @@ def configure_logging(
     asyncio) go through the same renderer, so every line of the process has one shape.
     Calling it again replaces the previous setup.
     """
-    try:
-        numeric_level = _LEVELS[level.lower()]
-    except KeyError:
-        raise ValueError(f"unknown log level {level!r}; one of {', '.join(_LEVELS)}") from None
+    numeric_level = _numeric_level(level)
     out = stream if stream is not None else sys.stderr
     is_terminal = bool(getattr(out, "isatty", lambda: False)())
     if json is None:
@@ -121,10 +126,7 @@ def configure_logging(
 def set_log_level(level: str) -> bool:
     """Change the level of the running process's logs (``configure_logging`` done before);
     False when it already was ``level``. ``ValueError`` for an unknown level."""
-    try:
-        numeric_level = _LEVELS[level.lower()]
-    except KeyError:
-        raise ValueError(f"unknown log level {level!r}; one of {', '.join(_LEVELS)}") from None
+    numeric_level = _numeric_level(level)
     root = logging.getLogger()
     if root.level == numeric_level:
         return False
