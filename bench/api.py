@@ -39,7 +39,7 @@ POLL = 0.002
 CONCURRENT = 100
 ROUNDS = 10
 VOLUME = "bench-api-vol"
-ENDED = ("completed", "failed", "cancelled")
+ENDED = ("completed", "failed")
 
 
 def bench(options: Options) -> list[Table]:

@@ -34,10 +34,11 @@ class ApiDaemon:
     daemon: DaemonProcess
     probe_port: int
     """The daemon's ``http.listen`` port: ``/readyz`` and ``/metrics``."""
+    tls: bool = False
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def auth_header(self) -> dict[str, str]:
@@ -69,21 +70,25 @@ def ready(probe_port: int) -> bool:
 
 @contextlib.contextmanager
 def api_daemon(root: Path, pool: str, write_config: Callable[..., Path], *, token: str,
-               ) -> Iterator[ApiDaemon]:
+               tls: dict[str, str] | None = None) -> Iterator[ApiDaemon]:
     """The daemon with ``api`` on a free port and dir pool ``pool`` under ``root/pool``.
 
     ``write_config(**overrides)`` writes the rest of the config (S3, AMQP, cache) and
     returns its path; the daemon logs to ``root/watcher.log``. Returns once ``/readyz``
-    says ready.
+    says ready. ``tls`` adds ``api`` keys (``tls_cert``, ``tls_key``, ``client_ca``) and
+    the API speaks HTTPS; with an empty ``token`` there is no tokens file, so only a
+    client certificate gets in.
     """
     pool_dir = root / "pool"
     pool_dir.mkdir(mode=0o755)
-    tokens = root / "tokens"
-    tokens.write_text(token + "\n")
-    tokens.chmod(0o600)
+    api: dict[str, str] = {"pool": pool, **(tls or {})}
+    if token:
+        tokens = root / "tokens"
+        tokens.write_text(token + "\n")
+        tokens.chmod(0o600)
+        api["tokens_file"] = str(tokens)
     port, probe_port = free_port(), free_port()
-    config = write_config(api={"listen": f"127.0.0.1:{port}", "tokens_file": str(tokens),
-                               "pool": pool},
+    config = write_config(api={"listen": f"127.0.0.1:{port}", **api},
                           http={"listen": f"127.0.0.1:{probe_port}"},
                           state={"dir": str(root / "state")})
     virsh("pool-define-as", pool, "dir", "--target", str(pool_dir))
@@ -93,7 +98,7 @@ def api_daemon(root: Path, pool: str, write_config: Callable[..., Path], *, toke
         try:
             # Ready, not just listening: before libvirt is connected the API answers 503.
             daemon.wait(lambda: answers(port) and ready(probe_port), 60, "the daemon to be ready")
-            yield ApiDaemon(pool, pool_dir, port, token, daemon, probe_port)
+            yield ApiDaemon(pool, pool_dir, port, token, daemon, probe_port, tls=bool(tls))
         finally:
             daemon.stop()
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import ssl
 import subprocess
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from tests.integration.harness import Env
 from tests.integration.test_daemon import CLI
 from testsupport.polling import wait_for
 from testsupport.services import free_port
+from watcher import __version__
 from watcher.config import check_all
 from watcher.http.api import ApiServer, streams_body
 from watcher.settings import HTTP_TUNING, ApiSettings, HttpTuning
@@ -162,10 +165,14 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def error_of(reply: Reply) -> tuple[int, str]:
+    """(status, error) of an error answer, after checking its shape: the predecessor's
+    ``{"error", "message", "code"}`` with the status repeated, and a request id."""
     status, headers, body = reply
     assert headers["Content-Type"] == "application/json"
+    assert headers.get("X-Request-ID"), headers
     document = json.loads(body)
-    assert set(document) == {"error", "details"} and document["details"], document
+    assert set(document) == {"error", "message", "code"} and document["message"], document
+    assert document["code"] == status, document
     return status, document["error"]
 
 
@@ -173,7 +180,9 @@ def error_of(reply: Reply) -> tuple[int, str]:
 
 
 async def test_without_credentials_the_api_is_401_in_the_error_shape(api: ApiServer) -> None:
-    assert error_of(await request(api.port, "/api/v1/openapi.json")) == (401, "unauthorized")
+    reply = await request(api.port, "/api/v1/openapi.json")
+    assert error_of(reply) == (401, "unauthorized")
+    assert reply[1]["WWW-Authenticate"] == "Bearer"
     # An empty bearer is no credential either.
     assert error_of(await request(api.port, "/api/v1/openapi.json",
                                   headers={"Authorization": "Bearer "})) == (401, "unauthorized")
@@ -184,9 +193,12 @@ async def test_without_credentials_the_api_is_401_in_the_error_shape(api: ApiSer
     pytest.param({"X-API-Token": GOOD[:-1]}, id="x-api-token-prefix"),
     pytest.param({"X-API-Token": GOOD + "x"}, id="x-api-token-longer"),
 ])
-async def test_a_wrong_token_is_403(api: ApiServer, headers: dict[str, str]) -> None:
-    assert error_of(await request(api.port, "/api/v1/openapi.json", headers=headers)) == (
-        403, "forbidden")
+async def test_a_wrong_token_is_401_with_the_bearer_challenge_as_the_predecessor_answers(
+    api: ApiServer, headers: dict[str, str],
+) -> None:
+    reply = await request(api.port, "/api/v1/openapi.json", headers=headers)
+    assert error_of(reply) == (401, "unauthorized")
+    assert reply[1]["WWW-Authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize("headers", [
@@ -203,7 +215,7 @@ async def test_a_good_token_in_either_header_gets_the_openapi_document(
     document = json.loads(body)
     assert document["openapi"].startswith("3.0")
     assert {"/health", "/healthz", "/livez", "/metrics"} <= set(document["paths"])
-    assert document["components"]["schemas"]["Error"]["required"] == ["error", "details"]
+    assert document["components"]["schemas"]["Error"]["required"] == ["error", "message", "code"]
 
 
 @pytest.mark.parametrize("path", ["/health", "/healthz", "/livez", "/metrics"])
@@ -213,7 +225,11 @@ async def test_health_routes_and_metrics_need_no_credentials(api: ApiServer, pat
     if path == "/metrics":
         assert b"volume_watcher_" in body
     else:
-        assert json.loads(body) == {"status": "ok"}
+        health = json.loads(body)
+        assert set(health) == {"status", "timestamp", "version", "uptime"}, health
+        assert health["status"] == "healthy" and health["version"] == __version__
+        assert re.fullmatch(r"([0-9]+h[0-9]+m|[0-9]+m)?[0-9]+s", health["uptime"]), health
+        assert datetime.fromisoformat(health["timestamp"]).tzinfo is not None
 
 
 async def test_a_reload_puts_the_rewritten_tokens_file_in_force(
@@ -224,7 +240,7 @@ async def test_a_reload_puts_the_rewritten_tokens_file_in_force(
     assert (await request(api.port, "/api/v1/openapi.json", headers=bearer(GOOD)))[0] == 200
     assert api.reload_tokens() is True
     assert error_of(await request(api.port, "/api/v1/openapi.json", headers=bearer(GOOD))) == (
-        403, "forbidden")
+        401, "unauthorized")
     assert (await request(api.port, "/api/v1/openapi.json", headers=bearer("tok-new")))[0] == 200
 
 
@@ -291,9 +307,9 @@ async def test_the_clients_sane_request_id_is_echoed_and_any_other_replaced(
 
 
 async def test_unknown_routes_are_404_in_the_error_shape(api: ApiServer) -> None:
-    assert error_of(await request(api.port, "/nothing")) == (404, "not_found")
+    assert error_of(await request(api.port, "/nothing")) == (404, "not found")
     assert error_of(await request(api.port, "/api/v1/nothing", headers=bearer(GOOD))) == (
-        404, "not_found")
+        404, "not found")
     # Under /api/ credentials come first: an unknown route tells nothing to a stranger.
     assert error_of(await request(api.port, "/api/v1/nothing")) == (401, "unauthorized")
 
@@ -301,13 +317,13 @@ async def test_unknown_routes_are_404_in_the_error_shape(api: ApiServer) -> None
 async def test_a_wrong_method_is_405_in_the_error_shape_with_allow(api: ApiServer) -> None:
     reply = await request(api.port, "/api/v1/openapi.json", method="DELETE",
                           headers=bearer(GOOD))
-    assert error_of(reply) == (405, "method_not_allowed")
+    assert error_of(reply) == (405, "method not allowed")
     assert "GET" in reply[1]["Allow"]
 
 
 async def test_an_unexpected_exception_is_a_500_without_the_traceback(api: ApiServer) -> None:
     status, headers, body = await request(api.port, "/api/v1/boom", headers=bearer(GOOD))
-    assert error_of((status, headers, body)) == (500, "internal_error")
+    assert error_of((status, headers, body)) == (500, "internal error")
     assert b"secret internals" not in body and b"Traceback" not in body
     assert headers["X-Request-ID"].encode() in body  # the log line to look for
 
@@ -318,7 +334,7 @@ async def test_a_body_over_one_mib_is_413_and_a_streaming_route_takes_it(
     big = b"x" * (2 * 1024**2)
     reply = await request(api.port, "/api/v1/jobs", method="POST", body=big,
                           headers={**bearer(GOOD), "Content-Type": "application/json"})
-    assert error_of(reply) == (413, "body_too_large")
+    assert error_of(reply) == (413, "request entity too large")
     status, _, body = await request(api.port, "/volumes/upload-content", method="PUT", body=big,
                                     headers=bearer(GOOD))
     assert (status, json.loads(body)) == (200, {"bytes": len(big)})
@@ -455,7 +471,7 @@ def test_the_daemon_serves_the_api_and_rereads_its_tokens_on_sighup(
         asyncio.run(wait_for(
             lambda: _status(api_port, "/api/v1/openapi.json", "tok-second") == 200,
             what="the new token in force"))
-        assert _status(api_port, "/api/v1/openapi.json", "tok-first") == 403
+        assert _status(api_port, "/api/v1/openapi.json", "tok-first") == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

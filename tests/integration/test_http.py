@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.http_attacker import raise_nofile
-from watcher import telemetry
+from watcher import __version__, telemetry
 from watcher.core.address import parse_listen
 from watcher.http import HttpServer
 
@@ -78,6 +80,15 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _assert_error_shape(reply: bytes, status: int) -> None:
+    """aiohttp's own refusals too: JSON in the predecessor's error shape, with a request id."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/json" in head, head
+    assert b"\r\nX-Request-ID: " in head, head
+    answer = json.loads(body)
+    assert set(answer) == {"error", "message", "code"} and answer["code"] == status, answer
+
+
 async def test_metrics_serves_the_registry_and_reflects_a_new_count(server: HttpServer) -> None:
     status, headers, body = await _get(server.port, "/metrics")
     assert status == 200
@@ -97,10 +108,14 @@ async def test_readyz_is_503_naming_the_failing_check_until_all_checks_pass(
     assert status == 503
     assert headers["Content-Type"] == "application/json"
     assert json.loads(body) == {
+        "error": "not ready", "message": "failing: amqp", "code": 503,
         "ready": False,
         "checks": {"libvirt": True, "amqp": False, "policies": True},
         "failing": ["amqp"],
     }
+    # Alive all the same, but not healthy: a deploy script's grep for "healthy" fails.
+    status, _, body = await _get(server.port, "/healthz")
+    assert (status, json.loads(body)["status"]) == (200, "degraded")
 
     checks.state["amqp"] = True
     status, _, body = await _get(server.port, "/readyz")
@@ -119,12 +134,22 @@ async def test_readyz_is_503_when_the_readiness_callable_raises() -> None:
     finally:
         await srv.stop()
     assert status == 503
-    assert json.loads(body)["error"] == "supervisor not started"
+    answer = json.loads(body)
+    assert (answer["error"], answer["code"], answer["ready"]) == ("not ready", 503, False)
+    assert "supervisor not started" in answer["message"]
 
 
-async def test_healthz_answers_ok_while_the_loop_runs(server: HttpServer) -> None:
+async def test_healthz_answers_healthy_in_the_predecessors_shape(
+    server: HttpServer, checks: Checks,
+) -> None:
+    checks.state["amqp"] = True
     status, _, body = await _get(server.port, "/healthz?verbose=1")
-    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    health = json.loads(body)
+    assert status == 200 and list(health) == ["status", "timestamp", "version", "uptime"]
+    assert (health["status"], health["version"]) == ("healthy", __version__)
+    assert re.fullmatch(r"[0-9]+s", health["uptime"]), health  # a fresh server: seconds
+    stamp = datetime.fromisoformat(health["timestamp"].replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
 
 
 async def test_head_gets_the_headers_without_a_body(server: HttpServer) -> None:
@@ -134,15 +159,19 @@ async def test_head_gets_the_headers_without_a_body(server: HttpServer) -> None:
 
 
 async def test_unknown_paths_are_404_and_other_methods_405(server: HttpServer) -> None:
-    assert (await _get(server.port, "/admin"))[0] == 404
-    status, headers, _ = await _get(server.port, "/metrics", method="POST")
+    status, _, body = await _get(server.port, "/admin")
+    assert (status, json.loads(body)["code"]) == (404, 404)
+    status, headers, body = await _get(server.port, "/metrics", method="POST")
     assert status == 405
     assert headers["Allow"] == "GET, HEAD"
+    assert json.loads(body) == {"error": "method not allowed",
+                                "message": "POST is not allowed on /metrics", "code": 405}
 
 
 async def test_garbage_gets_400_and_the_server_keeps_serving(server: HttpServer) -> None:
     reply = await _raw(server.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400 ")
+    _assert_error_shape(reply, 400)
     assert await _raw(server.port, b"") == b""  # connect and hang up at once
     assert (await _get(server.port, "/healthz"))[0] == 200
 
@@ -150,6 +179,12 @@ async def test_garbage_gets_400_and_the_server_keeps_serving(server: HttpServer)
 async def test_an_oversized_request_head_is_refused_with_431(server: HttpServer) -> None:
     reply = await _raw(server.port, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 431 ")
+    _assert_error_shape(reply, 431)
+    # A head within the line limit but over the whole-head limit: the middleware's 431.
+    many = b"".join(b"X-H%d: %s\r\n" % (n, b"a" * 1000) for n in range(3))
+    reply = await _raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    _assert_error_shape(reply, 431)
     assert (await _get(server.port, "/healthz"))[0] == 200
 
 

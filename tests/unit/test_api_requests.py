@@ -25,6 +25,7 @@ from watcher.core.api_requests import (
     check_cache_key,
     check_job_id,
     check_volume_name,
+    named_host,
     parse_fetch,
     parse_image_url,
     parse_paging,
@@ -81,11 +82,6 @@ HOSTILE_URLS = [
     pytest.param("", id="empty"),
     pytest.param("ftp://127.0.0.1:9000/b1b/k", id="other-scheme"),
     pytest.param("file:///etc/passwd", id="file-scheme"),
-    pytest.param("https://127.0.0.1:9000/b1b/k", id="scheme-differs-from-endpoint"),
-    pytest.param("http://evil.example:9000/b1b/k", id="other-host"),
-    pytest.param("http://127.0.0.1:9001/b1b/k", id="other-port"),
-    pytest.param("http://127.0.0.1/b1b/k", id="default-port-is-not-9000"),
-    pytest.param("http://127.0.0.1.:9000/b1b/k", id="trailing-dot-host"),
     pytest.param("http://127.0.0.1:9000.evil.example/b1b/k", id="port-with-host-suffix"),
     pytest.param("http://127.0.0.1:9000:80/b1b/k", id="two-ports"),
     pytest.param("http://user:pass@127.0.0.1:9000/b1b/k", id="userinfo"),
@@ -147,6 +143,33 @@ HOSTILE_URLS = [
 ]
 
 
+@pytest.mark.parametrize(("url", "host"), [
+    pytest.param("http://minio:9000/b1b/k", "minio:9000", id="the-orchestrators-name"),
+    pytest.param("https://127.0.0.1:9000/b1b/k", "127.0.0.1:9000", id="other-scheme"),
+    pytest.param("http://evil.example:9000/b1b/k", "evil.example:9000", id="other-host"),
+    pytest.param("http://127.0.0.1:9001/b1b/k", "127.0.0.1:9001", id="other-port"),
+    pytest.param("http://127.0.0.1/b1b/k", "127.0.0.1", id="default-port-is-not-9000"),
+    pytest.param("http://127.0.0.1.:9000/b1b/k", "127.0.0.1.:9000", id="trailing-dot-host"),
+    pytest.param("http://10.0.0.1/b1b/k", "10.0.0.1", id="an-address"),
+    pytest.param("http://127.0.0.1:9000/b1b/k", None, id="the-endpoint"),
+    pytest.param("HTTP://127.0.0.1:9000/b1b/k", None, id="the-endpoint-upper-case"),
+    pytest.param("http://127.0.0.1:80/b1b/k", "127.0.0.1:80", id="explicit-port"),
+    pytest.param("s3://b1b/k", None, id="s3"),
+])
+def test_any_host_names_a_bucket_and_key_of_the_own_s3_and_is_only_noted(
+    url: str, host: str | None,
+) -> None:
+    assert parse_image_url(url, ENDPOINT) == ImageRef("b1b", "k")
+    assert named_host(url, ENDPOINT) == host
+    assert parse_fetch({"image_url": url}, ENDPOINT).named_host == host
+
+
+def test_an_endpoint_with_a_path_prefix_takes_its_own_urls_with_the_prefix() -> None:
+    endpoint = "http://gw.example:8080/s3"
+    assert parse_image_url("http://gw.example:8080/s3/b1b/k", endpoint) == ImageRef("b1b", "k")
+    assert parse_image_url("http://other:9000/b1b/k", endpoint) == ImageRef("b1b", "k")
+
+
 @pytest.mark.parametrize("url", HOSTILE_URLS)
 def test_a_hostile_image_url_is_refused_naming_the_field(url: object) -> None:
     with pytest.raises(BadRequest) as caught:
@@ -174,7 +197,8 @@ def test_a_provision_body_with_the_required_fields_gets_defaults() -> None:
     request = parse_provision(dict(GOOD), ENDPOINT)
     assert request == ProvisionRequest(
         image=ImageRef("vm-images", "a.qcow2"), image_url="s3://vm-images/a.qcow2",
-        image_type="qcow2", volume_name="vm-1-root", volume_size_gb=10, correlation_id=None)
+        image_type="qcow2", named_host=None, volume_name="vm-1-root", volume_size_gb=10,
+        correlation_id=None)
     assert request.volume_size == 10 * 1024**3
 
 
@@ -237,11 +261,11 @@ def test_a_bad_provision_body_is_refused_naming_the_field(body: object, field: s
 def test_a_fetch_body_needs_only_the_image_url() -> None:
     assert parse_fetch({"image_url": "http://127.0.0.1:9000/b1b/k.raw", "image_type": "raw"},
                        ENDPOINT) == FetchRequest(ImageRef("b1b", "k.raw"),
-                                                 "http://127.0.0.1:9000/b1b/k.raw", "raw")
+                                                 "http://127.0.0.1:9000/b1b/k.raw", "raw", None)
     with pytest.raises(BadRequest, match="image_url is required"):
         parse_fetch({}, ENDPOINT)
     with pytest.raises(BadRequest, match="image_url"):
-        parse_fetch({"image_url": "http://10.0.0.1/b1b/k"}, ENDPOINT)
+        parse_fetch({"image_url": "ftp://10.0.0.1/b1b/k"}, ENDPOINT)
 
 
 # --- names, keys, ids
@@ -469,7 +493,7 @@ def test_every_response_carries_the_request_id_and_errors_have_one_shape(
             assert "X-Request-ID" in response["headers"], (method, path, status)
             if int(status) >= 400:
                 assert response["content"]["application/json"]["schema"] == error
-    assert _resolve(openapi, error)["required"] == ["error", "details"]
+    assert _resolve(openapi, error)["required"] == ["error", "message", "code"]
 
 
 def test_only_health_and_metrics_are_open(openapi: dict[str, Any]) -> None:
@@ -481,7 +505,10 @@ def test_only_health_and_metrics_are_open(openapi: dict[str, Any]) -> None:
             assert operation["security"] == []
         else:
             assert "security" not in operation
-            assert {"401", "403", "500"} <= set(operation["responses"]), path
+            assert {"401", "500"} <= set(operation["responses"]), path
+            assert "403" not in operation["responses"], path  # a wrong token is 401 too
+            unauthorized = _resolve(openapi, operation["responses"]["401"])
+            assert "WWW-Authenticate" in unauthorized["headers"], path
 
 
 def test_the_documented_body_rules_are_the_ones_enforced(openapi: dict[str, Any]) -> None:

@@ -57,10 +57,49 @@ def test_the_api_view_has_exactly_the_documented_fields(store: JobStore) -> None
     record = store.insert(job(status="running", stage="downloading", percent=12.5,
                               bytes_processed=5, bytes_total=40, eta_sec=3.0))
     body = record.to_api()
-    assert list(body) == ["job_id", "status", "progress", "error", "correlation_id",
-                          "cache_hit", "image_path", "volume_path", "created_at", "updated_at"]
+    # Fields with no value are left out, never null (the predecessor's Go omitempty).
+    assert list(body) == ["job_id", "status", "progress", "created_at", "updated_at"]
     assert body["progress"] == {"stage": "downloading", "percent": 12.5, "bytes_processed": 5,
                                 "bytes_total": 40, "eta_sec": 3.0}
+    done = store.finish(record.job_id, "completed", stage="finalizing", percent=100.0,
+                        correlation_id="c-1", cache_hit=False, image_path="/c/x",
+                        volume_path="/dev/vg/x", eta_sec=None)
+    assert done is not None
+    assert list(done.to_api()) == ["job_id", "status", "progress", "correlation_id",
+                                   "cache_hit", "image_path", "volume_path", "created_at",
+                                   "updated_at"]
+    assert "eta_sec" not in done.to_api()["progress"]
+
+
+def test_a_cancelled_job_reads_failed_with_error_cancelled(store: JobStore) -> None:
+    record = store.insert(job(status="running", stage="converting"))
+    cancelled = store.finish(record.job_id, "cancelled", error="volume p/v was not changed")
+    assert cancelled is not None and cancelled.status == "cancelled"
+    body = cancelled.to_api()
+    assert (body["status"], body["error"], body["cancelled"], body["message"]) == (
+        "failed", "cancelled", True, "volume p/v was not changed")
+
+
+def test_a_version_1_database_moves_to_the_predecessors_stage_words(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    old = {"queued": "initializing", "downloading": "downloading", "verifying": "downloading",
+           "writing": "converting", "done": "finalizing"}
+    for number, stage in enumerate(old):
+        raw.execute(
+            "INSERT INTO jobs (job_id, kind, request, status, stage, percent, bytes_processed,"
+            " bytes_total, created_at, updated_at) VALUES (?, 'fetch', '{}', 'pending', ?,"
+            " 0, 0, 0, ?, ?)", (f"job-{number}", stage, f"2026-01-0{number + 1}T00:00:00Z",
+                                f"2026-01-0{number + 1}T00:00:00Z"))
+    raw.close()
+    store = JobStore(path)
+    moved = [store.get(f"job-{number}") for number in range(len(old))]
+    assert [record.stage if record else None for record in moved] == list(old.values())
+    assert store.insert(job()).stage == "initializing"
+    store.close()
 
 
 def test_a_known_job_id_cannot_be_inserted_twice(store: JobStore) -> None:
@@ -72,11 +111,11 @@ def test_a_known_job_id_cannot_be_inserted_twice(store: JobStore) -> None:
 def test_an_update_sets_fields_and_updated_at(store: JobStore) -> None:
     record = store.insert(job(created_at="2026-01-01T00:00:00+00:00"))
     assert record.created_at == "2026-01-01T00:00:00.000000Z"
-    updated = store.update(record.job_id, status="running", stage="writing", percent=50.0,
+    updated = store.update(record.job_id, status="running", stage="converting", percent=50.0,
                            cache_hit=False, request={"changed": True})
     assert updated is not None and updated == store.get(record.job_id)
     assert (updated.status, updated.stage, updated.percent, updated.cache_hit) == (
-        "running", "writing", 50.0, False)
+        "running", "converting", 50.0, False)
     assert updated.request == {"changed": True}
     assert updated.updated_at > record.updated_at and updated.finished_at is None
     assert store.update(str(uuid.uuid4()), percent=1.0) is None
@@ -112,11 +151,11 @@ def test_a_status_that_becomes_finished_sets_finished_at_once(store: JobStore) -
 
 def test_finish_ends_a_job_only_once(store: JobStore) -> None:
     record = store.insert(job(status="running"))
-    done = store.finish(record.job_id, "completed", stage="done", percent=100.0,
+    done = store.finish(record.job_id, "completed", stage="finalizing", percent=100.0,
                         volume_path="/dev/vg/vm-1")
     assert done is not None
     assert (done.status, done.stage, done.error, done.volume_path) == (
-        "completed", "done", None, "/dev/vg/vm-1")
+        "completed", "finalizing", None, "/dev/vg/vm-1")
     assert done.finished_at is not None
     assert store.finish(record.job_id, "cancelled") is None
     assert store.get(record.job_id) == done
@@ -296,8 +335,9 @@ def _write_then_die(path: str, committed: int, ready: Any, how: str) -> None:
     for number in range(500):
         raw.execute(
             "INSERT INTO jobs (job_id, kind, request, status, stage, percent, bytes_processed,"
-            " bytes_total, created_at, updated_at) VALUES (?, 'fetch', ?, 'pending', 'queued',"
-            " 0, 0, 0, '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
+            " bytes_total, created_at, updated_at) VALUES (?, 'fetch', ?, 'pending',"
+            " 'initializing', 0, 0, 0, '2026-01-01T00:00:00.000000Z',"
+            " '2026-01-01T00:00:00.000000Z')",
             (f"uncommitted-{number}", "{}" + " " * 2000))
     ready.set()
     time.sleep(60)  # killed long before this ends
@@ -332,8 +372,11 @@ def test_the_api_view_matches_the_openapi_document(store: JobStore) -> None:
                            / "openapi.json").read_text())
     schema = {**document["components"]["schemas"]["Job"], "components": document["components"]}
     fresh = store.insert(job())
-    done = store.finish(fresh.job_id, "completed", stage="done", percent=100.0, cache_hit=True,
-                        image_path="/c/x", volume_path="/dev/vg/x", eta_sec=0.0)
-    assert done is not None
-    for record in (fresh, done):
+    done = store.finish(fresh.job_id, "completed", stage="finalizing", percent=100.0,
+                        cache_hit=True, image_path="/c/x", volume_path="/dev/vg/x", eta_sec=0.0)
+    other = store.insert(job(status="running"))
+    cancelled = store.finish(other.job_id, "cancelled", error="volume p/v was not changed")
+    failed = store.finish(store.insert(job()).job_id, "failed", error="no such object")
+    assert done is not None and cancelled is not None and failed is not None
+    for record in (fresh, done, cancelled, failed):
         validator.validate(record.to_api(), schema, cls=validator.OAS30Validator)

@@ -25,16 +25,18 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import quote
 
+from watcher.core.api_shapes import STAGES, Stage, job_body
+
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-Stage = Literal["queued", "downloading", "verifying", "writing", "done"]
 JobKind = Literal["provision", "fetch"]
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 BUSY_TIMEOUT_MS = 5000
 """How long a call waits for another process's write lock (the CLI's, say)."""
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (  # 1: the jobs table
-        """CREATE TABLE jobs (
+
+def _jobs_table(name: str, stages: tuple[str, ...]) -> str:
+    """The jobs table's definition; only the stage words have changed between versions."""
+    return f"""CREATE TABLE {name} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             job_id TEXT NOT NULL UNIQUE,
             kind TEXT NOT NULL CHECK (kind IN ('provision', 'fetch')),
@@ -42,8 +44,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             volume TEXT,
             status TEXT NOT NULL
                 CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
-            stage TEXT NOT NULL
-                CHECK (stage IN ('queued', 'downloading', 'verifying', 'writing', 'done')),
+            stage TEXT NOT NULL CHECK (stage IN ({', '.join(f"'{s}'" for s in stages)})),
             percent REAL NOT NULL,
             bytes_processed INTEGER NOT NULL,
             bytes_total INTEGER NOT NULL,
@@ -58,9 +59,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at TEXT NOT NULL,
             updated_at TEXT NOT NULL,
             finished_at TEXT
-        )""",
-        "CREATE INDEX jobs_by_status ON jobs (status, volume, created_at, seq)",
-        "CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        )"""
+
+
+_INDEXES = (
+    "CREATE INDEX jobs_by_status ON jobs (status, volume, created_at, seq)",
+    "CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: the jobs table
+        _jobs_table("jobs", ("queued", "downloading", "verifying", "writing", "done")),
+        *_INDEXES,
+    ),
+    (  # 2: the predecessor's stage words, which clients read (watcher.core.api_shapes)
+        _jobs_table("jobs_v2", STAGES),
+        """INSERT INTO jobs_v2 SELECT seq, job_id, kind, request, volume, status,
+            CASE stage WHEN 'queued' THEN 'initializing' WHEN 'verifying' THEN 'downloading'
+                       WHEN 'writing' THEN 'converting' WHEN 'done' THEN 'finalizing'
+                       ELSE stage END,
+            percent, bytes_processed, bytes_total, eta_sec, error, correlation_id, cache_hit,
+            image_path, volume_path, digest, traceparent, created_at, updated_at, finished_at
+            FROM jobs""",
+        "DROP TABLE jobs",
+        "ALTER TABLE jobs_v2 RENAME TO jobs",
+        *_INDEXES,
     ),
 )
 """Schema steps in order; the database's ``user_version`` counts those applied. Append only."""
@@ -82,7 +104,7 @@ class JobRecord:
     """The serialisation key (``pool/volume``): jobs with one key run one after another.
     None for a fetch."""
     status: JobStatus = "pending"
-    stage: Stage = "queued"
+    stage: Stage = "initializing"
     percent: float = 0.0
     bytes_processed: int = 0
     bytes_total: int = 0
@@ -105,24 +127,13 @@ class JobRecord:
         return self.status in FINISHED
 
     def to_api(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "status": self.status,
-            "progress": {
-                "stage": self.stage,
-                "percent": self.percent,
-                "bytes_processed": self.bytes_processed,
-                "bytes_total": self.bytes_total,
-                "eta_sec": self.eta_sec,
-            },
-            "error": self.error,
-            "correlation_id": self.correlation_id,
-            "cache_hit": self.cache_hit,
-            "image_path": self.image_path,
-            "volume_path": self.volume_path,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
+        """The body of ``GET /api/v1/jobs/{id}`` (``watcher.core.api_shapes.job_body``)."""
+        return job_body(job_id=self.job_id, status=self.status, stage=self.stage,
+                        percent=self.percent, bytes_processed=self.bytes_processed,
+                        bytes_total=self.bytes_total, eta_sec=self.eta_sec, error=self.error,
+                        correlation_id=self.correlation_id, cache_hit=self.cache_hit,
+                        image_path=self.image_path, volume_path=self.volume_path,
+                        created_at=self.created_at, updated_at=self.updated_at)
 
 
 _COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))

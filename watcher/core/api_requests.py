@@ -14,6 +14,11 @@ Decisions the routes and their clients can rely on:
 - ``volume_size_gb`` is a JSON integer; a float with an integral value (``10.0``, as some
   serialisers write every number) is accepted as that integer; booleans, strings and
   fractions are refused.
+- ``image_url`` may name any host, as the orchestrator knows the object store
+  (``http://minio:9000/images/u.qcow2``): only its path (``/<bucket>/<key>``) is used,
+  and the object is always read from the daemon's own ``s3.endpoint``, so no request
+  can make the daemon contact another server. ``named_host`` records a host that differs,
+  for one log line.
 - ``image_url`` keys are percent-decoded exactly once, in both URL forms (an ``s3://`` URL
   is a URL too: a literal ``%`` in a key is written ``%25``). A key still holding an
   escape after that one decoding is refused as double-encoded.
@@ -28,7 +33,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 ImageType = Literal["qcow2", "raw"]
 IMAGE_TYPES: tuple[ImageType, ...] = ("qcow2", "raw")
@@ -97,6 +102,8 @@ class ProvisionRequest:
     image_url: str
     """As the client sent it (echoed in the job's record)."""
     image_type: ImageType
+    named_host: str | None
+    """The URL's ``host[:port]`` when it is not the S3 endpoint's (never contacted)."""
     volume_name: str
     volume_size_gb: int
     correlation_id: str | None
@@ -114,6 +121,7 @@ class FetchRequest:
     image: ImageRef
     image_url: str
     image_type: ImageType
+    named_host: str | None
 
 
 @dataclass(frozen=True)
@@ -196,13 +204,8 @@ def _check_key(key: str, field: str) -> str:
     return key
 
 
-def parse_image_url(url: object, s3_endpoint: str, *, field: str = "image_url") -> ImageRef:
-    """``http(s)://<the S3 endpoint's host:port>/<bucket>/<key>`` or ``s3://<bucket>/<key>``.
-
-    The daemon fetches only from its own S3: any other scheme, host or port is refused, as
-    are credentials in the URL, a query or fragment, and keys that are empty, name a folder
-    or a sidecar, hold ``.``/``..`` segments or control characters (also once decoded).
-    """
+def _split_image_url(url: object, field: str) -> tuple[str, SplitResult]:
+    """The URL's scheme (lower case) and parts, after the checks every form shares."""
     if not isinstance(url, str):
         raise BadRequest(field, f"must be a string, got {_shown(url)}")
     if not url:
@@ -216,31 +219,65 @@ def parse_image_url(url: object, s3_endpoint: str, *, field: str = "image_url") 
         raise BadRequest(field, "must not have a query or fragment")
     try:
         parts = urlsplit(url)
-        port = parts.port
+        parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as exc:
         raise BadRequest(field, f"is not a URL: {exc}") from None
     scheme = parts.scheme.lower()
     if "@" in parts.netloc:
         raise BadRequest(field, "must not carry credentials (user@host)")
+    if scheme != "s3" and scheme not in _DEFAULT_PORTS:
+        raise BadRequest(field, "must be an s3://<bucket>/<key> or a path-style "
+                                "http(s)://<host>/<bucket>/<key> URL")
+    if scheme in _DEFAULT_PORTS and not parts.hostname:
+        raise BadRequest(field, "names no host (expected http(s)://<host>/<bucket>/<key>)")
+    return scheme, parts
+
+
+def _is_endpoint(scheme: str, parts: SplitResult, s3_endpoint: str) -> tuple[bool, str]:
+    """Whether an http(s) URL names the S3 endpoint itself, and the endpoint's path prefix."""
+    want_scheme, want_host, want_port, prefix = _endpoint(s3_endpoint)
+    port = parts.port or _DEFAULT_PORTS[scheme]
+    same = (scheme, (parts.hostname or "").lower(), port) == (want_scheme, want_host.lower(),
+                                                                want_port)
+    return same, prefix
+
+
+def parse_image_url(url: object, s3_endpoint: str, *, field: str = "image_url") -> ImageRef:
+    """``s3://<bucket>/<key>`` or a path-style ``http(s)://<any host>/<bucket>/<key>``.
+
+    The host is not used (see ``named_host``): the bucket and key are read from the
+    daemon's own ``s3_endpoint``; a URL of that endpoint may carry its path prefix.
+    Refused: another scheme, credentials in the URL, a query or fragment, and keys that
+    are empty, name a folder or a sidecar, hold ``.``/``..`` segments or control
+    characters (also once decoded).
+    """
+    scheme, parts = _split_image_url(url, field)
     if scheme == "s3":
         bucket = _check_bucket(parts.netloc, field)
-        raw_key = parts.path.removeprefix("/")
         if not parts.path.startswith("/"):
             raise BadRequest(field, "names no object key (expected s3://<bucket>/<key>)")
-    elif scheme in _DEFAULT_PORTS:
-        want_scheme, want_host, want_port, prefix = _endpoint(s3_endpoint)
-        host = parts.hostname or ""
-        if (scheme, host, port or _DEFAULT_PORTS[scheme]) != (want_scheme, want_host, want_port):
-            raise BadRequest(field, f"names {scheme}://{parts.netloc}, which is not this "
-                                    f"daemon's S3 endpoint {s3_endpoint}")
-        path = parts.path
-        if not path.startswith(prefix + "/"):
-            raise BadRequest(field, f"must be a path-style URL under {s3_endpoint}")
-        bucket_text, _, raw_key = path[len(prefix) + 1:].partition("/")
-        bucket = _check_bucket(bucket_text, field)
+        raw_key = parts.path.removeprefix("/")
     else:
-        raise BadRequest(field, "must be an s3:// URL or an http(s):// URL of the S3 endpoint")
+        path = parts.path
+        same, prefix = _is_endpoint(scheme, parts, s3_endpoint)
+        if same and prefix and path.startswith(prefix + "/"):
+            path = path[len(prefix):]
+        if not path.startswith("/"):
+            raise BadRequest(field, "names no bucket (expected http(s)://<host>/<bucket>/<key>)")
+        bucket_text, _, raw_key = path[1:].partition("/")
+        bucket = _check_bucket(bucket_text, field)
     return ImageRef(bucket, _check_key(_decode_key(raw_key, field), field))
+
+
+def named_host(url: str, s3_endpoint: str) -> str | None:
+    """The ``host[:port]`` an http(s) ``image_url`` names when it is not the S3 endpoint
+    (for a log line; it is never contacted); None for ``s3://`` and the endpoint itself.
+    ``url`` has passed ``parse_image_url``."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or _is_endpoint(scheme, parts, s3_endpoint)[0]:
+        return None
+    return parts.netloc.lower()
 
 
 def _check_image_type(value: object) -> ImageType:
@@ -293,6 +330,7 @@ def parse_provision(body: object, s3_endpoint: str) -> ProvisionRequest:
         image=image,
         image_url=cast(str, url),
         image_type=_check_image_type(fields.get("image_type")),
+        named_host=named_host(cast(str, url), s3_endpoint),
         volume_name=check_volume_name(_required(fields, "volume_name")),
         volume_size_gb=_check_size_gb(_required(fields, "volume_size_gb")),
         correlation_id=_check_correlation_id(fields.get("correlation_id")),
@@ -305,7 +343,8 @@ def parse_fetch(body: object, s3_endpoint: str) -> FetchRequest:
     url = _required(fields, "image_url")
     image = parse_image_url(url, s3_endpoint)
     return FetchRequest(image=image, image_url=cast(str, url),
-                        image_type=_check_image_type(fields.get("image_type")))
+                        image_type=_check_image_type(fields.get("image_type")),
+                        named_host=named_host(cast(str, url), s3_endpoint))
 
 
 def check_volume_name(value: object, field: str = "volume_name") -> str:

@@ -11,7 +11,8 @@ for credentials are worth keeping in one small place apart from the HTTP plumbin
   sign fails the handshake: such a client never reaches HTTP, and gets no status code.
   A verified certificate authenticates on its own; a token sent alongside must still be
   right.
-- No credentials at all is 401; a wrong token is 403.
+- No credentials at all and a wrong token are both 401 (with ``WWW-Authenticate:
+  Bearer``), as the predecessor answers: its clients treat 401 as "fix the token".
 
 The tokens file holds one token per line; blank lines and ``#`` comments are skipped. It
 is read at start (a problem there stops the daemon) and again on SIGHUP, where a file

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import propagate
 
+from watcher import telemetry
 from watcher.cache import EntryPinned, ImageWarmer
 from watcher.core.api_requests import (
     BadRequest,
@@ -32,8 +33,8 @@ from watcher.core.api_requests import (
     parse_upload_headers,
 )
 from watcher.core.errors import PermanentError, TemporaryError
-from watcher.http.api import ApiError, streams_body
-from watcher.http.probes import JSON, NO_STORE, json_response
+from watcher.http.api import streams_body
+from watcher.http.replies import JSON, NO_STORE, ApiError, json_response
 from watcher.jobs import ApiJobs, JobEnded, JobNotFound
 from watcher.jobs.upload import Uploader, UploadRefused
 from watcher.jobs.volume import VolumeRefused
@@ -43,6 +44,10 @@ MAX_UPLOAD_BYTES = 4 * 1024**3
 STATUS_FRESHNESS = 0.05
 """Seconds a running job's status body is served again before it is read anew."""
 STATUS_BODIES_KEPT = 1024
+NAMED_HOSTS_LOGGED = 256
+"""Distinct foreign ``image_url`` hosts logged (once each); more are not remembered."""
+
+log = telemetry.get_logger(component="http", listener="api")
 
 
 class JobRoutes:
@@ -56,6 +61,7 @@ class JobRoutes:
         self.s3_endpoint = s3_endpoint
         self.keep_images = keep_images
         """Names of the policy images whose current versions must stay cached."""
+        self._named_hosts: set[str] = set()
         self._bodies: OrderedDict[str, tuple[float, int, bytes]] = OrderedDict()
         """Job status bodies served lately, by job id: (good until, version, body)."""
 
@@ -79,6 +85,7 @@ class JobRoutes:
         body = await _json_body(request)
         with _bad_request():
             provision = parse_provision(body, self.s3_endpoint)
+        self._note_host(provision.named_host)
         record = self.jobs.submit_provision(provision, _traceparent(request))
         return json_response({"job_id": record.job_id}, HTTPStatus.ACCEPTED)
 
@@ -111,8 +118,17 @@ class JobRoutes:
         except JobNotFound:
             raise _unknown_job(request) from None
         except JobEnded as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "job_finished", str(exc)) from None
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), error="failed to cancel job") from None
         return json_response({"status": "cancelled", "job_id": record.job_id})
+
+    def _note_host(self, host: str | None) -> None:
+        """Say once per host that an ``image_url`` names a host other than the endpoint."""
+        known = self._named_hosts
+        if host is None or host in known or len(known) >= NAMED_HOSTS_LOGGED:
+            return
+        self._named_hosts.add(host)
+        log.info("image_url names another host; the object is read from the S3 endpoint",
+                 named_host=host, s3_endpoint=self.s3_endpoint)
 
     # ---- cache ----------------------------------------------------------------------------
 
@@ -132,6 +148,7 @@ class JobRoutes:
         body = await _json_body(request)
         with _bad_request():
             fetch = parse_fetch(body, self.s3_endpoint)
+        self._note_host(fetch.named_host)
         record = self.jobs.submit_fetch(fetch, _traceparent(request))
         return json_response({"job_id": record.job_id}, HTTPStatus.ACCEPTED)
 
@@ -139,18 +156,18 @@ class JobRoutes:
         with _bad_request():
             digest = check_cache_key(request.match_info["sha256"])
         if self.cache.get(digest) is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, "not_found", f"no cached image {digest}")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no cached image {digest}")
         if digest in self.jobs.digests_in_use():
-            raise ApiError(HTTPStatus.CONFLICT, "conflict",
+            raise ApiError(HTTPStatus.CONFLICT,
                            f"{digest} is being written onto a volume by a running job")
         store = self.cache.store
         try:
             removed = await store.in_worker(store.remove, digest, frozenset(self.keep_images()))
         except EntryPinned as exc:
-            raise ApiError(HTTPStatus.CONFLICT, "conflict", f"{exc}; a policy needs it "
+            raise ApiError(HTTPStatus.CONFLICT, f"{exc}; a policy needs it "
                            "(it would be fetched again at once)") from None
         if removed is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, "not_found", f"no cached image {digest}")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no cached image {digest}")
         return json_response({"status": "deleted", "key": digest})
 
     # ---- upload ---------------------------------------------------------------------------
@@ -162,13 +179,13 @@ class JobRoutes:
         try:
             written = await self.uploader.upload(upload, _chunks(request))
         except UploadRefused as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+            raise ApiError(exc.status, str(exc)) from None
         except VolumeRefused as exc:
-            raise ApiError(HTTPStatus.CONFLICT, "conflict", str(exc)) from None
+            raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         except TemporaryError as exc:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", str(exc)) from None
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
         except PermanentError as exc:
-            raise ApiError(HTTPStatus.CONFLICT, "conflict", str(exc)) from None
+            raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         return json_response({"status": "uploaded", "pool": upload.pool,
                               "volume": upload.volume_name, "bytes": written})
 
@@ -179,20 +196,19 @@ def _bad_request() -> Iterator[None]:
     try:
         yield
     except BodyTooLarge as exc:
-        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body_too_large", str(exc)) from None
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
     except BadRequest as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "bad_request", str(exc)) from None
+        raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
 
 async def _json_body(request: web.Request) -> Any:
     if not request.can_read_body:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "bad_request", "a JSON body is required")
+        raise ApiError(HTTPStatus.BAD_REQUEST, "a JSON body is required")
     raw = await request.read()
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "bad_request",
-                       f"the body is not valid JSON: {exc}") from None
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
 
 
 def _job_id(request: web.Request) -> str:
@@ -203,8 +219,8 @@ def _job_id(request: web.Request) -> str:
 
 
 def _unknown_job(request: web.Request) -> ApiError:
-    return ApiError(HTTPStatus.NOT_FOUND, "not_found",
-                    f"no job {request.match_info['job_id'][:64]!r}")
+    return ApiError(HTTPStatus.NOT_FOUND, f"no job {request.match_info['job_id'][:64]!r}",
+                    error="job not found")
 
 
 def _traceparent(request: web.Request) -> str | None:

@@ -25,6 +25,10 @@ limits it lacks or leaves to a reverse proxy, the same on both listeners:
   one that has cost the longest), not refused: holding connections open only evicts the
   holder's own. Only when every connection is being answered is the newcomer aborted;
   those end within the write deadline.
+
+Every answer, of a handler or of aiohttp's own parser, carries ``X-Request-ID`` and is in
+the one error shape when it is an error (``watcher.http.replies``): the listener puts
+those middlewares first, around its head limit and the application's own.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from watcher import telemetry
 from watcher.core.address import parse_listen
+from watcher.http.replies import protocol_error, request_id, shape_errors
 from watcher.settings import HTTP_TUNING, HttpTuning
 
 _PROTOCOL_LOG = logging.getLogger("watcher.http.protocol")
@@ -79,7 +84,8 @@ class Listener:
         self._answering: set[object] = set()
         """The connections (aiohttp's protocol objects) whose request is being answered."""
         self.app = web.Application(
-            middlewares=[self._write_deadline, self._head_limit, *middlewares],
+            middlewares=[self._write_deadline, request_id, shape_errors, self._head_limit,
+                         *middlewares],
             client_max_size=client_max_size)
         """Add routes before ``start()``."""
         self._runner: web.AppRunner | None = None
@@ -156,7 +162,7 @@ class Listener:
         size = len(request.raw_path) + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
         if size > self._tuning.max_header_bytes:
             raise web.HTTPRequestHeaderFieldsTooLarge(
-                text=f"request head over {self._tuning.max_header_bytes} bytes")
+                text=f"the request head is over {self._tuning.max_header_bytes} bytes")
         return await handler(request)
 
 
@@ -204,8 +210,9 @@ class _GatedSite(web.TCPSite):
 
 
 class _RequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler, answering a head line over the limit with 431 and
-    not logging a client's malformed request as an error of ours."""
+    """aiohttp's connection handler, answering a head line over the limit with 431, every
+    refusal of its parser in the error shape, and not logging a client's malformed request
+    as an error of ours."""
 
     parsed = 0
     """Complete request heads received on this connection."""
@@ -224,8 +231,16 @@ class _RequestHandler(web_protocol.RequestHandler):
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
-            status, message = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
-        return super().handle_error(request, status, exc, message)
+            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            message = "a request head line is longer than the limit"
+        elif isinstance(exc, HttpProcessingError):
+            message = f"the request is not valid HTTP: {exc.message}"
+        else:  # escaped every middleware: a bug of ours, or the handler timed out
+            self.log_exception("error answering a request", exc_info=exc)
+            message = "unexpected error while answering"
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; no error can follow it")
+        return protocol_error(status, message or HTTPStatus(status).phrase)
 
 
 class _Refused(asyncio.Protocol):

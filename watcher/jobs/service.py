@@ -19,10 +19,18 @@ domain metadata. This module is the job's life between the routes
 
 Decisions where the contract is silent (README, "HTTP job API"):
 
-- ``correlation_id`` defaults to the job id, so every job's log lines carry one;
+- a job without a ``correlation_id`` has none in its status (absent, as the predecessor
+  answers), and its log lines carry the job id as one;
+- the stages are the predecessor's: ``initializing`` until the job runs,
+  ``checking_cache`` while the image's object and sidecar are looked up,
+  ``downloading`` (its percent counts the transfer; verification ends it at 100),
+  ``creating_volume`` while the volume is found, created or grown, ``converting``
+  (qemu-img's own progress), then ``finalizing`` (the after-write checks; a completed job
+  reads ``finalizing`` at 100);
 - S3 or libvirt being unreachable is retried ``TEMPORARY_ATTEMPTS`` times with backoff
   while the job stays ``running``; then the job fails with the last error;
-- a cancelled job's ``error`` says what state the volume was left in.
+- a cancelled job is stored ``cancelled`` with what state the volume was left in; its
+  status reads ``failed`` with ``error: cancelled`` (``watcher.core.api_shapes``).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from watcher.adapters.jobstore import FINISHED, JobRecord, JobStore
 from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.cache import CacheEntry, ImageWarmer
 from watcher.core.api_requests import FetchRequest, ImageRef, ProvisionRequest
+from watcher.core.api_shapes import Stage
 from watcher.core.backoff import Backoff
 from watcher.core.errors import (
     ImageRejected,
@@ -105,7 +114,7 @@ def fetch_key(image: ImageRef) -> str:
 class Live:
     """A running job's progress, in memory; ``GET`` reads it, the database lags behind."""
 
-    stage: str = "queued"
+    stage: Stage = "initializing"
     percent: float = 0.0
     bytes_processed: int = 0
     bytes_total: int = 0
@@ -115,7 +124,7 @@ class Live:
     fetching: tuple[str, str] | None = None
     """(bucket, key) while the stage reads the warmer's transfer progress."""
 
-    def begin(self, stage: str, total: int = 0) -> None:
+    def begin(self, stage: Stage, total: int = 0) -> None:
         self.stage, self.percent, self.bytes_processed = stage, 0.0, 0
         self.bytes_total, self.eta_sec = total, None
         self.stage_started = time.monotonic()
@@ -247,10 +256,11 @@ class ApiJobs:
         jobs = self.store.unfinished()
         for record in jobs:
             if record.status == "running":
-                self.store.update(record.job_id, status="pending", stage="queued", percent=0.0,
+                self.store.update(record.job_id, status="pending", stage="initializing",
+                                  percent=0.0,
                                   bytes_processed=0, eta_sec=None)
                 self.log.info("api job resumes after a restart", job_id=record.job_id,
-                              correlation_id=record.correlation_id, was_stage=record.stage)
+                              correlation_id=_correlation(record), was_stage=record.stage)
         for key in dict.fromkeys(self._key(record) for record in jobs):
             self.submit(key)
         return len(jobs)
@@ -310,13 +320,14 @@ class ApiJobs:
         context: Context | None = (propagate.extract({"traceparent": record.traceparent})
                                    if record.traceparent else None)
         with (structlog.contextvars.bound_contextvars(job_id=record.job_id,
-                                                       correlation_id=record.correlation_id),
+                                                       correlation_id=_correlation(record)),
               telemetry.tracer.start_as_current_span(f"api job {record.kind}", context=context)
               as span, self._in_progress()):
             span.set_attribute("job_id", record.job_id)
-            span.set_attribute("correlation_id", record.correlation_id or "")
+            span.set_attribute("correlation_id", _correlation(record))
             log = self.log.bind(kind=record.kind, image_url=record.request["image_url"])
-            self.store.update(record.job_id, status="running", stage="queued")
+            self.store.update(record.job_id, status="running", stage="checking_cache")
+            live.begin("checking_cache")
             self._changed(record.job_id)
             log.info("api job started", volume=record.request.get("volume_name"))
             target = VolumeTarget(str(record.request.get("pool", self.pool)),
@@ -328,7 +339,7 @@ class ApiJobs:
                 if running is None or not running.cancelled:
                     raise
                 state = _left(record, live, target)
-                self._finish(record, "cancelled", live, began, log, error=f"cancelled; {state}")
+                self._finish(record, "cancelled", live, began, log, error=state)
                 span.set_attribute("result", "cancelled")
                 return
             except PermanentError as exc:
@@ -344,7 +355,7 @@ class ApiJobs:
                                    f"{_left(record, live, target)}")
                 span.set_attribute("result", "failed")
                 return
-            live.begin("done")
+            live.begin("finalizing")
             live.percent = 100.0
             self._finish(record, "completed", live, began, log, **result)
             span.set_attribute("result", "completed")
@@ -377,7 +388,7 @@ class ApiJobs:
         running = self._running.get(record.job_id)
         if running is not None:
             running.digest = entry.digest
-        self._stage(record, live, "writing", entry.virtual_size, cache_hit=hit,
+        self._stage(record, live, "creating_volume", cache_hit=hit,
                     image_path=str(entry.path), digest=entry.digest)
         size = int(request["volume_size_gb"]) * 1024**3
         facts = await gather(self.calls, target.pool, target.volume, size,
@@ -390,8 +401,13 @@ class ApiJobs:
             live.advance(int(entry.virtual_size * percent / 100), entry.virtual_size)
             self._save_progress(record, live)
 
-        path = await VolumeExecutor(self.calls, self.write_image, entry, record.job_id, target,
-                                    log, on_progress=progress).run(plan, facts.existing)
+        path = await VolumeExecutor(
+            self.calls, self.write_image, entry, record.job_id, target, log,
+            on_progress=progress,
+            on_writing=lambda: self._stage(record, live, "converting", entry.virtual_size),
+        ).run(plan, facts.existing)
+        self._stage(record, live, "finalizing", entry.virtual_size)
+        live.advance(entry.virtual_size, entry.virtual_size)
         telemetry.written_bytes.inc(entry.virtual_size)
         result["volume_path"] = path
         return result
@@ -428,9 +444,9 @@ class ApiJobs:
         record = self.store.insert(JobRecord(
             job_id=job_id, kind=kind,  # type: ignore[arg-type]
             request=request, volume=key if kind == "provision" else None,
-            correlation_id=correlation_id or job_id, traceparent=traceparent))
+            correlation_id=correlation_id, traceparent=traceparent))
         self.log.info("api job accepted", job_id=job_id, kind=kind,
-                      correlation_id=record.correlation_id, image_url=request["image_url"],
+                      correlation_id=_correlation(record), image_url=request["image_url"],
                       volume=request.get("volume_name"))
         self.submit(key)
         return record
@@ -441,7 +457,7 @@ class ApiJobs:
             return record.volume
         return fetch_key(ImageRef(record.request["bucket"], record.request["key"]))
 
-    def _stage(self, record: JobRecord, live: Live, stage: str, total: int = 0,
+    def _stage(self, record: JobRecord, live: Live, stage: Stage, total: int = 0,
                **fields: Any) -> None:
         self._changed(record.job_id)
         live.begin(stage, total)
@@ -460,11 +476,11 @@ class ApiJobs:
         progress = self.images.fetching.get(live.fetching)
         if progress is None:
             return
-        if progress.stage == "verifying" and live.stage != "verifying":
-            live.begin("verifying", progress.total)
-            live.advance(progress.total, progress.total)
+        if live.stage != "downloading":
             return
-        if live.stage == "downloading":
+        if progress.stage == "verifying":  # the transfer is over: hashed, now inspected
+            live.advance(progress.total, progress.total)
+        else:
             live.advance(progress.done, progress.total)
 
     def _finish(self, record: JobRecord, status: str, live: Live, began: float, log: Any,
@@ -490,6 +506,11 @@ class ApiJobs:
             yield
         finally:
             telemetry.jobs_in_progress.labels(kind="api").dec()
+
+
+def _correlation(record: JobRecord) -> str:
+    """The id a job's log lines and spans carry: the client's, else the job's own."""
+    return record.correlation_id or record.job_id
 
 
 def _left(record: JobRecord, live: Live, target: VolumeTarget) -> str:

@@ -33,9 +33,9 @@ WRITE_CHUNK = 1024**2
 class UploadRefused(PermanentError):
     """Nothing was written; ``status`` is the HTTP status the route answers with."""
 
-    def __init__(self, status: int, code: str, details: str) -> None:
+    def __init__(self, status: int, details: str) -> None:
         super().__init__(details)
-        self.status, self.code = status, code
+        self.status = status
 
 
 class Uploader:
@@ -48,9 +48,9 @@ class Uploader:
         shown = f"{request.pool}/{request.volume_name}"
         info = await self.calls.pool_info(request.pool)
         if info is None:
-            raise UploadRefused(404, "not_found", f"no storage pool {request.pool!r}")
+            raise UploadRefused(404, f"no storage pool {request.pool!r}")
         if info.type not in WRITABLE_POOL_TYPES or not info.active:
-            raise UploadRefused(409, "conflict", f"pool {request.pool} ({info.type}, "
+            raise UploadRefused(409, f"pool {request.pool} ({info.type}, "
                                 f"{'active' if info.active else 'inactive'}) cannot take uploads")
         volume = await self.calls.pool_volume(request.pool, request.volume_name)
         if volume is None:
@@ -68,7 +68,7 @@ class Uploader:
                                                 request.volume_name)
                 reason = usage_refusal(users, holders, shown)
                 if reason is not None:
-                    raise UploadRefused(409, "conflict", reason)
+                    raise UploadRefused(409, reason)
                 if volume.capacity < request.length:
                     # libvirt never sets a capacity below the allocation, which rounds
                     # up to whole blocks: a 1-byte volume holds 4 KiB.
@@ -78,7 +78,7 @@ class Uploader:
                 users, holders = await users_of(self.calls, real, request.pool,
                                                 request.volume_name)
         except write_markers.VolumeMarked as exc:
-            raise UploadRefused(409, "conflict", str(exc)) from exc
+            raise UploadRefused(409, str(exc)) from exc
         reason = usage_refusal(users, holders, shown)
         if reason is not None:
             raise VolumeRefused(f"{reason}: it was used while being written; its content is "
@@ -94,7 +94,7 @@ class Uploader:
             pending = bytearray()
             async for chunk in body:
                 if written + len(pending) + len(chunk) > length:
-                    raise UploadRefused(400, "bad_request",
+                    raise UploadRefused(400,
                                         f"the body is longer than its Content-Length {length}")
                 pending += chunk
                 if len(pending) >= WRITE_CHUNK:
@@ -107,7 +107,7 @@ class Uploader:
         finally:
             await asyncio.to_thread(os.close, fd)
         if written != length:
-            raise UploadRefused(400, "bad_request", f"the body ended after {written} of "
+            raise UploadRefused(400, f"the body ended after {written} of "
                                 f"{length} bytes; the volume holds a partial upload")
         await asyncio.to_thread(fsync_path, Path(path))
         return written

@@ -45,6 +45,7 @@ from watcher.fleet import FleetMember
 from watcher.http import HttpServer
 from watcher.http.api import ApiServer
 from watcher.http.job_routes import JobRoutes
+from watcher.http.probes import Health
 from watcher.jobs import ApiJobs
 from watcher.jobs.upload import Uploader
 from watcher.prewarm import Prewarmer
@@ -169,8 +170,10 @@ class Daemon:
                 self.reprovisioner, unit="reprovision", key_field="uuid",
                 max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF,
                 slots=self._write_slots)
-        self.http = HttpServer(config.http.listen, self.readiness) if config.http.listen else None
-        self.api = ApiServer(config.api) if config.api.listen else None
+        health = Health(self.readiness)  # both listeners' /healthz: one uptime, one verdict
+        self.http = (HttpServer(config.http.listen, self.readiness, health=health)
+                     if config.http.listen else None)
+        self.api = ApiServer(config.api, health=health) if config.api.listen else None
         self.api_jobs: ApiJobs | None = None
         """The API's jobs; made at start, once the job database is open."""
         self.api_worker: KeyedWorker[str] | None = None
