@@ -143,6 +143,9 @@ async def test_healthz_answers_healthy_in_the_predecessors_shape(
     server: HttpServer, checks: Checks,
 ) -> None:
     checks.state["amqp"] = True
+    for path in ("/health", "/livez"):  # the predecessor's names answer the same
+        status, _, body = await _get(server.port, path)
+        assert (status, json.loads(body)["status"]) == (200, "healthy"), path
     status, _, body = await _get(server.port, "/healthz?verbose=1")
     health = json.loads(body)
     assert status == 200 and list(health) == ["status", "timestamp", "version", "uptime"]

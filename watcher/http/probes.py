@@ -1,13 +1,13 @@
-"""The probe listener (``http.listen``): ``/metrics`` for Prometheus, ``/healthz`` and
-``/readyz`` for probes.
+"""The probe listener (``http.listen``): ``/metrics`` for Prometheus, ``/healthz`` (also
+as ``/health`` and ``/livez``, the predecessor's names) and ``/readyz`` for probes.
 
 Why it exists: these three read-only routes are what systemd, Kubernetes-style probes
 and Prometheus ask of every host, API or not, so they have their own listener (loopback
 by default) that needs no credentials. GET and HEAD only; any other method is 405.
 Its connection limits, request ids and error shape are ``watcher.http.listener``'s.
 
-``/healthz`` (and the API listener's ``/health``, ``/healthz``, ``/livez``: ``Health``)
-answers 200 as long as the event loop runs (a wedged loop is the watchdog's business),
+``/health``, ``/healthz`` and ``/livez``, here and on the API listener (``Health``),
+answer 200 as long as the event loop runs (a wedged loop is the watchdog's business),
 with the predecessor's body: ``healthy``, or ``degraded`` while ``/readyz`` would fail,
 so a deploy script's ``grep -q healthy`` keeps working. ``/readyz`` asks the daemon's
 ``readiness`` callable, which reports one boolean per dependency; any false one makes it
@@ -58,7 +58,7 @@ class Health:
 
 
 class HttpServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``listen`` ("host:port")."""
+    """Serves ``/metrics``, the health routes and ``/readyz`` on ``listen`` ("host:port")."""
 
     def __init__(
         self,
@@ -79,6 +79,7 @@ class HttpServer:
         self._listener = Listener(listen, name="probes", tuning=tuning, client_max_size=0,
                                   one_request_per_connection=True)
         for path, handler in (("/metrics", metrics), ("/healthz", self._health.handle),
+                              ("/health", self._health.handle), ("/livez", self._health.handle),
                               ("/readyz", self._ready)):
             self._listener.app.router.add_get(path, handler)
             self._listener.app.router.add_route("*", path, _method_not_allowed)
