@@ -27,8 +27,11 @@ Decisions where the contract is silent (README, "HTTP job API"):
   ``creating_volume`` while the volume is found, created or grown, ``converting``
   (qemu-img's own progress), then ``finalizing`` (the after-write checks; a completed job
   reads ``finalizing`` at 100);
-- S3 or libvirt being unreachable is retried ``TEMPORARY_ATTEMPTS`` times with backoff
-  while the job stays ``running``; then the job fails with the last error;
+- S3 or libvirt being unreachable (a ``TemporaryError``) is retried by the job engine,
+  as every unit of work is: the job goes back to ``pending`` (``message``: ``retrying:
+  ...``) and its key is run again after the engine's backoff, holding no write slot while
+  it waits, so a tag-triggered reprovision is never held back by it. The attempt that
+  spends ``retry.attempts`` fails the job with the last error;
 - a cancelled job is stored ``cancelled`` with what state the volume was left in; its
   status reads ``failed`` with ``error: cancelled`` (``watcher.core.api_shapes``).
 """
@@ -77,8 +80,8 @@ PROGRESS_EVERY = 2.0
 """Seconds between progress writes to the job database while a stage runs."""
 KEEP_FINISHED = 7 * 86400.0
 """Seconds a finished job stays readable (then pruned)."""
-TEMPORARY_ATTEMPTS = 6
-TEMPORARY_BACKOFF = Backoff(base=1.0, cap=30.0, attempts=TEMPORARY_ATTEMPTS)
+RETRY = Backoff(base=1.0, cap=30.0, attempts=6)
+"""The retry of API jobs; the supervisor gives the same to their keyed worker."""
 
 
 class JobNotFound(Exception):
@@ -163,6 +166,7 @@ class ApiJobs:
         *,
         write_image: WriteImageFunction = qemu_img.write_image,
         log: Any = None,
+        retry: Backoff = RETRY,
     ) -> None:
         self.store = store
         self.images = images
@@ -172,6 +176,10 @@ class ApiJobs:
         """The engine's ``submit``: runs ``process(key)`` soon."""
         self.write_image = write_image
         self.log = log if log is not None else telemetry.get_logger(component="api-jobs")
+        self.retry = retry
+        """Must be the job engine's: a job's last attempt is the engine's last retry."""
+        self._attempts: dict[str, int] = {}
+        """Temporary failures so far, by job id (since the daemon started)."""
         self._running: dict[str, _Running] = {}
         self._versions: dict[str, int] = {}
         """A running job's count of status and stage changes (see ``version``)."""
@@ -333,7 +341,13 @@ class ApiJobs:
             target = VolumeTarget(str(record.request.get("pool", self.pool)),
                                   str(record.request.get("volume_name", "")))
             try:
-                result = await self._attempts(record, live, target, log)
+                result = await self._steps(record, live, target, log)
+            except TemporaryError as exc:
+                if not self._retry_later(record, live, began, log, exc):
+                    span.set_attribute("result", "failed")
+                    return
+                span.set_attribute("result", "retrying")
+                raise  # the engine runs the key again after its backoff, with no slot held
             except asyncio.CancelledError:
                 running = self._running.get(record.job_id)
                 if running is None or not running.cancelled:
@@ -360,21 +374,24 @@ class ApiJobs:
             self._finish(record, "completed", live, began, log, **result)
             span.set_attribute("result", "completed")
 
-    async def _attempts(self, record: JobRecord, live: Live, target: VolumeTarget,
-                        log: Any) -> dict[str, Any]:
-        delays = TEMPORARY_BACKOFF.delays()
-        while True:
-            try:
-                return await self._steps(record, live, target, log)
-            except TemporaryError as exc:
-                delay = next(delays, None)
-                if delay is None:
-                    raise PermanentError(f"{exc} (gave up after {TEMPORARY_ATTEMPTS} "
-                                         "attempts)") from exc
-                log.warning("api job hit a temporary failure; retrying", error=str(exc),
-                            delay=round(delay, 1))
-                self.store.update(record.job_id, error=f"retrying: {exc}")
-                await asyncio.sleep(delay)
+    def _retry_later(self, record: JobRecord, live: Live, began: float, log: Any,
+                     exc: TemporaryError) -> bool:
+        """Put the job back to ``pending`` for the engine's retry; False (and the job failed)
+        when this was its last attempt."""
+        attempt = self._attempts.get(record.job_id, 0) + 1
+        if self.retry.attempts and attempt >= self.retry.attempts:
+            self._attempts.pop(record.job_id, None)
+            self._finish(record, "failed", live, began, log,
+                         error=f"{exc} (gave up after {attempt} attempts)")
+            return False
+        self._attempts[record.job_id] = attempt
+        log.warning("api job hit a temporary failure; retrying", error=str(exc),
+                    attempt=attempt, attempts=self.retry.attempts or None)
+        self.store.update(record.job_id, status="pending", stage="initializing", percent=0.0,
+                          bytes_processed=0, bytes_total=0, eta_sec=None,
+                          error=f"retrying: {exc}")
+        self._changed(record.job_id)
+        return True
 
     async def _steps(self, record: JobRecord, live: Live, target: VolumeTarget,
                      log: Any) -> dict[str, Any]:
@@ -485,6 +502,7 @@ class ApiJobs:
 
     def _finish(self, record: JobRecord, status: str, live: Live, began: float, log: Any,
                 *, error: str | None = None, **fields: Any) -> None:
+        self._attempts.pop(record.job_id, None)
         finished = self.store.finish(record.job_id, status,  # type: ignore[arg-type]
                                      error=error, **live.fields(), **fields)
         self._changed(record.job_id)

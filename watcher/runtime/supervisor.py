@@ -47,6 +47,7 @@ from watcher.http.api import ApiServer
 from watcher.http.job_routes import JobRoutes
 from watcher.http.probes import Health
 from watcher.jobs import ApiJobs
+from watcher.jobs.service import RETRY as API_JOB_RETRY
 from watcher.jobs.upload import Uploader
 from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
@@ -178,12 +179,11 @@ class Daemon:
         """The API's jobs; made at start, once the job database is open."""
         self.api_worker: KeyedWorker[str] | None = None
         if self.api is not None and self.domains is not None:
-            from watcher.reprovision import RETRY_BACKOFF
-
-            # One engine for both kinds of job: the same worker type and the same slots.
+            # One engine for both kinds of job: the same worker type and the same slots; the
+            # engine's retry is the jobs' own, so a job's last attempt is its last retry.
             self.api_worker = KeyedWorker(
                 self._process_api_key, unit="api", key_field="key",
-                max_concurrent=config.reprovision.max_concurrent, retry=RETRY_BACKOFF,
+                max_concurrent=config.reprovision.max_concurrent, retry=API_JOB_RETRY,
                 slots=self._write_slots)
         self.notifier = SystemdNotifier()
         self.reload_requested = asyncio.Event()
