@@ -84,21 +84,20 @@ def test_status_lists_matched_domains_and_tagged_unmatched_ones(
     assert listed_state(name, kind, POLICIES) == listed
 
 
-def test_an_unmatched_request_is_said_once_until_its_element_or_reason_changes() -> None:
+def test_an_unmatched_request_is_said_once_until_it_ends_or_its_reason_changes() -> None:
     notes = UnmatchedNotes()
-    assert notes.first("u1", "<reprovision/>", NOT_OURS)
-    assert not notes.first("u1", "<reprovision/>", NOT_OURS)  # the next event, the next sweep
-    assert notes.first("u2", "<reprovision/>", NOT_OURS)  # another domain
-    assert notes.first("u1", '<reprovision image="x"/>', NOT_OURS)  # a new request
-    assert notes.first("u1", '<reprovision image="x"/>', ELSEWHERE)  # a reload scoped a rule
-    assert not notes.first("u1", '<reprovision image="x"/>', ELSEWHERE)
-    notes.forget("u1")  # matched in between, or gone
-    assert notes.first("u1", '<reprovision image="x"/>', ELSEWHERE)
+    assert notes.first("u1", NOT_OURS)
+    assert not notes.first("u1", NOT_OURS)  # the next event, the next sweep, its owner writing
+    assert notes.first("u2", NOT_OURS)  # another domain
+    assert notes.first("u1", ELSEWHERE)  # a reload scoped a rule
+    assert not notes.first("u1", ELSEWHERE)
+    notes.forget("u1")  # provisioned, failed, untagged, matched in between, or gone
+    assert notes.first("u1", ELSEWHERE)  # tagged anew
 
 
 def test_the_memory_of_unmatched_domains_is_bounded() -> None:
     notes = UnmatchedNotes(max_domains=2)
     for uuid in ("a", "b", "c"):
-        notes.first(uuid, None, NOT_OURS)
+        notes.first(uuid, NOT_OURS)
     assert len(notes) == 2
-    assert notes.first("a", None, NOT_OURS)  # forgotten first, so said again
+    assert notes.first("a", NOT_OURS)  # forgotten first, so said again

@@ -121,7 +121,7 @@ class Reprovisioner:
                                        state), policies)
         if isinstance(action, Unmatched):
             assert state is not None
-            if self.unmatched.first(uuid, facts.metadata, action.why):
+            if self.unmatched.first(uuid, action.why):
                 self.log.info("tagged domain left as it is: unmatched", domain=facts.name,
                               uuid=uuid, state=state.kind, why=action.why)
             return
