@@ -197,3 +197,19 @@ def test_a_rule_is_named_by_its_glob_its_place_and_its_origin() -> None:
         "rule": "db-*", "rule_index": 0, "rule_origin": "10-db.yaml:4"}
     copy = DomainRule("web-*", "v2", origin="20-web.yaml:7")
     assert rule_fields(POLICIES, copy)["rule_index"] == 1
+
+
+async def test_an_unmatched_request_is_never_written_and_said_once(tmp_path: Path) -> None:
+    facts = DomainFacts("uuid-9", "other-1", True, True, render_state(DomainState("reprovision")),
+                        domain_xml(tmp_path / "root.img"))
+    hypervisor = Hypervisor(facts)
+    log = Log()
+    job = Reprovisioner(hypervisor, Images(tmp_path / "image"),  # type: ignore[arg-type]
+                        lambda: POLICIES, Volumes(tmp_path), log)
+    for _ in range(3):  # its tag's event, a stop, a sweep
+        await job("uuid-9")
+    assert hypervisor.states == []
+    said = [fields for level, message, fields in log.lines
+            if message == "tagged domain left as it is: unmatched"]
+    assert [(s["domain"], s["state"]) for s in said] == [("other-1", "reprovision")]
+    assert log.warnings == []
