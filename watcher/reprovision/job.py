@@ -142,8 +142,7 @@ class Reprovisioner:
         began = time.monotonic()
         log = self.log.bind(domain=domain.name, uuid=domain.uuid, image=action.image)
         entry: CacheEntry | None = None
-        stage = "fetch"
-        """Where the job is, until the executor runs a plan step."""
+        stage = "fetch"  # where the job is, until the executor runs a plan step
         executor: Executor | None = None
         self._active += 1
         telemetry.jobs_in_progress.labels(kind="reprovision").inc()
