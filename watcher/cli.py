@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_policy_dir
 from watcher.core.address import parse_listen
-from watcher.core.decide import is_outdated
+from watcher.core.decide import UNMATCHED, is_outdated, listed_state
 from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
 from watcher.core.fleet import host_matches
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
@@ -302,11 +302,12 @@ def _status_of(config: Config, domain: str, *, as_json: bool) -> int:
     written = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)
                if listen and state is not None and state.kind == "provisioning" else None)
     progress = written.ratio if written is not None else None
+    kind = (listed_state(answer.domain, state.kind, policies) or state.kind) if state else None
     detail = {"domain": answer.domain, "uuid": answer.uuid, "power": answer.power,
-              "state": state.kind if state else None, "element": answer.state,
-              "image": answer.image, "rule": answer.rule,
+              "state": kind, "element": answer.state, "image": answer.image, "rule": answer.rule,
               "provisioned_sha256": state.sha256 if state else None,
-              "reason": state.reason if state else None, "root_disk": answer.disk,
+              "reason": answer.unmatched if kind == UNMATCHED else state.reason if state else None,
+              "root_disk": answer.disk,
               "volume": answer.volume, "write_progress": progress, "next": answer.now}
     if as_json:
         print(json.dumps(detail, indent=2))
@@ -321,8 +322,10 @@ def _status(config: Config, *, as_json: bool) -> int:
     from watcher.adapters.hypervisor.queries import domain_overview
 
     cache, policies = _cache_for(config)
-    rows = domain_overview(config.libvirt.uri, lambda name: policies.rule_for(name) is not None)
-    domains = [_domain_row(row, policies, cache) for row in rows]
+    # Every domain is read: a tagged one no rule matches is listed as unmatched.
+    rows = domain_overview(config.libvirt.uri, lambda name: True)
+    domains = [_domain_row(row, policies, cache) for row in rows
+               if listed_state(row.domain, row.state, policies) is not None]
     entries = [_entry_row(e, cache.pinned_digests(_kept(policies))) for e in cache.entries()]
     if as_json:
         print(json.dumps({"domains": domains, "cache": entries}, indent=2, default=str))
@@ -346,10 +349,10 @@ def _domain_row(row: DomainRow, policies: PolicySet, cache: Any) -> dict[str, An
     return {
         "domain": row.domain, "uuid": row.uuid,
         "match": rule.match if rule is not None else None, "image": image,
-        "power": row.power, "state": row.state,
+        "power": row.power, "state": row.state if rule is not None else UNMATCHED,
         "provisioned_image": row.provisioned_image,
-        "provisioned_sha256": row.provisioned_sha256,
-        "finished": row.finished, "reason": row.reason,
+        "provisioned_sha256": row.provisioned_sha256, "finished": row.finished,
+        "reason": row.reason if rule is not None else policies.why_unmatched(row.domain),
         "current_sha256": current_digest,
         "outdated": is_outdated(row.provisioned_sha256, current_digest),
     }

@@ -5,7 +5,8 @@ job's own reasoning, not a guess: which rule and image, which disk and volume, t
 allow-list and size verdicts, and the steps. So this reads the domain as the job does
 (``watcher.reprovision.facts`` over a connection of its own), asks the same pure decisions
 (``core.domain.decide``, ``core.plan.plan``) and prints their answers. It writes nothing:
-the cache is read, not warmed, and a request is assumed where the domain has none.
+the cache is read, not warmed, and a request is assumed where the domain has none. A
+domain no rule of this watcher matches is ``unmatched``: the daemon leaves it as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from watcher.core.domain import (
     MalformedState,
     RootDiskSource,
     RootDiskUnusable,
+    Unmatched,
     Write,
     decide,
     parse_state,
@@ -64,6 +66,8 @@ class Explanation:
     """What would happen if the domain were tagged now."""
     steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unmatched: str | None = None
+    """Why no rule of this watcher matches the domain; None when one does."""
     parsed: DomainState | None = field(default=None, repr=False)
     """The state element, parsed (for ``status DOMAIN``)."""
 
@@ -117,6 +121,12 @@ async def explain(config: Config, policies: PolicySet, store: CurrentImages,
                                 f"not on {policies.host}")
         action = decide(DomainSnapshot(facts.name, uuid, True, facts.managed_save, request),
                         policies)
+        if isinstance(action, Unmatched):
+            answer.unmatched = action.why
+            tagged = state is not None and state.is_request
+            answer.now = (f"unmatched: {'the' if tagged else 'a'} request is left exactly as it "
+                          f"is, by this watcher: {action.why}")
+            return answer
         if isinstance(action, Fail):
             answer.image = action.image
             answer.now = f"a request would fail: {action.reason}"

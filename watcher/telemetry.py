@@ -68,11 +68,14 @@ domains_outdated = Gauge(
     _P + "domains_outdated",
     "Domains whose provisioned digest is older than the cached current version of their image.",
     registry=REGISTRY)
-DOMAIN_STATES = ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed")
-"""A domain's metadata element as ``status`` reads it (``none``: no element)."""
+DOMAIN_STATES = ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed",
+                 "unmatched")
+"""A domain's metadata element as ``status`` reads it (``none``: no element; ``unmatched``:
+a request or write under way that no rule of this watcher matches)."""
 domains = Gauge(
     _P + "domains",
-    "Domains a policy matches, by the state of their metadata element, as of the last sweep.",
+    "Domains a policy matches, by the state of their metadata element, and tagged domains no "
+    "rule matches (state unmatched), as of the last sweep.",
     ["state"], registry=REGISTRY)
 last_amqp_message = Gauge(
     _P + "last_amqp_message_timestamp_seconds",

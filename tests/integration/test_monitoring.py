@@ -132,7 +132,8 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_served(
     missing = sorted(used - _exposed(text))
     assert missing == [], f"used by the alerts or the dashboard but not served: {missing}"
     assert f'volume_watcher_build_info{{version="{__version__}"}} 1.0' in text
-    for state in ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed"):
+    for state in ("reprovision", "provisioning", "provisioned", "failed", "none", "malformed",
+                  "unmatched"):
         assert f'volume_watcher_domains{{state="{state}"}} ' in text, state
     # The counters the increase() alerts watch have their series before the first event
     # (the daemon runs in this process: other tests may have counted some already).

@@ -528,18 +528,25 @@ async def test_domain_with_a_managed_save_image_fails_found_by_the_start_up_swee
     assert sha256_of(path) == before
 
 
-async def test_domain_no_policy_matches_fails_with_that_reason(world: World) -> None:
+async def test_a_tagged_domain_no_rule_matches_is_left_exactly_as_it_is(world: World) -> None:
     pool, _ = world.dir_pool()
     path = world.volume(pool, "root.img", IMAGE_SIZE)
     name, _log = world.define("orphan", path)
+    uuid = virsh_sync("domuuid", name).stdout.strip()
     policies = PolicySet(images=world.policies().images,
                          rules=(DomainRule("someone-else-*", "v2"),))
+    before = sha256_of(path)
 
-    async with watching(world, policies, VolumesSettings()):
+    async with watching(world, policies, VolumesSettings()) as watcher:
         await tag(name)
-        state = await wait_for_state(name)
+        element = (await virsh("metadata", name, "--uri", NAMESPACE, "--config")).stdout
+        # The tag's event was handled: the watcher looked at the domain and said so.
+        await wait_for(lambda: watcher.jobs.runs[uuid] >= 1 and uuid in watcher.reprovisioner
+                       .unmatched, 30, what="the unmatched domain to be looked at")
 
-    assert state == DomainState("failed", None, None, state.time, "no policy matches")
+    assert (await virsh("metadata", name, "--uri", NAMESPACE, "--config")).stdout == element
+    assert await metadata_state(name) == DomainState("reprovision")
+    assert sha256_of(path) == before
 
 
 # ---- reconnect ---------------------------------------------------------------------------
@@ -628,14 +635,16 @@ async def test_explain_of_a_domain_no_rule_matches_says_so(world: World) -> None
     policies = dataclasses.replace(world.policies(), rules=())
     answer = await explain(config_for(world), policies, world.images, name)
     assert answer.rule is None
-    assert answer.now == "a request would fail: no policy matches"
+    assert answer.unmatched == "no rule of this watcher matches it (another instance may own it)"
+    assert answer.now.startswith("unmatched: a request is left exactly as it is")
 
     # A rule for other hosts only: it does not match here, and explain says why.
     elsewhere = dataclasses.replace(world.policies(), host="hv-here", rules=(
         DomainRule(f"{world.prefix}-*", "v2", hosts=("hv-there-*",)),))
     scoped = await explain(config_for(world), elsewhere, world.images, name)
     assert scoped.rule is None
-    assert scoped.now == "a request would fail: no policy matches"
+    assert scoped.unmatched is not None and "only on hosts hv-there-*" in scoped.unmatched
+    assert scoped.now.startswith("unmatched:")
     assert any("other hosts" in note and "hv-here" in note for note in scoped.notes)
 
 

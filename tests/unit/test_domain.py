@@ -16,6 +16,7 @@ from watcher.core.domain import (
     Nothing,
     RootDiskSource,
     RootDiskUnusable,
+    Unmatched,
     Write,
     decide,
     parse_state,
@@ -177,10 +178,11 @@ def snapshot(state: DomainState | None, *, name: str = "web-1", shut_off: bool =
         pytest.param(snapshot(DomainState("provisioning", "debian", DIGEST, "T")),
                      Write(WEB, "debian"), id="interrupted-write-resumes-with-its-image"),
         pytest.param(snapshot(DomainState("reprovision"), name="db-1"),
-                     Fail("no policy matches", None), id="no-policy"),
+                     Unmatched("no rule of this watcher matches it (another instance may own "
+                               "it)"), id="no-rule-matches-left-alone"),
         pytest.param(snapshot(DomainState("reprovision", image="arch")),
-                     Fail("image 'arch' is not defined by any policy", "arch"),
-                     id="unknown-override-image"),
+                     Fail("image 'arch' is not defined by any policy", "arch", WEB, "resolve"),
+                     id="unknown-override-image-of-a-matched-domain"),
     ],
 )
 def test_decision_for_a_domain_snapshot(snap: DomainSnapshot, expected: Action) -> None:

@@ -3,7 +3,8 @@
 Pure: events and policies in, warm requests out. Anything not about an image a policy
 defines (or its sidecar) is ignored here, cheaply, which keeps the event path fast for
 the busy buckets most hosts share. ``is_outdated`` is the one rule that ``status`` and
-the daemon's outdated-domains gauge both apply; ``count_by_state`` feeds the domains gauge.
+the daemon's outdated-domains gauge both apply; ``listed_state`` and ``count_by_state``
+say which domains ``status`` and the domains gauge show, and in which state.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from watcher.core.domain import REQUEST_KINDS
 from watcher.core.events import ObjectEvent
 from watcher.core.policy import PolicySet
+
+UNMATCHED = "unmatched"
+"""The listed state of a tagged domain that no rule of this watcher matches."""
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,15 @@ def count_by_state(states: Iterable[str], known: Iterable[str]) -> dict[str, int
     for state in states:
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+def listed_state(domain: str, kind: str, policies: PolicySet) -> str | None:
+    """The state ``status`` and the domains gauge give a domain, or None to leave it out.
+
+    A domain a rule matches shows its metadata element (``kind``). A tagged one no rule
+    matches (a request, or a write under way) is ``unmatched``: another instance on the
+    host may own it. Any other domain is none of this watcher's business.
+    """
+    if policies.rule_for(domain) is not None:
+        return kind
+    return UNMATCHED if kind in REQUEST_KINDS else None

@@ -195,6 +195,17 @@ class Fail:
 
     reason: str
     image: str | None
+    rule: DomainRule
+    """The rule that made the domain this watcher's."""
+    step: str
+    """Where the job stopped (``check``, ``resolve``), for the failure's log line."""
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A request no rule of this watcher matches: leave the domain exactly as it is."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -204,25 +215,29 @@ class Nothing:
     why: str
 
 
-Action = Write | Fail | Nothing
+Action = Write | Fail | Unmatched | Nothing
 
 
 def decide(snapshot: DomainSnapshot, policies: PolicySet) -> Action:
-    """The action a domain's snapshot calls for under ``policies``."""
+    """The action a domain's snapshot calls for under ``policies``.
+
+    Whose domain it is comes first: a request no rule matches may be another watcher's
+    on the same host, so nothing about the domain (power, managed save) is judged here.
+    """
     state = snapshot.state
     if state is None or not state.is_request:
         return Nothing("no reprovision requested")
+    rule = policies.rule_for(snapshot.name)
+    if rule is None:
+        return Unmatched(policies.why_unmatched(snapshot.name))
     if not snapshot.shut_off:
         return Nothing("requested; waiting until the domain is shut off")
     if snapshot.managed_save:
         return Fail(
             "domain has a managed-save image; writing its disk would corrupt the saved "
             "state (remove it with virsh managedsave-remove, then request again)",
-            state.image)
-    rule = policies.rule_for(snapshot.name)
-    if rule is None:
-        return Fail("no policy matches", state.image)
+            state.image, rule, "check")
     image = state.image or rule.image
     if image not in policies.images:
-        return Fail(f"image {image!r} is not defined by any policy", image)
+        return Fail(f"image {image!r} is not defined by any policy", image, rule, "resolve")
     return Write(rule, image)

@@ -98,6 +98,14 @@ class PolicySet:
         """The first rule for this host whose glob matches the domain, or None."""
         return next((r for r in self.rules if r.matches(domain_name, self.host)), None)
 
+    def why_unmatched(self, domain_name: str) -> str:
+        """Why no rule for this host matches the domain, for logs, ``status`` and ``explain``."""
+        elsewhere = next((r for r in self.rules if r.matches(domain_name)), None)
+        if elsewhere is not None and self.host is not None:
+            return (f"rule {elsewhere.match!r} matches it only on hosts "
+                    f"{', '.join(elsewhere.hosts)}, not on {self.host}")
+        return "no rule of this watcher matches it (another instance may own it)"
+
     def images_for_object(self, bucket: str, key: str) -> list[ImageSpec]:
         """Images of this host for which ``bucket/key`` is a version or the sidecar of one."""
         return [

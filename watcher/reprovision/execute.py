@@ -127,6 +127,8 @@ class Executor:
     """The write marker a swap holds until ``MarkProvisioned``."""
     _guarded: bool = False
     """A rollback snapshot guards the steps running now."""
+    current: Step | None = None
+    """The step running now, or the one that stopped the plan."""
 
     async def run(self, plan: Plan) -> None:
         """Run every step; raise what stopped it (``Deferred``, a refusal, a failure)."""
@@ -148,6 +150,7 @@ class Executor:
 
     async def _traced(self, step: Step, guard: contextlib.AsyncExitStack) -> None:
         self.log.debug("reprovision step", step=str(step))
+        self.current = step
         with telemetry.tracer.start_as_current_span(_SPAN_NAMES[type(step)]) as span:
             span.set_attribute("step", str(step))
             if isinstance(step, Snapshot):

@@ -5,8 +5,11 @@ worker hands over (by UUID) it reads the domain, decides whether a job is due
 (``core.domain.decide``), fetches the image, gathers the facts, plans
 (``core.plan.plan``), runs the plan (``execute``), and records and reports the outcome:
 ``provisioned``, ``failed`` with a reason, deferred to the next stop, or a
-``TemporaryError`` for the worker to retry. Serialising runs per domain, bounding them
-and retrying belong to the worker (``watcher.runtime.keyed``), not here.
+``TemporaryError`` for the worker to retry. A request no rule of this watcher matches is
+left exactly as it is, and said once at info (``UnmatchedNotes``). Every ``failed`` is
+recorded with a reason and one warning line naming the rule and the step that stopped.
+Serialising runs per domain, bounding them and retrying belong to the worker
+(``watcher.runtime.keyed``), not here.
 
 It also owns the golden LVs the clone path needs (``goldens``): pre-warming asks it to
 make them (``prepare_goldens``) and the cache's eviction to remove them
@@ -33,17 +36,20 @@ from watcher.core.domain import (
     MalformedState,
     Nothing,
     RootDiskUnusable,
+    Unmatched,
     Write,
     decide,
     parse_state,
     root_disk,
 )
 from watcher.core.errors import NotUploadedYet, PermanentError, TemporaryError, WatcherError
+from watcher.core.failure import failure_reason, rule_fields, step_group
 from watcher.core.plan import Plan, Refusal, TargetFacts, VolumeRules, plan, volume_refusal
-from watcher.core.policy import ImageSpec, PolicySet
+from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.reprovision.execute import Deferred, Executor, Refused
 from watcher.reprovision.facts import gather, resolve_target
 from watcher.reprovision.goldens import Goldens
+from watcher.reprovision.unmatched import UnmatchedNotes
 from watcher.settings import REPROVISION_TUNING
 
 RETRY_BACKOFF = REPROVISION_TUNING.retry_backoff
@@ -87,6 +93,7 @@ class Reprovisioner:
         self._active = 0
         self._goldens_prepared: dict[str, str] = {}
         """Image name -> the digest whose goldens ``prepare_goldens`` made last."""
+        self.unmatched = UnmatchedNotes()
 
     @property
     def running_jobs(self) -> int:
@@ -101,6 +108,7 @@ class Reprovisioner:
     async def _check(self, uuid: str) -> None:
         facts = await self.hypervisor.describe(uuid)
         if facts is None:
+            self.unmatched.forget(uuid)
             return
         try:
             state = parse_state(facts.metadata)
@@ -111,13 +119,21 @@ class Reprovisioner:
         policies = self.policies()
         action = decide(DomainSnapshot(facts.name, uuid, facts.shut_off, facts.managed_save,
                                        state), policies)
+        if isinstance(action, Unmatched):
+            assert state is not None
+            if self.unmatched.first(uuid, action.why):
+                self.log.info("tagged domain left as it is: unmatched", domain=facts.name,
+                              uuid=uuid, state=state.kind, why=action.why)
+            return
+        self.unmatched.forget(uuid)
         if isinstance(action, Nothing):
             if state is not None and state.is_request:
                 self.log.debug("reprovision pending", domain=facts.name, why=action.why)
             return
         assert state is not None
         if isinstance(action, Fail):
-            await self._finish_failed(facts, action.image, action.reason, time.monotonic())
+            await self._finish_failed(facts, action.image, action.reason, time.monotonic(),
+                                      rule=action.rule, step=action.step, policies=policies)
             return
         await self._reprovision(facts, state, action, policies)
 
@@ -126,6 +142,8 @@ class Reprovisioner:
         began = time.monotonic()
         log = self.log.bind(domain=domain.name, uuid=domain.uuid, image=action.image)
         entry: CacheEntry | None = None
+        stage = "fetch"  # where the job is, until the executor runs a plan step
+        executor: Executor | None = None
         self._active += 1
         telemetry.jobs_in_progress.labels(kind="reprovision").inc()
         with telemetry.tracer.start_as_current_span("reprovision") as span:
@@ -138,9 +156,11 @@ class Reprovisioner:
                     raise TemporaryError(f"image not available yet: {exc}") from exc
                 span.set_attribute("digest", entry.digest)
                 for attempt in range(2):
+                    stage, executor = "resolve", None
                     with telemetry.tracer.start_as_current_span("resolve volume"):
                         facts = await gather(self.hypervisor, domain, request, action.rule,
                                              action.image, entry, self.volumes)
+                    stage = "check"
                     decision = plan(facts, action.rule, self.volumes)
                     if isinstance(decision, Refusal):
                         raise Refused(decision.reason)
@@ -149,8 +169,9 @@ class Reprovisioner:
                                       f"there after recovering it: {decision.describe()}")
                     log.info("reprovision planned", steps=decision.describe(),
                              recovery=decision.recovery)
-                    await Executor(self.hypervisor, self.write_image, facts, entry.path,
-                                   log, goldens=self.goldens).run(decision)
+                    executor = Executor(self.hypervisor, self.write_image, facts, entry.path,
+                                        log, goldens=self.goldens)
+                    await executor.run(decision)
                     if not decision.recovery:
                         break
             except Deferred as exc:
@@ -162,7 +183,11 @@ class Reprovisioner:
                 span.set_attribute("result", "retry")
                 raise
             except PermanentError as exc:
-                await self._finish_failed(domain, action.image, str(exc), began, entry)
+                if executor is not None and executor.current is not None:
+                    stage = step_group(executor.current)
+                await self._finish_failed(
+                    domain, action.image, failure_reason(str(exc), stage, type(exc).__name__),
+                    began, entry, rule=action.rule, step=stage, policies=policies)
                 span.set_attribute("result", "failed")
                 return
             finally:
@@ -268,8 +293,11 @@ class Reprovisioner:
             return []
 
     async def _finish_failed(self, facts: DomainFacts, image: str | None, reason: str,
-                             began: float, entry: CacheEntry | None = None) -> None:
-        """Record ``failed`` with ``reason`` and write the summary line."""
+                             began: float, entry: CacheEntry | None = None, *,
+                             rule: DomainRule, step: str, policies: PolicySet) -> None:
+        """Record ``failed`` with ``reason`` and write the one warning line that says why:
+        the domain, the rule that made it this watcher's, and the step that stopped."""
+        reason = failure_reason(reason, step, "error")
         with contextlib.suppress(DomainGone):
             await self.hypervisor.set_state(
                 facts.uuid, DomainState("failed", image, None, _now(), reason))
@@ -278,6 +306,7 @@ class Reprovisioner:
         telemetry.reprovision_seconds.observe(seconds)
         self.log.warning("reprovision finished", domain=facts.name, uuid=facts.uuid,
                          image=image, digest=entry.digest if entry else None,
+                         **rule_fields(policies, rule), step=step,
                          seconds=round(seconds, 2), bytes=0, result="failed", reason=reason)
 
 

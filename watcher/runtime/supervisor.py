@@ -37,7 +37,7 @@ from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
 from watcher.cache import CacheStore, ImageWarmer
 from watcher.config import load_config, load_policy_dir
-from watcher.core.decide import count_by_state, is_outdated
+from watcher.core.decide import count_by_state, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
@@ -266,9 +266,8 @@ class Daemon:
         """
         assert self.domains is not None
         policies = self.policies.get()
-        try:
-            rows = await self.domains.domain_overview(
-                lambda name: policies.rule_for(name) is not None)
+        try:  # every domain: a tagged one no rule matches is counted as unmatched
+            rows = await self.domains.domain_overview(lambda name: True)
         except WatcherError as err:
             log.warning("could not count outdated domains", error=str(err))
             return None
@@ -279,7 +278,8 @@ class Daemon:
             if is_outdated(row.provisioned_sha256, current.digest if current else None):
                 outdated.append(row.domain)
         telemetry.domains_outdated.set(len(outdated))
-        states = count_by_state((row.state for row in rows), telemetry.DOMAIN_STATES)
+        listed = (listed_state(row.domain, row.state, policies) for row in rows)
+        states = count_by_state((s for s in listed if s), telemetry.DOMAIN_STATES)
         for state, count in states.items():
             telemetry.domains.labels(state=state).set(count)
         return outdated
