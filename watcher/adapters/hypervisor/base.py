@@ -43,6 +43,16 @@ class HypervisorUnavailable(TemporaryError):
     """Not connected to libvirt, or the connection broke during a call."""
 
 
+class PoolBusy(TemporaryError):
+    """libvirt turned a storage call away because the pool has another job running (a
+    volume being built, a refresh); it clears in moments, so the call is retried."""
+
+
+def pool_busy(exc: libvirt.libvirtError) -> bool:
+    """True for libvirt's "pool ... has asynchronous jobs running" refusal."""
+    return "asynchronous jobs running" in str(exc.get_error_message() or exc)
+
+
 class HypervisorError(PermanentError):
     """libvirt refused an operation; the message is libvirt's."""
 
@@ -149,6 +159,8 @@ def translate(exc: libvirt.libvirtError) -> Exception:
         return HypervisorUnavailable(f"libvirt connection: {message}")
     if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainGone(message)
+    if pool_busy(exc):
+        return PoolBusy(message)
     return HypervisorError(message)
 
 

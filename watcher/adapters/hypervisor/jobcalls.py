@@ -9,6 +9,7 @@ own, and a call while disconnected fails at once with ``HypervisorUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -53,6 +54,10 @@ class DomainCalls:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self._pool_changes = asyncio.Lock()
+        """Held by the calls that refresh a pool or change its volumes: libvirt refuses a
+        refresh or a new volume while another one is being built in the same pool, so
+        this daemon's own jobs (four API jobs at once, say) take turns."""
 
     async def _on_domain(self, uuid: str, operation: Callable[[Any], T]) -> T:
         return await self.connection.call(
@@ -121,7 +126,8 @@ class DomainCalls:
                 vol.storagePoolLookupByVolume().refresh(0)
             return volume_facts(vol)
 
-        return await self.connection.call(grow)
+        async with self._pool_changes:
+            return await self.connection.call(grow)
 
     async def domain_overview(
         self, include: Callable[[str], bool] = _everything,
@@ -137,12 +143,15 @@ class DomainCalls:
 
     async def pool_volume(self, pool: str, name: str) -> VolumeFacts | None:
         """The volume ``name`` of ``pool`` after a refresh; None when missing."""
-        return await self.connection.call(lambda conn: pool_volume(conn, pool, name))
+        async with self._pool_changes:
+            return await self.connection.call(lambda conn: pool_volume(conn, pool, name))
 
     async def create_volume(self, pool: str, name: str, capacity: int) -> VolumeFacts:
         """A new volume of ``capacity`` bytes: an LV in a logical pool, a sparse raw file
         in a dir pool."""
-        return await self.connection.call(lambda conn: create_volume(conn, pool, name, capacity))
+        async with self._pool_changes:
+            return await self.connection.call(
+                lambda conn: create_volume(conn, pool, name, capacity))
 
     async def domains_using(self, real_path: str, *, pool: str | None = None,
                             volume: str | None = None) -> list[DiskUser]:

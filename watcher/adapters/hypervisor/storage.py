@@ -23,7 +23,9 @@ import libvirt
 from watcher.adapters.hypervisor.base import (
     _POWER_STATES,
     HypervisorError,
+    PoolBusy,
     VolumeFacts,
+    pool_busy,
     volume_facts,
 )
 
@@ -140,6 +142,8 @@ def create_volume(conn: Any, pool: str, name: str, capacity: int) -> VolumeFacts
         vol = found.createXML(definition, 0)
     except libvirt.libvirtError as exc:
         message = str(exc.get_error_message() or exc)
+        if pool_busy(exc):
+            raise PoolBusy(f"storage pool {pool!r} is busy: {message}") from exc
         if exc.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
             raise HypervisorError(
                 f"volume {name!r} already exists in storage pool {pool!r}") from exc
