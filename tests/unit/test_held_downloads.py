@@ -2,18 +2,29 @@
 
 The rule (``holds_to_drop``) is a table; the files (``read_held``,
 ``remove_held_leftovers``) are checked on a temp directory with real flocks, the way
-``cache list`` and ``cache prune`` in another process meet a daemon's held download.
+``cache list`` and ``cache prune`` in another process meet a daemon's held download;
+the daemon's side (``HeldDownloads``) runs over a real store in a temp directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from watcher.cache.entry import Source
 from watcher.cache.files import PartFile
-from watcher.cache.held import HELD_DIR, HeldRecord, read_held, remove_held_leftovers
+from watcher.cache.held import (
+    HELD_DIR,
+    HeldDownloads,
+    HeldRecord,
+    read_held,
+    remove_held_leftovers,
+)
+from watcher.cache.store import CacheStore
 from watcher.core.cache_rules import HeldSlot, holds_to_drop
 
 A, B, C = HeldSlot("a", 100, 10.0), HeldSlot("b", 200, 20.0), HeldSlot("c", 300, 30.0)
@@ -101,3 +112,61 @@ def test_releasing_a_replaced_file_removes_only_its_lock(tmp_path: Path) -> None
     assert target.read_bytes() == b"newer"
     newer.release()
     assert not target.exists()
+
+
+# --- the daemon's side: a real store on a temp directory -----------------------------------
+
+V1, V2 = Source("vm", "images/base.qcow2", "e1"), Source("vm", "images/base.qcow2", "e2")
+
+
+async def hold(held: HeldDownloads, source: Source, data: bytes, digest: str) -> PartFile:
+    part = await asyncio.to_thread(held.store.new_part)
+    part.path.write_bytes(data)
+    assert await held.hold("base", "qcow2", source, part, digest, len(data))
+    return part
+
+
+async def test_a_newer_refused_version_replaces_the_held_one(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path, max_size=1 << 30)
+    store.prepare()
+    held = HeldDownloads(store, 3600)
+    await hold(held, V1, b"one", "a" * 64)
+    await hold(held, V2, b"second", "b" * 64)
+    assert sorted(p.name for p in (tmp_path / HELD_DIR).iterdir()) == ["base.json", "base.part"]
+    assert (tmp_path / HELD_DIR / "base.part").read_bytes() == b"second"
+    assert [r.etag for r in read_held(tmp_path)] == ["e2"]
+    assert held.find(V1) is None and held.total_bytes == store.held_bytes == len(b"second")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    held.close()
+    assert list((tmp_path / HELD_DIR).iterdir()) == [] and store.held_bytes == 0
+
+
+async def test_a_taken_download_is_safe_from_the_next_hold_of_its_image(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path, max_size=1 << 30)
+    store.prepare()
+    held = HeldDownloads(store, 3600)
+    await hold(held, V1, b"one", "a" * 64)
+    taken = await held.take(V1)
+    assert taken is not None and taken.part.path.parent == tmp_path / "tmp"
+    assert read_held(tmp_path) == [] and store.held_bytes == 0
+    await hold(held, V2, b"second", "b" * 64)  # while the first is being committed
+    assert taken.part.path.read_bytes() == b"one"
+    taken.part.release()
+    held.close()
+
+
+async def test_a_hold_expires_and_a_drop_spares_a_newer_hold(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path, max_size=1 << 30)
+    store.prepare()
+    held = HeldDownloads(store, 1e-6)
+    await hold(held, V1, b"one", "a" * 64)
+    await held.sweep()
+    assert held.images() == [] and list((tmp_path / HELD_DIR).iterdir()) == []
+
+    held.hold_seconds = 3600
+    asked = time.monotonic()
+    await hold(held, V2, b"second", "b" * 64)
+    await held.drop("base", "superseded", held_before=asked)  # held after the ask: kept
+    assert held.images() == ["base"]
+    await held.drop("base", "superseded")
+    assert held.images() == [] and list((tmp_path / HELD_DIR).iterdir()) == []

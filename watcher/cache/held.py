@@ -27,6 +27,7 @@ moment, and it bounds its held downloads itself.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -183,13 +184,18 @@ class HeldDownloads:
 
     async def take(self, source: Source) -> HeldDownload | None:
         """The download held for ``source``, no longer held: its record is removed and its
-        locked file is the caller's to commit or release."""
+        locked file, moved back to ``tmp/``, is the caller's to commit or release."""
         held = self.find(source)
         if held is None:
             return None
         del self._by_image[held.record.image]
-        await self.store.in_worker(self._remove_record, held.record)
         self._publish_bytes()
+        try:
+            await self.store.in_worker(self._unslot, held)
+        except OSError as err:  # its file is gone: the caller downloads again
+            held.part.release()
+            self.log.warning("held download lost", image=held.record.image, error=str(err))
+            return None
         return held
 
     async def drop(self, image: str, reason: str, *, held_before: float | None = None) -> None:
@@ -229,6 +235,12 @@ class HeldDownloads:
             part.move(image_file(self.dir, record.image, ".part"))
             write_json(image_file(self.dir, record.image, ".json"), record.record(),
                        self.store.tmp)
+
+    def _unslot(self, held: HeldDownload) -> None:
+        """Out of ``held/<image>.part``, so that a newer refused version of the image can be
+        held there while this one is inspected and committed from its own path."""
+        self._remove_record(held.record)
+        held.part.move(self.store.tmp / f"{uuid.uuid4().hex}.part")
 
     def _remove(self, held: HeldDownload) -> None:
         self._remove_record(held.record)
