@@ -338,8 +338,7 @@ class Daemon:
             await wait_any(self.stop_requested, timeout=interval)
 
     async def _cache_refresh_loop(self) -> None:
-        """Follow changes other processes (``cache prune``) make to the cache directory;
-        drop held downloads that expired (``cache.stale_sidecar_hold``)."""
+        """Follow other processes' changes to the cache (``cache prune``); expire held downloads."""
         while not self.stop_requested.is_set():
             await wait_any(self.stop_requested, timeout=5.0)
             try:
