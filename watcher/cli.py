@@ -326,7 +326,7 @@ def _status(config: Config, *, as_json: bool) -> int:
     rows = domain_overview(config.libvirt.uri, lambda name: True)
     domains = [_domain_row(row, policies, cache) for row in rows
                if listed_state(row.domain, row.state, policies) is not None]
-    entries = [_entry_row(e, cache.pinned_digests(_kept(policies))) for e in cache.entries()]
+    entries = _cache_rows(config, cache, policies)
     if as_json:
         print(json.dumps({"domains": domains, "cache": entries}, indent=2, default=str))
         return 0
@@ -358,26 +358,40 @@ def _domain_row(row: DomainRow, policies: PolicySet, cache: Any) -> dict[str, An
     }
 
 
+def _cache_rows(config: Config, cache: Any, policies: PolicySet) -> list[dict[str, Any]]:
+    """Entries (state ``cached``), then downloads held for a corrected sidecar (``held``:
+    refused so far, not inspected; read from ``held/``, as the daemon wrote them)."""
+    from watcher.cache.held import read_held
+
+    pinned = cache.pinned_digests(_kept(policies))
+    rows = [_entry_row(e, pinned) for e in cache.entries()]
+    return rows + [{"digest": h.digest, "image": h.image, "format": h.format, "size": h.size,
+                    "virtual_size": None, "source": f"s3://{h.bucket}/{h.key}",
+                    "etag": h.etag, "held_at": h.held_at, "expires_at": h.expires_at,
+                    "pinned": False, "state": "held"} for h in read_held(config.cache.dir)]
+
+
 def _entry_row(entry: Any, pinned: set[str]) -> dict[str, Any]:
     return {"digest": entry.digest, "image": entry.image, "format": entry.format,
             "size": entry.size, "virtual_size": entry.virtual_size,
             "source": f"s3://{entry.bucket}/{entry.key}", "etag": entry.etag,
             "last_used_at": entry.last_used_at, "verified_at": entry.verified_at,
-            "pinned": entry.digest in pinned}
+            "pinned": entry.digest in pinned, "state": "cached"}
 
 
 def _print_entries(entries: list[dict[str, Any]]) -> None:
-    print("DIGEST        IMAGE            FORMAT  SIZE       VIRTUAL    PINNED  SOURCE")
+    print("DIGEST        IMAGE            FORMAT  SIZE       VIRTUAL    PINNED  STATE   SOURCE")
     for e in entries:
+        virtual = "-" if e["virtual_size"] is None else format_size(e["virtual_size"])
         print(f"{e['digest'][:12]:<13} {e['image']:<16} {e['format']:<7} "
-              f"{format_size(e['size']):<10} {format_size(e['virtual_size']):<10} "
-              f"{'yes' if e['pinned'] else 'no':<7} {e['source']}")
+              f"{format_size(e['size']):<10} {virtual:<10} "
+              f"{'yes' if e['pinned'] else 'no':<7} {e['state']:<7} {e['source']}")
 
 
 def _cache(config: Config, args: argparse.Namespace) -> int:
     cache, policies = _cache_for(config)
     if args.cache_command == "list":
-        rows = [_entry_row(e, cache.pinned_digests(_kept(policies))) for e in cache.entries()]
+        rows = _cache_rows(config, cache, policies)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -392,9 +406,10 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         from watcher.cache import ImageWarmer
 
         cache.prepare()
+        # stale_sidecar_hold=0: this process ends now, so a refused download is not held.
         warmer = ImageWarmer(cache, S3Store(config.s3),
                              max_virtual_size=config.cache.max_virtual_size,
-                             policies=lambda: policies)
+                             policies=lambda: policies, stale_sidecar_hold=0)
         try:
             entry = asyncio.run(warmer.ensure(image))
         except NotUploadedYet as err:
@@ -414,8 +429,16 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         if bad:
             print("'cache prune --corrupt' removes bad entries; they are fetched again when needed")
         return 1 if bad else 0
+    from watcher.cache.held import read_held
+
     cache.prepare()
-    leftovers = cache.remove_leftovers()
+    held = read_held(config.cache.dir)
+    leftovers = cache.remove_leftovers()  # held downloads too, unless a live process holds one
+    still_held = {(h.image, h.etag) for h in read_held(config.cache.dir)}
+    for h in held:
+        verdict = "kept (a running daemon holds it)" if (h.image, h.etag) in still_held \
+            else "removed"
+        print(f"held download of {h.image} ({h.digest}): {verdict}")
     removed = cache.prune(_kept(policies))
     for digest in removed:
         print(f"removed {digest}")

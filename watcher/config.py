@@ -74,7 +74,8 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
            "region"),
     "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch",
              "queue_type", "delivery_limit"),
-    "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads"),
+    "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads",
+              "stale_sidecar_hold"),
     "policies": ("dir",),
     "http": ("listen",),
     "volumes": ("allow", "lvm_vgs"),
@@ -367,11 +368,15 @@ class _ConfigReader:
         max_size = self._size(m, "max_size", "cache")
         max_virtual_size = self._size(m, "max_virtual_size", "cache")
         downloads = self.fields.positive_int(m, "max_concurrent_downloads", "cache")
+        hold = m.get("stale_sidecar_hold")
+        if not (hold == 0 and not isinstance(hold, bool)):  # 0 is off
+            hold = self.fields.positive_number(m, "stale_sidecar_hold", "cache")
         return CacheSettings(
             dir=_given(directory, default.dir),
             max_size=_given(max_size, default.max_size),
             max_virtual_size=_given(max_virtual_size, default.max_virtual_size),
             max_concurrent_downloads=_given(downloads, default.max_concurrent_downloads),
+            stale_sidecar_hold=float(_given(hold, default.stale_sidecar_hold)),
         )
 
     def _policies(self, m: LineMap) -> PoliciesSettings:

@@ -98,6 +98,10 @@ class CacheSettings:
     A small file can claim petabytes; 4 TiB is far above any base image."""
     max_concurrent_downloads: int = 2
     """Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."""
+    stale_sidecar_hold: float = 3600.0
+    """Seconds a download refused for a checksum mismatch is held (in ``held/``, one per
+    image, counted in ``max_size``) so that a corrected sidecar commits it without a second
+    transfer; 0 = not held. An hour covers a pipeline that uploads the sidecar last."""
 
 
 @dataclass(frozen=True)

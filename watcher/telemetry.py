@@ -41,7 +41,9 @@ cache_misses = Counter(
 cache_evictions = Counter(
     _P + "cache_evictions", "Cache entries removed by eviction or prune.", registry=REGISTRY)
 cache_bytes = Gauge(
-    _P + "cache_bytes", "Bytes used by cache entries.", registry=REGISTRY)
+    _P + "cache_bytes",
+    "Bytes used by cache entries and by downloads held for a corrected sidecar (what "
+    "cache.max_size bounds).", registry=REGISTRY)
 cache_entries = Gauge(
     _P + "cache_entries", "Number of cache entries.", registry=REGISTRY)
 images_rejected = Counter(

@@ -195,7 +195,7 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
                       for name in ("held", "stale")})
     stale = make_qcow2(tmp_path / "stale.qcow2", seed=1)
     held = make_qcow2(tmp_path / "held.qcow2", size="64M", fill_mib=16, seed=2)
-    tmp = env.cache_dir / "tmp"
+    tmp, kept = env.cache_dir / "tmp", env.cache_dir / "held"
 
     async with running_daemon(env.config_path) as daemon:
         try:
@@ -208,8 +208,9 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
             # A download in progress, held by the proxy after its first MiB.
             held_digest = env.upload_with_sidecar("held.qcow2", held)
             await publish(env.exchange, minio_event(env.bucket, "held.qcow2"))
-            await wait_for(lambda: proxy.held.is_set() and len(list(tmp.glob("*.part"))) == 2,
-                           what="the held download's .part file")
+            await wait_for(lambda: proxy.held.is_set() and len(list(tmp.glob("*.part"))) == 1
+                           and (kept / "stale.part").exists() and (kept / "stale.json").exists(),
+                           what="the running download's .part file and the kept-aside one")
             in_progress = tree(env.cache_dir)
 
             status = await cli_async(env, "status", "--json")
@@ -219,13 +220,18 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
             assert status.returncode == 0, status.stderr
             assert set(json.loads(status.stdout)) == {"domains", "cache"}
             assert listed.returncode == 0, listed.stderr
-            assert json.loads(listed.stdout) == []
+            assert [(row["image"], row["state"], row["digest"], row["size"])
+                    for row in json.loads(listed.stdout)] == [
+                ("stale", "held", sha256_file(stale), stale.stat().st_size)]
+            assert json.loads(status.stdout)["cache"] == json.loads(listed.stdout)
             assert verify.returncode == 0, verify.stderr
             # Clean-up outside the daemon spares files whose owner holds their lock.
             prune = await cli_async(env, "cache", "prune")
             assert prune.returncode == 0, prune.stderr
             assert {p.name for p in tmp.iterdir()} == {
                 Path(p).name for p in in_progress if p.startswith("tmp/")}
+            assert {p.name for p in kept.iterdir()} == {"stale.part", "stale.json"}
+            assert "held download of stale" in prune.stdout and "kept" in prune.stdout
         finally:
             proxy.release()
         await wait_for(lambda: held_digest in daemon.entries(), what="the held image cached")
@@ -240,6 +246,7 @@ async def test_read_only_commands_spare_a_running_and_a_kept_aside_download(
         # Its record is rewritten (through tmp/) once the data is synced, just after.
         await wait_for(lambda: not list(tmp.iterdir()),
                        what=lambda: f"an empty tmp/; has {sorted(p.name for p in tmp.iterdir())}")
+        assert not list(kept.iterdir())
     queue = load_config(env.config_path).amqp.queue_name()
     assert await ready_count(f"{queue}.dead") == 0
 

@@ -110,6 +110,14 @@ def test_null_sections_keep_their_defaults(tmp_path: Path) -> None:
     assert load_config(path, {}) == Config(source=path)
 
 
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("", 3600.0), ("cache: {stale_sidecar_hold: 90}\n", 90.0),
+    ("cache: {stale_sidecar_hold: 0.5}\n", 0.5), ("cache: {stale_sidecar_hold: 0}\n", 0.0)])
+def test_stale_sidecar_hold_is_seconds_and_0_turns_it_off(
+        tmp_path: Path, text: str, seconds: float) -> None:
+    assert load_config(config_file(tmp_path, text), {}).cache.stale_sidecar_hold == seconds
+
+
 def test_reconcile_interval_may_be_fractional(tmp_path: Path) -> None:
     path = config_file(tmp_path, "reconcile_interval: 0.5\n")
     assert load_config(path, {}).reconcile_interval == 0.5
@@ -153,6 +161,12 @@ ERROR_CASES = [
     pytest.param("cache: {max_concurrent_downloads: 0}\n",
                  [(1, "cache.max_concurrent_downloads: expected a whole number of at least 1")],
                  id="downloads-zero"),
+    pytest.param("cache:\n  dir: /c\n  stale_sidecar_hold: -5\n",
+                 [(3, "cache.stale_sidecar_hold: expected a number larger than 0, "
+                      "got the number -5")], id="stale-sidecar-hold-negative"),
+    pytest.param("cache:\n  stale_sidecar_hold: 1h\n",
+                 [(2, "cache.stale_sidecar_hold: expected a number larger than 0, "
+                      "got the string '1h'")], id="stale-sidecar-hold-not-a-number"),
     pytest.param("cache: {dir: ''}\n", [(1, "cache.dir: must not be empty")], id="cache-dir-empty"),
     pytest.param("policies: {dir: [a]}\n", [(1, "policies.dir: expected a string, got a list")],
                  id="policies-dir-a-list"),

@@ -7,6 +7,7 @@ around; the record format (small JSON an operator can ``cat``) is defined once, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,20 @@ from watcher.core.cache_rules import Source, Stored
 from watcher.core.paths import digest_file
 from watcher.core.policy import ImageFormat
 
-__all__ = ["CacheEntry", "Source", "VerifyResult"]
+__all__ = ["CacheEntry", "Source", "VerifyResult", "age_seconds", "now_stamp"]
+
+
+def now_stamp() -> str:
+    """The time records hold: ISO-8601 UTC to the second (compares in time order as text)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def age_seconds(stamp: str) -> float:
+    """Seconds since a record's ``stamp``; infinite for one that cannot be read."""
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+    except ValueError:
+        return float("inf")
 
 
 @dataclass(frozen=True)

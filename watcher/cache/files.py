@@ -118,15 +118,24 @@ class PartFile:
                 pass
             os.close(fd)
 
-    def release(self) -> None:
-        """Remove the file if it is still in ``tmp/``, then drop the lock.
+    def move(self, target: Path) -> None:
+        """Rename the file to ``target`` (replacing what is there); the lock stays held."""
+        os.replace(self.path, target)
+        self.path = target
 
-        An unlink and a close, never a wait: safe to call from the event loop.
+    def release(self) -> None:
+        """Remove the file if its path still names it, then drop the lock.
+
+        After a commit renamed it away, or a newer file replaced it at its path, only the
+        lock goes. An unlink and a close, never a wait: safe to call from the event loop.
         """
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if same_file(os.stat(self.path), os.fstat(self._fd)):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
         finally:
             os.close(self._fd)
             self._fd = None

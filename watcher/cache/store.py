@@ -10,6 +10,7 @@ Layout under ``cache.dir``::
     objects/<sha256>.json       its record: sources (bucket/key/ETag), sizes, times
     refs/<image name>.json      the digest of the image's current version
     tmp/                        downloads in progress (each ``.part`` flock-ed by its owner)
+    held/<image>.part, .json    a refused download kept for a corrected sidecar (``held``)
     .lock                       serialises changes between processes; holds a generation
 
 An entry exists when its record exists. Both files appear by atomic rename after the
@@ -47,15 +48,15 @@ import functools
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from watcher import telemetry
 from watcher.adapters.filesink import fsync_path
-from watcher.cache.entry import CacheEntry, Source, VerifyResult
+from watcher.cache.entry import CacheEntry, Source, VerifyResult, age_seconds, now_stamp
 from watcher.cache.files import (
     CacheLock,
+    LockHandle,
     PartFile,
     listdir,
     read_json,
@@ -64,6 +65,7 @@ from watcher.cache.files import (
     stat_key,
     write_json,
 )
+from watcher.cache.held import remove_held_leftovers
 from watcher.cache.index import Draft, Index, Ref
 from watcher.core.cache_rules import (
     UseRecord,
@@ -76,17 +78,6 @@ from watcher.core.paths import digest_file, image_file, is_digest, is_image_name
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def now_stamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def age_seconds(stamp: str) -> float:
-    try:
-        return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
-    except ValueError:
-        return float("inf")
 
 
 class EntryPinned(Exception):
@@ -110,6 +101,8 @@ class CacheStore:
         self._lock = CacheLock(directory / ".lock", on_wait=lambda: self.log.info(
             "waiting for the cache lock another process holds"))
         self._index = Index()
+        self.held_bytes = 0
+        """Bytes this process holds aside (``watcher.cache.held``); counted in ``max_size``."""
         self._worker: ThreadPoolExecutor | None = None
         # Unsynced entries this process wrote, by digest -> file identity at commit: their
         # bytes are still the verified ones in the page cache, so an fsync suffices.
@@ -129,6 +122,10 @@ class CacheStore:
         self._lock.close()
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def locked(self) -> contextlib.AbstractContextManager[LockHandle]:
+        """Hold the cache lock over a write outside the records (a held download's)."""
+        return self._lock.held()
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -194,6 +191,7 @@ class CacheStore:
             # Every other temp file (records being written) is written under this lock.
             for leftover in listdir(self.tmp):
                 removed += remove_unless_locked(leftover)
+            removed += remove_held_leftovers(self.dir)
             # A data file without its record was never committed (crash between the renames).
             for data in listdir(self.objects):
                 if data.suffix != ".json" and not data.with_suffix(".json").exists():
@@ -311,9 +309,9 @@ class CacheStore:
         return updated
 
     def evict(self, keep_images: Collection[str]) -> list[str]:
-        """Remove least-recently-used entries not current for ``keep_images`` until the cache
-        fits ``max_size``."""
-        return self._remove_unpinned(self.max_size, keep_images)
+        """Remove least-recently-used entries not current for ``keep_images`` until they and
+        the held downloads fit ``max_size``."""
+        return self._remove_unpinned(max(0, self.max_size - self.held_bytes), keep_images)
 
     def prune(self, keep_images: Collection[str]) -> list[str]:
         """Remove every entry that is not the current version of one of ``keep_images``."""
@@ -449,7 +447,7 @@ class CacheStore:
     def _install(self, index: Index) -> None:
         self._index = index  # one assignment: readers see the old index or the new one
         telemetry.cache_entries.set(len(index.entries))
-        telemetry.cache_bytes.set(index.total_bytes)
+        telemetry.cache_bytes.set(index.total_bytes + self.held_bytes)
 
     def _read_all(self) -> tuple[dict[str, CacheEntry], dict[str, Ref]]:
         entries = {}

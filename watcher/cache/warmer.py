@@ -3,9 +3,10 @@
 Why it exists: a policy image names an S3 object (or a prefix), not a digest. Turning it
 into a verified cache entry takes the network (the current object, its sidecar, the
 bytes), qemu-img (inspection) and memory across calls: object versions already rejected
-are not downloaded again, a download whose sidecar was stale is kept aside for a newer
-one, and concurrent requests for the same bytes share one download. The files
-themselves are the store's (``watcher.cache.store``); every disk write goes through it.
+are not downloaded again, a download whose sidecar was stale is held aside for a newer
+one (``watcher.cache.held``: one per image, bounded), and concurrent requests for the
+same bytes share one download. The files themselves are the store's
+(``watcher.cache.store``); every disk write goes through it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from datetime import UTC, datetime
 from watcher import telemetry
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import DownloadResult, ObjectInfo, S3Store
-from watcher.cache.entry import CacheEntry, Source
+from watcher.cache.entry import CacheEntry, Source, now_stamp
 from watcher.cache.files import PartFile
 from watcher.cache.flights import SingleFlight
-from watcher.cache.store import CacheStore, now_stamp
+from watcher.cache.held import DEFAULT_HOLD, HeldDownloads
+from watcher.cache.store import CacheStore
 from watcher.core.errors import (
     ImageRejected,
     ObjectUnavailable,
@@ -72,6 +74,7 @@ class ImageWarmer:
         max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
         max_concurrent_downloads: int = 2,
         policies: Callable[[], PolicySet] | None = None,
+        stale_sidecar_hold: float = DEFAULT_HOLD,
     ) -> None:
         self.store = store
         self.s3 = s3
@@ -82,8 +85,8 @@ class ImageWarmer:
         self._syncs = SingleFlight()  # durable(): one fsync (or re-hash) per entry at a time
         self._background: set[asyncio.Task[CacheEntry | None]] = set()
         self.log = telemetry.get_logger(component="cache")
-        # Downloads whose sidecar did not match yet, kept (and locked) for a newer one.
-        self._pending: dict[Source, tuple[PartFile, str, int]] = {}
+        self.held = HeldDownloads(store, stale_sidecar_hold)
+        """Downloads whose sidecar did not match yet, kept (and locked) for a newer one."""
         # Object versions already rejected: not downloaded again until they change.
         self._rejected: dict[Source, ImageRejected] = {}
         self._problems = RepeatFilter()
@@ -128,6 +131,7 @@ class ImageWarmer:
         """
         # Refused before any download: the name becomes a file name once the image is cached.
         self.store.ref_path(image.name)
+        asked = time.monotonic()  # a download held after this may be newer than our answer
         with telemetry.tracer.start_as_current_span("warm", attributes={"image": image.name}):
             obj = await self._resolve(image)
             digest = await self._published_digest(image, obj)
@@ -147,6 +151,7 @@ class ImageWarmer:
                 used = await self._use(hit, image, source)
                 if used is not None:
                     telemetry.cache_hits.inc()
+                    await self.held.drop(image.name, "superseded", held_before=asked)
                     return await self._ready(used, image, before_download, durable)
             flight_key = digest or f"{obj.bucket}/{obj.key}@{obj.etag}"
             entry = await self._flights.run(
@@ -154,6 +159,7 @@ class ImageWarmer:
             # A caller that joined another image's download (same bytes) records its own ref.
             entry = await self._use(entry, image, source) or entry
             # Only now is the new version the image's current one, so the old may go.
+            await self.held.drop(image.name, "superseded", held_before=asked)
             await self.evict()
             return await self._ready(entry, image, before_download, durable)
 
@@ -220,18 +226,22 @@ class ImageWarmer:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._syncs.cancel()
-        for part, _, _ in self._pending.values():
-            part.release()
-        self._pending.clear()
+        self.held.close()
 
     async def evict(self) -> list[str]:
-        """Evict least-recently-used entries that no policy image needs, down to max_size."""
-        if self.store.total_bytes <= self.store.max_size:
+        """Evict least-recently-used entries that no policy image needs, then held
+        downloads, oldest first, until both fit max_size."""
+        if self.store.total_bytes + self.held.total_bytes <= self.store.max_size:
             return []  # fits: no need to queue behind the lock (the store checks again)
         removed = await self.store.in_worker(self.store.evict, self._images_to_keep())
         if removed and self.on_evicted is not None:
             await self.on_evicted(removed)
+        await self.held.sweep(room=max(0, self.store.max_size - self.store.total_bytes))
         return removed
+
+    async def sweep_held(self) -> None:
+        """Drop held downloads that expired; the daemon calls this every few seconds."""
+        await self.held.sweep()
 
     def _images_to_keep(self) -> frozenset[str]:
         if self._policies is None:
@@ -276,10 +286,15 @@ class ImageWarmer:
 
     async def _fetch(self, image: ImageSpec, obj: ObjectInfo, source: Source,
                      expected: str | None, durable: bool) -> CacheEntry:
-        pending = self._pending.get(source)
-        if pending is not None and expected is not None and pending[1] == expected:
+        held = self.held.find(source) if expected is not None else None
+        if held is not None and held.record.digest != expected:
+            # The held bytes of this very version: refused again, without a new transfer.
+            raise self._rejected_now(image, source, self._mismatch(
+                image, obj, held.record.digest, expected), held.record.digest)
+        taken = await self.held.take(source) if held is not None else None
+        if taken is not None:
             # Downloaded earlier against a stale sidecar; the fresh sidecar now matches.
-            part, digest, size = self._pending.pop(source)
+            part, digest, size = taken.part, taken.record.digest, taken.record.size
             durable = False  # it may have been downloaded unsynced; ensure() syncs it
             self.log.info("sidecar now matches an earlier download", image=image.name,
                           digest=digest)
@@ -292,14 +307,14 @@ class ImageWarmer:
                 self.fetching.pop((obj.bucket, obj.key), None)
                 raise
             progress.stage = "verifying"
+        held_now = False
         try:
             if expected is not None and digest != expected:
-                self._keep_pending(source, part, digest, size)
-                raise ImageRejected(
-                    "checksum_mismatch",
-                    f"image {image.name}: s3://{obj.bucket}/{obj.key} has SHA-256 {digest}, "
-                    f"its sidecar says {expected}; not cached",
-                )
+                held_now = await self.held.hold(image.name, image.format, source, part,
+                                                digest, size)
+                if held_now:
+                    await self.evict()  # the held bytes count against max_size
+                raise self._mismatch(image, obj, digest, expected)
             with telemetry.tracer.start_as_current_span("inspect", attributes={"digest": digest}):
                 facts = await inspect_image_file(
                     part.path, image.format, max_virtual_size=self.max_virtual_size)
@@ -314,17 +329,31 @@ class ImageWarmer:
             )
             entry = await self.store.in_worker(self.store.commit, part.path, entry)
         except ImageRejected as err:
-            telemetry.images_rejected.labels(reason=err.reason).inc()
-            self._rejected[source] = err
-            self._report_rejection(image, source, digest, err)
+            self._rejected_now(image, source, err, digest)
             raise
         finally:
             self.fetching.pop((obj.bucket, obj.key), None)
-            if not any(p is part for p, _, _ in self._pending.values()):
+            if not held_now:
                 part.release()  # after a commit the file is in objects/: only the lock goes
         self.log.info("image cached", image=image.name, digest=digest, size=size,
                       virtual_size=entry.virtual_size, key=obj.key)
         return entry
+
+    @staticmethod
+    def _mismatch(image: ImageSpec, obj: ObjectInfo, digest: str,
+                  expected: str | None) -> ImageRejected:
+        return ImageRejected(
+            "checksum_mismatch",
+            f"image {image.name}: s3://{obj.bucket}/{obj.key} has SHA-256 {digest}, "
+            f"its sidecar says {expected}; not cached")
+
+    def _rejected_now(self, image: ImageSpec, source: Source, err: ImageRejected,
+                      digest: str) -> ImageRejected:
+        """Count, remember and report a rejection; returns it, to raise."""
+        telemetry.images_rejected.labels(reason=err.reason).inc()
+        self._rejected[source] = err
+        self._report_rejection(image, source, digest, err)
+        return err
 
     async def _download(self, image: ImageSpec, obj: ObjectInfo, progress: FetchProgress,
                         durable: bool) -> tuple[PartFile, str, int]:
@@ -369,12 +398,6 @@ class ImageWarmer:
             stop.set()  # the thread ends at its next chunk and removes the file
             await asyncio.gather(transfer, return_exceptions=True)
             raise
-
-    def _keep_pending(self, source: Source, part: PartFile, digest: str, size: int) -> None:
-        old = self._pending.pop(source, None)
-        if old is not None and old[0] is not part:
-            old[0].release()
-        self._pending[source] = (part, digest, size)
 
     # ---- reporting ----------------------------------------------------------------------------
 

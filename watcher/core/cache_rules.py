@@ -93,3 +93,37 @@ def choose_evictions(entries: Iterable[Stored], pinned: Set[str], limit: int) ->
         evict.append(entry.digest)
         total -= entry.size
     return EvictionChoice(tuple(evict), total)
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """What bounding downloads kept aside for a corrected sidecar needs to know of one."""
+
+    image: str
+    size: int
+    deadline: float
+    """Monotonic seconds at which it expires (``cache.stale_sidecar_hold`` after holding)."""
+
+
+def holds_to_drop(held: Iterable[HeldSlot], *, now: float, room: int) -> dict[str, str]:
+    """Held downloads to drop, by image, with the reason: ``expired`` past their deadline,
+    then ``max_size``, oldest deadline first, until the rest fit in ``room`` bytes.
+
+    ``room`` is what ``max_size`` leaves once the entries are counted: eviction removes
+    unpinned entries first, so a held download never pushes out a current version and a
+    full cache does not drop a download the moment it is held.
+    """
+    drop: dict[str, str] = {}
+    kept = []
+    for slot in sorted(held, key=lambda s: (s.deadline, s.image)):
+        if now >= slot.deadline:
+            drop[slot.image] = "expired"
+        else:
+            kept.append(slot)
+    total = sum(slot.size for slot in kept)
+    for slot in kept:
+        if total <= room:
+            break
+        drop[slot.image] = "max_size"
+        total -= slot.size
+    return drop

@@ -143,7 +143,7 @@ class Daemon:
         self.cache = ImageWarmer(
             self.store, self.s3, max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
-            policies=self.policies.get)
+            policies=self.policies.get, stale_sidecar_hold=config.cache.stale_sidecar_hold)
         self.stop_requested = asyncio.Event()
         self.fleet = FleetMember(config, self.store, self.policies.get, self.stop_requested)
         self._warms = Coalescer()
@@ -341,11 +341,12 @@ class Daemon:
             await wait_any(self.stop_requested, timeout=interval)
 
     async def _cache_refresh_loop(self) -> None:
-        """Follow changes other processes (``cache prune``) make to the cache directory."""
+        """Follow other processes' changes to the cache (``cache prune``); expire held downloads."""
         while not self.stop_requested.is_set():
             await wait_any(self.stop_requested, timeout=5.0)
             try:
                 await self.store.refreshed()
+                await self.cache.sweep_held()
             except Exception:
                 telemetry.report_unexpected(log, "watchdog")
 
