@@ -6,7 +6,7 @@
 #   /usr/lib/systemd/system/libvirt-volume-watcher.service, /usr/lib/tmpfiles.d/...conf
 #   /etc/libvirt-volume-watcher/{config.yaml,example-policy.yaml}   conffiles
 #   /usr/lib/libvirt-volume-watcher/libvirt-hook   copied into libvirt's hooks by postinst
-#   /usr/share/doc/libvirt-volume-watcher/{copyright,README.md.gz}
+#   /usr/share/doc/libvirt-volume-watcher/{copyright,README.md.gz,docs/*.md.gz}
 # The maintainer scripts and the copyright file are in packaging/deb/.
 #
 # The virtualenv is built in a staging directory and then made relocatable: script
@@ -81,6 +81,10 @@ install -D -m 0640 systemd/config.yaml "$root/etc/$pkg/config.yaml"
 install -D -m 0644 policies/example.yaml "$root/etc/$pkg/example-policy.yaml"
 install -D -m 0644 packaging/deb/copyright "$root/usr/share/doc/$pkg/copyright"
 gzip -9n < README.md > "$root/usr/share/doc/$pkg/README.md.gz"
+install -d "$root/usr/share/doc/$pkg/docs"
+for doc in docs/*.md; do
+  gzip -9n < "$doc" > "$root/usr/share/doc/$pkg/docs/$(basename "$doc").gz"
+done
 
 # 4. Control files.
 install -d "$root/DEBIAN"

@@ -1,10 +1,10 @@
 """The command line: ``libvirt-volume-watcher`` (also ``python -m watcher``).
 
-Commands follow the contract in the README: ``run``, ``check``, ``reprovision``,
-``status``, ``cache list|warm|verify|prune`` and ``fleet status``. Exit codes: 0 success,
-1 a problem the command reports (invalid config, failed verification...), 2 bad usage. Results go
-to stdout and logs to stderr, so ``--json`` output can be piped; ``status``, ``cache
-list`` and ``cache verify`` only read the cache.
+Commands follow the contract in docs/operating.md ("Command line"): ``run``, ``check``,
+``reprovision``, ``status``, ``cache list|warm|verify|prune`` and ``fleet status``. Exit
+codes: 0 success, 1 a problem the command reports (invalid config, failed verification...),
+2 bad usage. Results go to stdout and logs to stderr, so ``--json`` output can be piped;
+``status``, ``cache list`` and ``cache verify`` only read the cache.
 """
 
 from __future__ import annotations

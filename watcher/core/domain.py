@@ -1,11 +1,11 @@
 """What a domain says about itself, and what the watcher should do about it.
 
 A reprovision is requested and reported through one metadata element of the domain (the
-contract in the README: ``<reprovision/>``, ``<provisioning/>``, ``<provisioned/>``,
-``<failed/>`` in namespace ``urn:libvirt-volume-watcher:1``). This module parses and
-renders that element, finds the root disk in the domain XML, and decides, from a snapshot
-of the domain and the policies, whether to write, to give up with a reason, or to wait.
-No I/O: the libvirt adapter gathers the facts and the job acts on the decision.
+contract in docs/operating.md, "The metadata tag": ``<reprovision/>``, ``<provisioning/>``,
+``<provisioned/>``, ``<failed/>`` in namespace ``urn:libvirt-volume-watcher:1``). This
+module parses and renders that element, finds the root disk in the domain XML, and decides,
+from a snapshot of the domain and the policies, whether to write, to give up with a reason,
+or to wait. No I/O: the libvirt adapter gathers the facts and the job acts on the decision.
 """
 
 from __future__ import annotations

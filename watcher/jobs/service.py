@@ -17,7 +17,7 @@ domain metadata. This module is the job's life between the routes
 - At start-up every job that was ``pending`` or ``running`` runs (again): a running one
   is started over from its first step. Finished jobs are pruned after ``KEEP_FINISHED``.
 
-Decisions where the contract is silent (README, "HTTP job API"):
+Decisions where the contract is silent (docs/http-api.md):
 
 - a job without a ``correlation_id`` has none in its status (absent, as the predecessor
   answers), and its log lines carry the job id as one;
