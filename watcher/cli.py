@@ -229,11 +229,19 @@ def _reprovision(args: argparse.Namespace) -> int:
         cancel_request(uri, args.domain)
         print(f"{args.domain}: reprovision request cancelled")
         return 0
+    from watcher.follow import Console, follow, unmatched_here
+
+    unmatched = unmatched_here(config, args.domain)  # this watcher leaves such a request be
+    if unmatched is not None and args.wait:
+        print(f"{args.domain}: not requested, --wait would only time out: {unmatched}",
+              file=sys.stderr)
+        return 1
     request_reprovision(uri, args.domain, args.image)
     print(f"{args.domain}: reprovision requested; it is rewritten when it is shut off")
+    if unmatched is not None:
+        print(f"warning: {args.domain}: {unmatched}", file=sys.stderr)
     if not args.wait:
         return 0
-    from watcher.follow import Console, follow
 
     listen = config.http.listen if config else ""
     metrics = f"http://{_local(listen)}/metrics" if listen else None

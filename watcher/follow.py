@@ -8,7 +8,9 @@ polls the domain's watcher state until it is ``provisioned`` (exit 0) or ``faile
 ``volume_watcher_write_progress_ratio{domain}`` and ``write_size_bytes{domain}`` gauges
 (read from ``http.listen`` when a config names it) give the progress: on a terminal one
 line redrawn in place (bar, percent, bytes, rate), elsewhere a plain line every tenth, so
-a log stays readable. Nothing here writes a volume; the daemon does.
+a log stays readable. Nothing here writes a volume; the daemon does. A domain that no rule
+of the config's policies matches is refused up front (``unmatched_here``): this watcher
+would leave the request as it is, so the wait could only time out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from typing import TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.adapters.hypervisor.queries import progress, shut_down
+from watcher.config import load_policy_dir
+from watcher.core.errors import ConfigError
 from watcher.core.units import format_size
+from watcher.settings import Config
 
 POLL = 0.5
 """Seconds between two looks at the domain: a person sees every state change."""
@@ -162,6 +167,21 @@ class Console:
         if self._drawn:
             self.stream.write("\r\x1b[K")
             self._drawn = ""
+
+
+def unmatched_here(config: Config | None, domain: str) -> str | None:
+    """Why no rule of ``config``'s policies matches ``domain`` on this host; None when one
+    does, or when there is no config, its policies do not load or hold no rule (nothing to
+    judge by)."""
+    if config is None:
+        return None
+    try:
+        policies = load_policy_dir(config.policies.dir).on_host(config.host.resolved)
+    except ConfigError:
+        return None
+    if not policies.rules or policies.rule_for(domain) is not None:
+        return None  # no rules at all says nothing of this domain
+    return policies.why_unmatched(domain)
 
 
 def follow(uri: str, domain: str, *, shutdown: bool, timeout: float, metrics_url: str | None,

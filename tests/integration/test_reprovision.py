@@ -854,3 +854,31 @@ async def test_wait_exits_1_when_the_job_fails(world: World) -> None:
     assert name not in [row["domain"] for row in json.loads(listed.stdout)["domains"]]
     shown = await cli("status", name, "--json", "-c", str(config))
     assert json.loads(shown.stdout)["rule"] is None, shown.stdout
+
+
+async def test_wait_on_a_domain_no_rule_here_matches_refuses_without_tagging(
+        world: World) -> None:
+    pool, _ = world.dir_pool()
+    world.volume(pool, "root.img", IMAGE_SIZE)
+    name, _log = world.define("notours", f"{pool}/root.img", disk_type="volume")
+    policies_dir = world.dir / "policies"
+    policies_dir.mkdir()
+    (policies_dir / "p.yaml").write_text(
+        "images:\n  v2: {bucket: local, key: v2.qcow2, format: qcow2}\n"
+        "domains:\n  - {match: 'someone-else-*', image: v2}\n")
+    config = world.dir / "config.yaml"
+    config.write_text(f"libvirt: {{uri: '{URI}'}}\npolicies: {{dir: '{policies_dir}'}}\n"
+                      f"cache: {{dir: '{world.dir / 'cache'}'}}\nhttp: {{listen: ''}}\n")
+
+    # --wait could only time out: this watcher would leave the request as it is.
+    waited = await cli("reprovision", name, "--wait", "-c", str(config))
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "not requested" in waited.stderr and "no rule of this watcher" in waited.stderr
+    assert await metadata_state(name) is None
+
+    # Without --wait the tag is set for the instance that owns the domain, with a warning.
+    tagged = await cli("reprovision", name, "-c", str(config))
+    assert tagged.returncode == 0, tagged.stderr
+    assert "warning:" in tagged.stderr and "no rule of this watcher" in tagged.stderr
+    state = await metadata_state(name)
+    assert state is not None and state.kind == "reprovision"
