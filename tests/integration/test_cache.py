@@ -29,6 +29,7 @@ from testsupport.proxy import Proxy, address_of
 from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
 from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import warmer as warmer_module
 from watcher.config import load_config, load_policy_dir
 from watcher.core.errors import ImageRejected
 from watcher.core.policy import ImageSpec
@@ -132,6 +133,28 @@ async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
     with pytest.raises(ImageRejected) as caught:
         await cache.ensure(ImageSpec("big", env.bucket, "big.qcow2", None, "qcow2"))
     assert caught.value.reason == "virtual_size"
+    assert list((env.cache_dir / "objects").iterdir()) == []
+
+
+async def test_rejected_versions_are_remembered_up_to_a_bound_the_oldest_forgotten_first(
+        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warmer_module, "REJECTED_KEPT", 2)
+    cache = open_cache(env, max_virtual_size=8 * 1024**2)
+    images = [ImageSpec(f"big{n}", env.bucket, f"big{n}.qcow2", None, "qcow2") for n in range(3)]
+    for n in range(3):
+        qcow2 = make_qcow2(tmp_path / f"big{n}.qcow2", size="16M", seed=n)
+        env.upload_with_sidecar(f"big{n}.qcow2", qcow2)
+
+    async def refused(image: ImageSpec) -> float:
+        """Rejections counted while refusing ``image`` (0: refused from memory)."""
+        before = metric_now(REJECTED, reason="virtual_size")
+        with pytest.raises(ImageRejected):
+            await cache.ensure(image)
+        return metric_now(REJECTED, reason="virtual_size") - before
+
+    assert [await refused(image) for image in images] == [1, 1, 1]
+    assert await refused(images[2]) == 0  # remembered: not downloaded again
+    assert await refused(images[0]) == 1  # forgotten: fetched and refused once more
     assert list((env.cache_dir / "objects").iterdir()) == []
 
 

@@ -40,6 +40,9 @@ from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
 from watcher.core.repeats import RepeatFilter
 from watcher.core.sidecar import parse_sidecar
 
+REJECTED_KEPT = 1024
+"""Rejected object versions remembered (the oldest forgotten first): a forgotten one is
+downloaded and refused once more, never cached."""
 SYNC_GRACE = 5.0
 """Seconds ``close`` waits for background fsyncs of unsynced entries before cancelling."""
 
@@ -351,7 +354,10 @@ class ImageWarmer:
                       digest: str) -> ImageRejected:
         """Count, remember and report a rejection; returns it, to raise."""
         telemetry.images_rejected.labels(reason=err.reason).inc()
-        self._rejected[source] = err
+        self._rejected.pop(source, None)
+        self._rejected[source] = err  # the newest last: the oldest goes first
+        while len(self._rejected) > REJECTED_KEPT:
+            del self._rejected[next(iter(self._rejected))]
         self._report_rejection(image, source, digest, err)
         return err
 
