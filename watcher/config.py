@@ -6,15 +6,7 @@ Each section is built with explicit keyword arguments from the values that passe
 renamed setting is a type error here, not a silently ignored key. Relative paths are
 relative to the config file.
 
-Secrets (the S3 keys and the AMQP URL, which holds a password) are taken, first match wins:
-
-1. from the environment: ``LVW_S3_ACCESS_KEY``, ``LVW_S3_SECRET_KEY``, ``LVW_AMQP_URL``;
-2. from the config file: ``s3.access_key`` or ``s3.access_key_file`` (a file holding the
-   secret), likewise ``s3.secret_key[_file]`` and ``amqp.url[_file]``;
-3. from systemd credentials (``LoadCredential=``): the files ``s3-access-key``,
-   ``s3-secret-key`` and ``amqp-url`` in ``$CREDENTIALS_DIRECTORY``.
-
-Secret values never appear in ``repr()`` or in error messages; problems name the source.
+Secrets (the S3 keys and the AMQP URL) have sources of their own: ``watcher.config_secrets``.
 
 ``load_policy_dir`` reads the policy directory for start-up and SIGHUP, and ``check_config``
 backs the ``check`` command: problems, plus warnings that do not fail it (an inline secret
@@ -25,13 +17,19 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from watcher.config_secrets import (
+    SecretReader,
+    SecretSpec,
+    exposed_secrets,
+    has_credentials,
+    url_scheme,
+)
 from watcher.core.address import parse_listen
 from watcher.core.errors import ConfigError, Problem
 from watcher.core.fleet import HOST_NAME_RULE, is_host_name
@@ -92,40 +90,19 @@ SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
 POLICY_SUFFIXES = (".yaml", ".yml")
-ENVIRONMENT = "environment"
-"""The ``file`` of a Problem about an environment variable."""
 
 _VG_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
-@dataclass(frozen=True)
-class _SecretSpec:
-    """One secret setting and the names it goes by in each source."""
-
-    section: str
-    key: str
-    env: str
-    credential: str
-    empty_ok: bool
-
-
 _SECRETS = {
-    ("s3", "access_key"): _SecretSpec("s3", "access_key", "LVW_S3_ACCESS_KEY", "s3-access-key",
-                                      empty_ok=True),
-    ("s3", "secret_key"): _SecretSpec("s3", "secret_key", "LVW_S3_SECRET_KEY", "s3-secret-key",
-                                      empty_ok=True),
-    ("amqp", "url"): _SecretSpec("amqp", "url", "LVW_AMQP_URL", "amqp-url", empty_ok=False),
+    ("s3", "access_key"): SecretSpec("s3", "access_key", "LVW_S3_ACCESS_KEY", "s3-access-key",
+                                     empty_ok=True),
+    ("s3", "secret_key"): SecretSpec("s3", "secret_key", "LVW_S3_SECRET_KEY", "s3-secret-key",
+                                     empty_ok=True),
+    ("amqp", "url"): SecretSpec("amqp", "url", "LVW_AMQP_URL", "amqp-url", empty_ok=False,
+                                schemes=("amqp", "amqps")),
 }
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where a secret came from, to point at it without showing it."""
-
-    file: str
-    line: int
-    label: str
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -198,29 +175,12 @@ def check_config(config_path: Path, environ: Mapping[str, str] | None = None) ->
             load_policy_dir(config.policies.dir)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    return CheckReport(problems, _exposed_secrets(config_path, reader.inline_secrets))
+    return CheckReport(problems, exposed_secrets(config_path, reader.secrets.inline))
 
 
 def check_all(config_path: Path, environ: Mapping[str, str] | None = None) -> list[Problem]:
     """The problems of ``check_config``, without its warnings."""
     return check_config(config_path, environ).problems
-
-
-def _exposed_secrets(path: Path, inline: list[_Origin]) -> list[Problem]:
-    """A warning per secret written in the config file when group or others can read it."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return []
-    readers = [who for who, bit in (("group", stat.S_IRGRP), ("others", stat.S_IROTH))
-               if mode & bit]
-    if not readers:
-        return []
-    return [Problem(origin.file, origin.line, (
-        f"warning: {origin.label} is a secret written in a file readable by "
-        f"{' and '.join(readers)} (mode {stat.S_IMODE(mode):04o}); move it to a credential "
-        f"file or a *_file setting, or chmod 600 {path}"))
-        for origin in sorted(inline, key=lambda origin: origin.line)]
 
 
 class _ConfigReader:
@@ -229,11 +189,9 @@ class _ConfigReader:
     def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
         self.path = path
         self.base = path.absolute().parent
-        self.environ = environ
         self.fields = FieldReader(str(path))
+        self.secrets = SecretReader(self.fields, self.base, environ)
         self.policies_dir_ok = False
-        self.inline_secrets: list[_Origin] = []
-        """Secrets written in the config file itself (an AMQP URL only with a password)."""
 
     @property
     def problems(self) -> list[Problem]:
@@ -314,24 +272,24 @@ class _ConfigReader:
     def _s3(self, m: LineMap) -> S3Settings:
         default = S3Settings()
         endpoint = self._url(m, "endpoint", "s3", ("http", "https"))
-        if endpoint is not None and _has_credentials(endpoint):
+        if endpoint is not None and has_credentials(endpoint):
             self.fields.report(m.value_line("endpoint"), (
                 "s3.endpoint: credentials do not belong in the URL (the value is not shown); "
                 "set s3.access_key and s3.secret_key, best through credential files"))
             endpoint = None
         region = self.fields.string(m, "region", "s3")
-        access_key = self._secret(m, _SECRETS[("s3", "access_key")])
-        secret_key = self._secret(m, _SECRETS[("s3", "secret_key")])
+        access_key = self.secrets.read(m, _SECRETS[("s3", "access_key")])
+        secret_key = self.secrets.read(m, _SECRETS[("s3", "secret_key")])
         return S3Settings(
             endpoint=_given(endpoint, default.endpoint),
-            access_key=default.access_key if access_key is None else access_key[0],
-            secret_key=default.secret_key if secret_key is None else secret_key[0],
+            access_key=_given(access_key, default.access_key),
+            secret_key=_given(secret_key, default.secret_key),
             region=_given(region, default.region),
         )
 
     def _amqp(self, m: LineMap) -> AmqpSettings:
         default = AmqpSettings()
-        url = self._amqp_url(m)
+        url = self.secrets.read(m, _SECRETS[("amqp", "url")])
         exchange = self.fields.string(m, "exchange", "amqp")
         exchange_type = self.fields.choice(m, "exchange_type", "amqp", EXCHANGE_TYPES)
         routing_key = self.fields.string(m, "routing_key", "amqp", empty_ok=True)
@@ -349,18 +307,6 @@ class _ConfigReader:
             queue_type=_given(queue_type, default.queue_type),
             delivery_limit=_given(delivery_limit, default.delivery_limit),
         )
-
-    def _amqp_url(self, m: LineMap) -> str | None:
-        found = self._secret(m, _SECRETS[("amqp", "url")])
-        if found is None:
-            return None
-        url, origin = found
-        if _url_scheme(url) in ("amqp", "amqps"):
-            return url
-        self.problems.append(Problem(origin.file, origin.line, (
-            f"{origin.label}: expected an amqp:// or amqps:// URL "
-            "(the value is a secret and is not shown)")))
-        return None
 
     def _cache(self, m: LineMap) -> CacheSettings:
         default = CacheSettings()
@@ -511,75 +457,12 @@ class _ConfigReader:
         text = self.fields.string(m, key, where)
         if text is None:
             return None
-        if _url_scheme(text) not in schemes or not urlsplit(text).netloc:
+        if url_scheme(text) not in schemes or not urlsplit(text).netloc:
             wanted = " or ".join(f"{scheme}://" for scheme in schemes)
             self.fields.report(m.value_line(key), f"{field_path(where, key)}: expected a URL "
                                                   f"starting with {wanted}, got {describe(text)}")
             return None
         return text
-
-    def _secret(self, m: LineMap, spec: _SecretSpec) -> tuple[str, _Origin] | None:
-        """The secret from the first source that sets it, or None to keep the default."""
-        where, key, file_key = spec.section, spec.key, f"{spec.key}_file"
-        inline = self.fields.string(m, key, where, secret=True, empty_ok=spec.empty_ok)
-        file_name = self.fields.string(m, file_key, where)
-        if key in m and file_key in m:
-            self.fields.report(m.key_line(file_key),
-                               f"{where}: set either {key!r} or {file_key!r}, not both")
-        if inline and (spec.key != "url" or _has_credentials(inline, password_only=True)):
-            # Still in the file when the environment overrides it.
-            self.inline_secrets.append(
-                _Origin(self.fields.file, m.value_line(key), field_path(where, key)))
-        from_env = self.environ.get(spec.env, "")
-        if from_env:
-            return from_env, _Origin(ENVIRONMENT, 0, spec.env)
-        if inline is not None:
-            return inline, _Origin(self.fields.file, m.value_line(key), field_path(where, key))
-        if file_name is not None:
-            origin = _Origin(self.fields.file, m.value_line(file_key), field_path(where, file_key))
-            value = self._read_secret_file(self.base / file_name, origin)
-            return None if value is None else (value, origin)
-        credentials = self.environ.get("CREDENTIALS_DIRECTORY", "")
-        if credentials:
-            path = Path(credentials) / spec.credential
-            # The unit's SetCredential= fallback is an empty credential: treat it as unset.
-            if path.exists() and path.read_bytes().strip():
-                origin = _Origin(str(path), 0, f"credential {spec.credential}")
-                value = self._read_secret_file(path, origin)
-                return None if value is None else (value, origin)
-        return None
-
-    def _read_secret_file(self, path: Path, origin: _Origin) -> str | None:
-        """The secret held in ``path`` without surrounding whitespace; None after a problem."""
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            reason = "is not UTF-8 text"
-        except OSError as exc:
-            reason = f"cannot be read: {exc.strerror or exc}"
-        else:
-            if value:
-                return value
-            reason = "is empty"
-        self.problems.append(Problem(origin.file, origin.line,
-                                     f"{origin.label}: the secret file {path} {reason}"))
-        return None
-
-
-def _url_scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme.lower()
-    except ValueError:
-        return ""
-
-
-def _has_credentials(url: str, *, password_only: bool = False) -> bool:
-    """Whether the URL carries a password (or, unless ``password_only``, a user name)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.password is not None or (not password_only and parts.username is not None)
 
 
 def _given(value: T | None, default: T) -> T:
