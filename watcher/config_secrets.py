@@ -1,17 +1,11 @@
 """Secrets of the daemon config: where each one comes from, and when one is exposed.
 
-Why it exists: a secret is not read like other settings. It has several sources, first
-match wins:
-
-1. the environment (``LVW_S3_ACCESS_KEY``, ``LVW_S3_SECRET_KEY``, ``LVW_AMQP_URL``);
-2. the config file: the key itself (``s3.access_key``) or ``<key>_file``, a file holding it;
-3. systemd credentials (``LoadCredential=``): ``s3-access-key``, ``s3-secret-key`` and
-   ``amqp-url`` in ``$CREDENTIALS_DIRECTORY``.
-
-Its value must never reach ``repr()`` or a message, so problems name the source instead
-(a file and line, a variable or a credential), and ``check`` warns about a secret written
-in a config file that group or others can read. Keeping this here lets ``watcher.config``
-read every other setting the same way.
+Why it exists: a secret is not read like other settings. The first of its sources wins:
+the environment (``LVW_S3_ACCESS_KEY``...), the config file (the key itself, or
+``<key>_file`` naming a file that holds it), then a systemd credential (``s3-access-key``...
+in ``$CREDENTIALS_DIRECTORY``). Its value must never reach ``repr()`` or a message, so
+problems name the source instead, and ``check`` warns about a secret written in a config
+file that group or others can read. Kept apart, ``watcher.config`` reads the rest alike.
 """
 
 from __future__ import annotations

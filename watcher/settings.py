@@ -6,9 +6,11 @@ what the values mean. One dataclass per system; ``Config`` groups them.
 
 Two kinds, kept apart so that an operator's file and the code's knobs are never confused:
 
-- ``Config`` and its sections mirror the config file key for key (the README lists them;
-  ``watcher.config`` reads them). Each key is a ``setting()`` field holding its default,
-  kind, unit and doc.
+- ``Config`` and its sections mirror the config file key for key (the README lists them).
+  Each key is one ``setting()`` field holding its default, kind, unit and doc; the one
+  reader of ``watcher.config`` takes the allowed keys, defaults and checks from these
+  fields. Adding a key is adding such a field to its section (``section()`` adds a section),
+  plus its line in systemd/config.yaml and the docs' tables.
 - The ``*Tuning`` classes hold the knobs that are not in the file (timeouts, backoffs,
   batching delays). Their defaults are tuned here for every host: an adapter takes one as
   a constructor argument defaulting to the instance below (``LIBVIRT_TUNING``...), so a
