@@ -51,13 +51,9 @@ def config_keys(cls: type[Any]) -> tuple[str, ...]:
     return (*keys, *(f"{f.name}_file" for f in fields(cls) if f.metadata.get("kind") == "secret"))
 
 
-_READ_BY_HAND: Mapping[str, tuple[str, ...]] = {"amqp": ("delivery_limit",)}
-"""Keys whose field is not a ``setting()`` yet; ``_ConfigReader.read`` reads them itself."""
-
 SECTIONS: Mapping[str, type[Any]] = {
     f.name: f.metadata["cls"] for f in fields(Config) if f.metadata.get("kind") == "section"}
-SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
-    name: config_keys(cls) + _READ_BY_HAND.get(name, ()) for name, cls in SECTIONS.items()}
+SECTION_KEYS = {name: config_keys(cls) for name, cls in SECTIONS.items()}
 TOP_LEVEL_KEYS = config_keys(Config)
 
 
@@ -241,12 +237,7 @@ class _ConfigReader:
         for name, cls in SECTIONS.items():
             before, was_mapping = len(self.problems), name in written
             mapping = written.setdefault(name, LineMap(top.key_line(name)))
-            values = self._values(mapping, cls, name)
-            if name == "amqp":  # delivery_limit: not a setting() field yet
-                limit = self.fields.positive_int(mapping, "delivery_limit", "amqp")
-                if limit is not None:
-                    values["delivery_limit"] = limit
-            sections[name] = cls(**values)
+            sections[name] = cls(**self._values(mapping, cls, name))
             if name == "policies":
                 self.policies_dir_ok = was_mapping and len(self.problems) == before
         config = Config(**sections, **self._values(top, Config, ""), source=self.path.absolute())

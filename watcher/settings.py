@@ -124,9 +124,9 @@ class AmqpSettings:
         "Classic is what a single broker runs best; quorum replicates the queue across a "
         "broker cluster and dead-letters a message after ``delivery_limit`` deliveries, so a "
         "poison message cannot crash a consumer in a loop."))
-    delivery_limit: int = 5
-    """Quorum queues only: deliveries of one unsettled message before it is dead-lettered.
-    Five rides out a few consumer restarts (each redelivers) without looping for long."""
+    delivery_limit: int = setting(5, "count", unit="deliveries", doc=(
+        "Quorum queues only: deliveries of one unsettled message before it is dead-lettered. "
+        "Five rides out a few consumer restarts (each redelivers) without looping for long."))
 
     def queue_name(self, hostname: str | None = None) -> str:
         return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"

@@ -32,8 +32,7 @@ from watcher.core.yamlsource import LineMap, parse_yaml
 from watcher.settings import KINDS, ApiSettings, Config, setting
 
 SETTINGS = [pytest.param(name, f, id=f"{name}.{f.name}")
-            for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-            if "kind" in f.metadata]
+            for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def problems_of(tmp_path: Path, text: str) -> tuple[Path, list[Problem]]:
