@@ -2,19 +2,13 @@
 
 Why it exists: an operator fixes a config in one round, so ``load_config`` reports every
 mistake as ``file:line: message`` (unknown keys included) instead of stopping at the first.
-Each section is built with explicit keyword arguments from the values that passed, so a
-renamed setting is a type error here, not a silently ignored key. Relative paths are
-relative to the config file.
+One reader serves every setting: it walks the fields of the settings dataclasses, so their
+names are the allowed keys, their defaults fill what the file leaves out or gets wrong, and
+their kind (``watcher.settings.KINDS``) picks how a value is checked. Relative paths are
+relative to the config file. Checks that involve several fields are the named functions of
+``CROSS_FIELD_RULES``, run once every field is read.
 
-Secrets (the S3 keys and the AMQP URL, which holds a password) are taken, first match wins:
-
-1. from the environment: ``LVW_S3_ACCESS_KEY``, ``LVW_S3_SECRET_KEY``, ``LVW_AMQP_URL``;
-2. from the config file: ``s3.access_key`` or ``s3.access_key_file`` (a file holding the
-   secret), likewise ``s3.secret_key[_file]`` and ``amqp.url[_file]``;
-3. from systemd credentials (``LoadCredential=``): the files ``s3-access-key``,
-   ``s3-secret-key`` and ``amqp-url`` in ``$CREDENTIALS_DIRECTORY``.
-
-Secret values never appear in ``repr()`` or in error messages; problems name the source.
+Secrets (the S3 keys and the AMQP URL) have sources of their own: ``watcher.config_secrets``.
 
 ``load_policy_dir`` reads the policy directory for start-up and SIGHUP, and ``check_config``
 backs the ``check`` command: problems, plus warnings that do not fail it (an inline secret
@@ -24,108 +18,102 @@ in a file that group or others can read).
 from __future__ import annotations
 
 import os
-import re
-import stat
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-from watcher.core.address import parse_listen
+from watcher.config_secrets import (
+    SecretReader,
+    SecretSpec,
+    exposed_secrets,
+    has_credentials,
+    url_scheme,
+)
 from watcher.core.errors import ConfigError, Problem
-from watcher.core.fleet import HOST_NAME_RULE, is_host_name
 from watcher.core.policy import PolicySet
 from watcher.core.policy_load import parse_policies
 from watcher.core.units import parse_size
 from watcher.core.yamlsource import FieldReader, LineMap, describe, field_path, parse_yaml
-from watcher.settings import (
-    LOG_LEVELS,
-    AmqpSettings,
-    ApiSettings,
-    CacheSettings,
-    Config,
-    FleetSettings,
-    HostSettings,
-    HttpSettings,
-    LibvirtSettings,
-    LogSettings,
-    PoliciesSettings,
-    PrewarmSettings,
-    ReprovisionSettings,
-    S3Settings,
-    StateSettings,
-    TracingSettings,
-    VolumesSettings,
-)
-
-T = TypeVar("T")
+from watcher.settings import Config
 
 DEFAULT_CONFIG_PATH = Path("/etc/libvirt-volume-watcher/config.yaml")
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+# --- the keys, from the settings dataclasses ------------------------------------------------
+
+
+def config_keys(cls: type[Any]) -> tuple[str, ...]:
+    """The keys a mapping read into ``cls`` may hold: a secret also has ``<key>_file``."""
+    keys = [f.name for f in fields(cls) if "kind" in f.metadata]
+    return (*keys, *(f"{f.name}_file" for f in fields(cls) if f.metadata.get("kind") == "secret"))
+
+
+SECTIONS: Mapping[str, type[Any]] = {
+    f.name: f.metadata["cls"] for f in fields(Config) if f.metadata.get("kind") == "section"}
+SECTION_KEYS = {name: config_keys(cls) for name, cls in SECTIONS.items()}
+TOP_LEVEL_KEYS = config_keys(Config)
+
+
+# --- checks of several fields together --------------------------------------------------------
+
+Written = Mapping[str, LineMap]
+"""The mapping of each section as written ("" is the top level), for lines and raw values."""
+Rule = Callable[[Config, Written], Iterator[tuple[int, str]]]
+"""A cross-field rule: given the config read and the file, the ``(line, message)`` it breaks."""
+
+
+def _given(mapping: LineMap, key: str) -> bool:
+    """Whether the file sets ``key`` to something, valid or not ("" and null do not count)."""
+    return bool(mapping.get(key))
+
+
+def api_listener_needs_a_pool(config: Config, written: Written) -> Iterator[tuple[int, str]]:
+    """An API listener needs the libvirt pool its volumes live in."""
+    pool = written["api"].get("pool")
+    if config.api.listen and not (isinstance(pool, str) and pool):
+        yield written["api"].key_line("listen"), (
+            "api.pool: required when api.listen is set (the libvirt pool holding the API's "
+            "volumes)")
+
+
+def api_listener_needs_authentication(config: Config,
+                                      written: Written) -> Iterator[tuple[int, str]]:
+    """There is no unauthenticated API: a listener needs tokens or client certificates."""
+    api = written["api"]
+    if config.api.listen and not (_given(api, "tokens_file") or _given(api, "client_ca")):
+        yield api.key_line("listen"), ("api: with listen set, tokens_file or client_ca is "
+                                       "required (there is no unauthenticated API)")
+
+
+def tls_needs_a_certificate_and_its_key(config: Config,
+                                        written: Written) -> Iterator[tuple[int, str]]:
+    """HTTPS takes both halves: ``tls_cert`` and ``tls_key`` are set together or not at all."""
+    api = written["api"]
+    for key, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if _given(api, key) and not _given(api, other):
+            yield api.key_line(key), f"api.{key}: needs api.{other} as well"
+
+
+def client_certificates_need_tls(config: Config, written: Written) -> Iterator[tuple[int, str]]:
+    """Client certificates are checked in the TLS handshake, so ``client_ca`` needs TLS."""
+    api = written["api"]
+    if _given(api, "client_ca") and not _given(api, "tls_cert"):
+        yield api.key_line("client_ca"), ("api.client_ca: needs api.tls_cert and api.tls_key "
+                                          "(client certificates need TLS)")
+
+
+CROSS_FIELD_RULES: tuple[Rule, ...] = (
+    api_listener_needs_a_pool,
+    api_listener_needs_authentication,
+    tls_needs_a_certificate_and_its_key,
+    client_certificates_need_tls,
+)
 
 
 # --- loading -------------------------------------------------------------------------------
-
-EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
-QUEUE_TYPES = ("classic", "quorum")
-SECTION_KEYS: Mapping[str, tuple[str, ...]] = {
-    "libvirt": ("uri",),
-    "s3": ("endpoint", "access_key", "access_key_file", "secret_key", "secret_key_file",
-           "region"),
-    "amqp": ("url", "url_file", "exchange", "exchange_type", "routing_key", "queue", "prefetch",
-             "queue_type", "delivery_limit"),
-    "cache": ("dir", "max_size", "max_virtual_size", "max_concurrent_downloads",
-              "stale_sidecar_hold"),
-    "policies": ("dir",),
-    "http": ("listen",),
-    "volumes": ("allow", "lvm_vgs"),
-    "reprovision": ("max_concurrent",),
-    "tracing": ("otlp_endpoint",),
-    # fleet: many hosts on one bucket and one broker
-    "host": ("name",),
-    "fleet": ("status_bucket",),
-    "prewarm": ("spread",),
-    # the HTTP job API and its durable state
-    "api": ("listen", "tokens_file", "tls_cert", "tls_key", "client_ca", "pool"),
-    "state": ("dir",),
-    "log": ("level",),
-}
-TOP_LEVEL_KEYS = (*SECTION_KEYS, "reconcile_interval")
-POLICY_SUFFIXES = (".yaml", ".yml")
-ENVIRONMENT = "environment"
-"""The ``file`` of a Problem about an environment variable."""
-
-_VG_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-@dataclass(frozen=True)
-class _SecretSpec:
-    """One secret setting and the names it goes by in each source."""
-
-    section: str
-    key: str
-    env: str
-    credential: str
-    empty_ok: bool
-
-
-_SECRETS = {
-    ("s3", "access_key"): _SecretSpec("s3", "access_key", "LVW_S3_ACCESS_KEY", "s3-access-key",
-                                      empty_ok=True),
-    ("s3", "secret_key"): _SecretSpec("s3", "secret_key", "LVW_S3_SECRET_KEY", "s3-secret-key",
-                                      empty_ok=True),
-    ("amqp", "url"): _SecretSpec("amqp", "url", "LVW_AMQP_URL", "amqp-url", empty_ok=False),
-}
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where a secret came from, to point at it without showing it."""
-
-    file: str
-    line: int
-    label: str
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -198,29 +186,12 @@ def check_config(config_path: Path, environ: Mapping[str, str] | None = None) ->
             load_policy_dir(config.policies.dir)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    return CheckReport(problems, _exposed_secrets(config_path, reader.inline_secrets))
+    return CheckReport(problems, exposed_secrets(config_path, reader.secrets.inline))
 
 
 def check_all(config_path: Path, environ: Mapping[str, str] | None = None) -> list[Problem]:
     """The problems of ``check_config``, without its warnings."""
     return check_config(config_path, environ).problems
-
-
-def _exposed_secrets(path: Path, inline: list[_Origin]) -> list[Problem]:
-    """A warning per secret written in the config file when group or others can read it."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return []
-    readers = [who for who, bit in (("group", stat.S_IRGRP), ("others", stat.S_IROTH))
-               if mode & bit]
-    if not readers:
-        return []
-    return [Problem(origin.file, origin.line, (
-        f"warning: {origin.label} is a secret written in a file readable by "
-        f"{' and '.join(readers)} (mode {stat.S_IMODE(mode):04o}); move it to a credential "
-        f"file or a *_file setting, or chmod 600 {path}"))
-        for origin in sorted(inline, key=lambda origin: origin.line)]
 
 
 class _ConfigReader:
@@ -229,11 +200,16 @@ class _ConfigReader:
     def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
         self.path = path
         self.base = path.absolute().parent
-        self.environ = environ
         self.fields = FieldReader(str(path))
+        self.secrets = SecretReader(self.fields, self.base, environ)
         self.policies_dir_ok = False
-        self.inline_secrets: list[_Origin] = []
-        """Secrets written in the config file itself (an AMQP URL only with a password)."""
+        self.kinds: Mapping[str, Callable[[LineMap, Field[Any], str], object]] = {
+            "text": self._text, "seconds": self._seconds, "size": self._size,
+            "path": self._path, "file": self._file, "url": self._url, "list": self._list,
+            "choice": lambda m, f, where: self.fields.choice(m, f.name, where,
+                                                             f.metadata["choices"]),
+            "count": lambda m, f, where: self.fields.positive_int(m, f.name, where),
+            "secret": lambda m, f, where: self.secrets.read(m, SecretSpec.of(where, f))}
 
     @property
     def problems(self) -> list[Problem]:
@@ -247,6 +223,31 @@ class _ConfigReader:
     def read(self) -> Config | None:
         """The config built from every valid setting (defaults elsewhere), or None when the
         file could not be read or is not a mapping at all."""
+        top = self._document()
+        if top is None:
+            return None
+        self.fields.check_keys(top, TOP_LEVEL_KEYS, "")
+        written: dict[str, LineMap] = {"": top}
+        for name in SECTIONS:
+            mapping = self.fields.section(top, name, "")
+            if mapping is not None:
+                self.fields.check_keys(mapping, SECTION_KEYS[name], name)
+                written[name] = mapping
+        sections: dict[str, Any] = {}
+        for name, cls in SECTIONS.items():
+            before, was_mapping = len(self.problems), name in written
+            mapping = written.setdefault(name, LineMap(top.key_line(name)))
+            sections[name] = cls(**self._values(mapping, cls, name))
+            if name == "policies":
+                self.policies_dir_ok = was_mapping and len(self.problems) == before
+        config = Config(**sections, **self._values(top, Config, ""), source=self.path.absolute())
+        for rule in CROSS_FIELD_RULES:
+            for line, message in rule(config, written):
+                self.fields.report(line, message)
+        return config
+
+    def _document(self) -> LineMap | None:
+        """The top-level mapping of the file (empty for an empty file), None after a problem."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -262,326 +263,99 @@ class _ConfigReader:
         self.problems.extend(document.problems)
         top = document.value
         if top is None:
-            if document.problems:
-                return None
-            top = LineMap(1)  # an empty file: every default
+            return None if document.problems else LineMap(1)  # an empty file: every default
         if not isinstance(top, LineMap):
             self.fields.report(document.line, f"the config must be a mapping of sections, "
                                               f"got {describe(top)}")
             return None
-        self.fields.check_keys(top, TOP_LEVEL_KEYS, "")
-        sections: dict[str, LineMap] = {}
-        for name, allowed in SECTION_KEYS.items():
-            section = self.fields.section(top, name, "")
-            if section is not None:
-                self.fields.check_keys(section, allowed, name)
-                sections[name] = section
-        before = len(self.problems)
-        policies = self._policies(sections.get("policies", LineMap(0)))
-        self.policies_dir_ok = "policies" in sections and len(self.problems) == before
-        for name in SECTION_KEYS:
-            sections.setdefault(name, LineMap(top.key_line(name)))
-        interval = self.fields.positive_number(top, "reconcile_interval", "")
-        return Config(
-            libvirt=self._libvirt(sections["libvirt"]),
-            s3=self._s3(sections["s3"]),
-            amqp=self._amqp(sections["amqp"]),
-            cache=self._cache(sections["cache"]),
-            policies=policies,
-            http=self._http(sections["http"]),
-            reconcile_interval=300.0 if interval is None else interval,
-            volumes=self._volumes(sections["volumes"]),
-            reprovision=self._reprovision(sections["reprovision"]),
-            tracing=self._tracing(sections["tracing"]),
-            host=self._host(sections["host"]),
-            fleet=self._fleet(sections["fleet"]),
-            prewarm=self._prewarm(sections["prewarm"]),
-            api=self._api(sections["api"]),
-            state=StateSettings(dir=_given(self._path(sections["state"], "dir", "state"),
-                                           StateSettings().dir)),
-            log=LogSettings(level=self.fields.choice(sections["log"], "level", "log",
-                                                     LOG_LEVELS)),
-            source=self.path.absolute(),
-        )
+        return top
 
-    # --- sections: each is built from the valid values, with defaults for the rest
+    def _values(self, mapping: LineMap, cls: type[Any], where: str) -> dict[str, Any]:
+        """The valid values of ``mapping`` by field; absent or invalid ones keep the default."""
+        values = {}
+        for setting in fields(cls):  # sections and ``source`` have no kind of value
+            read = self.kinds.get(setting.metadata.get("kind", ""))
+            value = None if read is None else read(mapping, setting, where)
+            if value is not None:
+                values[setting.name] = value
+        return values
 
-    def _libvirt(self, m: LineMap) -> LibvirtSettings:
-        default = LibvirtSettings()
-        uri = self.fields.string(m, "uri", "libvirt")
-        return LibvirtSettings(uri=_given(uri, default.uri))
+    # --- one reader per kind: the value, or None (absent, or invalid and reported)
 
-    def _s3(self, m: LineMap) -> S3Settings:
-        default = S3Settings()
-        endpoint = self._url(m, "endpoint", "s3", ("http", "https"))
-        if endpoint is not None and _has_credentials(endpoint):
-            self.fields.report(m.value_line("endpoint"), (
-                "s3.endpoint: credentials do not belong in the URL (the value is not shown); "
-                "set s3.access_key and s3.secret_key, best through credential files"))
-            endpoint = None
-        region = self.fields.string(m, "region", "s3")
-        access_key = self._secret(m, _SECRETS[("s3", "access_key")])
-        secret_key = self._secret(m, _SECRETS[("s3", "secret_key")])
-        return S3Settings(
-            endpoint=_given(endpoint, default.endpoint),
-            access_key=default.access_key if access_key is None else access_key[0],
-            secret_key=default.secret_key if secret_key is None else secret_key[0],
-            region=_given(region, default.region),
-        )
+    def _text(self, m: LineMap, f: Field[Any], where: str) -> str | None:
+        value = self.fields.string(m, f.name, where, empty_ok=f.metadata.get("empty_ok", False))
+        return self._checked(m, f, where, value)
 
-    def _amqp(self, m: LineMap) -> AmqpSettings:
-        default = AmqpSettings()
-        url = self._amqp_url(m)
-        exchange = self.fields.string(m, "exchange", "amqp")
-        exchange_type = self.fields.choice(m, "exchange_type", "amqp", EXCHANGE_TYPES)
-        routing_key = self.fields.string(m, "routing_key", "amqp", empty_ok=True)
-        queue = self.fields.string(m, "queue", "amqp", empty_ok=True)
-        prefetch = self.fields.positive_int(m, "prefetch", "amqp")
-        queue_type = self.fields.choice(m, "queue_type", "amqp", QUEUE_TYPES)
-        delivery_limit = self.fields.positive_int(m, "delivery_limit", "amqp")
-        return AmqpSettings(
-            url=_given(url, default.url),
-            exchange=_given(exchange, default.exchange),
-            exchange_type=_given(exchange_type, default.exchange_type),
-            routing_key=_given(routing_key, default.routing_key),
-            queue=_given(queue, default.queue),
-            prefetch=_given(prefetch, default.prefetch),
-            queue_type=_given(queue_type, default.queue_type),
-            delivery_limit=_given(delivery_limit, default.delivery_limit),
-        )
-
-    def _amqp_url(self, m: LineMap) -> str | None:
-        found = self._secret(m, _SECRETS[("amqp", "url")])
-        if found is None:
-            return None
-        url, origin = found
-        if _url_scheme(url) in ("amqp", "amqps"):
-            return url
-        self.problems.append(Problem(origin.file, origin.line, (
-            f"{origin.label}: expected an amqp:// or amqps:// URL "
-            "(the value is a secret and is not shown)")))
+    def _checked(self, m: LineMap, f: Field[Any], where: str, value: str | None,
+                 line: int | None = None) -> str | None:
+        """``value`` unless the field's ``valid`` refuses it; an empty value is not checked."""
+        valid = f.metadata.get("valid")
+        if not value or valid is None or valid(value):
+            return value
+        self.fields.report(line or m.value_line(f.name), f"{field_path(where, f.name)}: "
+                           f"expected {f.metadata['expected']}, got {describe(value)}")
         return None
 
-    def _cache(self, m: LineMap) -> CacheSettings:
-        default = CacheSettings()
-        directory = self._path(m, "dir", "cache")
-        max_size = self._size(m, "max_size", "cache")
-        max_virtual_size = self._size(m, "max_virtual_size", "cache")
-        downloads = self.fields.positive_int(m, "max_concurrent_downloads", "cache")
-        hold = m.get("stale_sidecar_hold")
-        if not (hold == 0 and not isinstance(hold, bool)):  # 0 is off
-            hold = self.fields.positive_number(m, "stale_sidecar_hold", "cache")
-        return CacheSettings(
-            dir=_given(directory, default.dir),
-            max_size=_given(max_size, default.max_size),
-            max_virtual_size=_given(max_virtual_size, default.max_virtual_size),
-            max_concurrent_downloads=_given(downloads, default.max_concurrent_downloads),
-            stale_sidecar_hold=float(_given(hold, default.stale_sidecar_hold)),
-        )
+    def _seconds(self, m: LineMap, f: Field[Any], where: str) -> float | None:
+        """A number larger than 0; 0 too when it turns the feature off (``zero_off``)."""
+        value = m.get(f.name)
+        if f.metadata.get("zero_off") and value == 0 and not isinstance(value, bool):
+            return 0.0
+        return self.fields.positive_number(m, f.name, where)
 
-    def _policies(self, m: LineMap) -> PoliciesSettings:
-        directory = self._path(m, "dir", "policies")
-        return PoliciesSettings(dir=_given(directory, PoliciesSettings().dir))
+    def _size(self, m: LineMap, f: Field[Any], where: str) -> int | None:
+        """A size such as ``100GiB`` or ``512M`` in bytes, larger than 0."""
+        if f.name not in m:
+            return None
+        try:
+            size = parse_size(m[f.name])
+            if size <= 0:
+                raise ValueError("must be larger than 0")
+        except ValueError as exc:
+            self.fields.report(m.value_line(f.name), f"{field_path(where, f.name)}: {exc}")
+            return None
+        return size
 
-    def _http(self, m: LineMap) -> HttpSettings:
-        return HttpSettings(listen=_given(self._listen(m, "http"), HttpSettings().listen))
+    def _path(self, m: LineMap, f: Field[Any], where: str) -> Path | None:
+        text = self.fields.string(m, f.name, where)
+        return None if text is None else self.base / text  # absolute paths stay as they are
 
-    def _listen(self, m: LineMap, where: str) -> str | None:
-        listen = self.fields.string(m, "listen", where, empty_ok=True)
-        if listen is not None and listen != "":
-            try:
-                parse_listen(listen)
-            except ValueError:
-                self.fields.report(m.value_line("listen"), f"{where}.listen: expected host:port "
-                                   f"(or \"\" to disable the server), got {describe(listen)}")
-                return None
-        return listen
-
-    def _api(self, m: LineMap) -> ApiSettings:
-        """The API section; with ``listen`` set it must name a pool and a way to authenticate."""
-        listen = self._listen(m, "api") or ""
-        files = {key: self._existing_file(m, key, "api")
-                 for key in ("tokens_file", "tls_cert", "tls_key", "client_ca")}
-        pool = self.fields.string(m, "pool", "api", empty_ok=True) or ""
-        if "/" in pool:
-            self.fields.report(m.value_line("pool"), "api.pool: expected a libvirt pool name "
-                                                     f"(no '/'), got {describe(pool)}")
-        given = {key for key in files if m.get(key)}  # set, whether or not the file exists
-        line = m.key_line("listen")
-        if listen and not pool:
-            self.fields.report(line, "api.pool: required when api.listen is set "
-                                     "(the libvirt pool holding the API's volumes)")
-        if listen and not given & {"tokens_file", "client_ca"}:
-            self.fields.report(line, "api: with listen set, tokens_file or client_ca is "
-                                     "required (there is no unauthenticated API)")
-        for key, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
-            if key in given and other not in given:
-                self.fields.report(m.key_line(key), f"api.{key}: needs api.{other} as well")
-        if "client_ca" in given and "tls_cert" not in given:
-            self.fields.report(m.key_line("client_ca"), "api.client_ca: needs api.tls_cert and "
-                               "api.tls_key (client certificates need TLS)")
-        return ApiSettings(listen=listen, pool=pool, **files)
-
-    def _existing_file(self, m: LineMap, key: str, where: str) -> Path | None:
-        """An optional file setting: unset or "" is None, else a file that must exist."""
-        text = self.fields.string(m, key, where, empty_ok=True)
+    def _file(self, m: LineMap, f: Field[Any], where: str) -> Path | None:
+        """An optional file: unset or "" is None, else a file that must exist."""
+        text = self.fields.string(m, f.name, where, empty_ok=True)
         if not text:
             return None  # "" is the same as not setting it
         path = self.base / text
         if not path.is_file():
-            self.fields.report(m.value_line(key), f"{field_path(where, key)}: no such file: "
-                                                  f"{path}")
+            self.fields.report(m.value_line(f.name), f"{field_path(where, f.name)}: no such "
+                                                     f"file: {path}")
             return None
         return path
 
-    def _volumes(self, m: LineMap) -> VolumesSettings:
-        allow: list[str] = []
-        for glob, line in self.fields.string_list(m, "allow", "volumes") or []:
-            if glob.startswith("/"):
-                allow.append(glob)
-            else:
-                self.fields.report(line, "volumes.allow: expected an absolute path glob "
-                                         f"such as /dev/vg0/*, got {describe(glob)}")
-        vgs: list[str] = []
-        for name, line in self.fields.string_list(m, "lvm_vgs", "volumes") or []:
-            if _VG_NAME.match(name) and name not in (".", ".."):
-                vgs.append(name)
-            else:
-                self.fields.report(line, "volumes.lvm_vgs: expected a volume group name "
-                                         f"(letters, digits, + _ . -), got {describe(name)}")
-        return VolumesSettings(allow=tuple(allow), lvm_vgs=tuple(vgs))
-
-    def _reprovision(self, m: LineMap) -> ReprovisionSettings:
-        limit = self.fields.positive_int(m, "max_concurrent", "reprovision")
-        return ReprovisionSettings(max_concurrent=_given(limit,
-                                                         ReprovisionSettings().max_concurrent))
-
-    def _tracing(self, m: LineMap) -> TracingSettings:
-        if m.get("otlp_endpoint") == "":
-            return TracingSettings(otlp_endpoint="")
-        endpoint = self._url(m, "otlp_endpoint", "tracing", ("http", "https"))
-        return TracingSettings(otlp_endpoint=_given(endpoint, TracingSettings().otlp_endpoint))
-
-    def _host(self, m: LineMap) -> HostSettings:
-        name = self.fields.string(m, "name", "host", empty_ok=True)
-        if name and not is_host_name(name):
-            self.fields.report(m.value_line("name"), f"host.name: expected {HOST_NAME_RULE} "
-                                                     "(it names a queue and an S3 key), "
-                                                     f"got {describe(name)}")
-            name = None
-        return HostSettings(name=_given(name, HostSettings().name))
-
-    def _fleet(self, m: LineMap) -> FleetSettings:
-        bucket = self.fields.string(m, "status_bucket", "fleet", empty_ok=True)
-        if bucket and not _BUCKET_NAME.fullmatch(bucket):
-            self.fields.report(m.value_line("status_bucket"), "fleet.status_bucket: expected an "
-                               f"S3 bucket name (3-63 of a-z 0-9 . -), got {describe(bucket)}")
-            bucket = None
-        return FleetSettings(status_bucket=_given(bucket, FleetSettings().status_bucket))
-
-    def _prewarm(self, m: LineMap) -> PrewarmSettings:
-        value = m.get("spread")
-        if value == 0 and not isinstance(value, bool):
-            return PrewarmSettings(spread=0.0)  # 0, the default, is off
-        spread = self.fields.positive_number(m, "spread", "prewarm")
-        return PrewarmSettings(spread=_given(spread, PrewarmSettings().spread))
-
-    # --- value kinds
-
-    def _path(self, m: LineMap, key: str, where: str) -> Path | None:
-        text = self.fields.string(m, key, where)
-        return None if text is None else self.base / text  # absolute paths stay as they are
-
-    def _size(self, m: LineMap, key: str, where: str) -> int | None:
-        """A size such as ``100GiB`` or ``512M`` in bytes, larger than 0."""
-        if key not in m:
-            return None
-        try:
-            size = parse_size(m[key])
-        except ValueError as exc:
-            self.fields.report(m.value_line(key), f"{field_path(where, key)}: {exc}")
-            return None
-        if size <= 0:
-            self.fields.report(m.value_line(key),
-                               f"{field_path(where, key)}: must be larger than 0")
-            return None
-        return size
-
-    def _url(self, m: LineMap, key: str, where: str, schemes: tuple[str, ...]) -> str | None:
-        text = self.fields.string(m, key, where)
+    def _url(self, m: LineMap, f: Field[Any], where: str) -> str | None:
+        """A URL with one of the field's ``schemes``; "" too with ``empty_ok``."""
+        if f.metadata.get("empty_ok") and m.get(f.name) == "":
+            return ""
+        text = self.fields.string(m, f.name, where)
         if text is None:
             return None
-        if _url_scheme(text) not in schemes or not urlsplit(text).netloc:
+        name, line, schemes = field_path(where, f.name), m.value_line(f.name), f.metadata["schemes"]
+        if url_scheme(text) not in schemes or not urlsplit(text).netloc:
             wanted = " or ".join(f"{scheme}://" for scheme in schemes)
-            self.fields.report(m.value_line(key), f"{field_path(where, key)}: expected a URL "
-                                                  f"starting with {wanted}, got {describe(text)}")
+            self.fields.report(line, f"{name}: expected a URL starting with {wanted}, "
+                                     f"got {describe(text)}")
+            return None
+        if f.metadata.get("no_credentials") and has_credentials(text):
+            self.fields.report(line, (
+                f"{name}: credentials do not belong in the URL (the value is not shown); "
+                f"set {f.metadata['no_credentials']}, best through credential files"))
             return None
         return text
 
-    def _secret(self, m: LineMap, spec: _SecretSpec) -> tuple[str, _Origin] | None:
-        """The secret from the first source that sets it, or None to keep the default."""
-        where, key, file_key = spec.section, spec.key, f"{spec.key}_file"
-        inline = self.fields.string(m, key, where, secret=True, empty_ok=spec.empty_ok)
-        file_name = self.fields.string(m, file_key, where)
-        if key in m and file_key in m:
-            self.fields.report(m.key_line(file_key),
-                               f"{where}: set either {key!r} or {file_key!r}, not both")
-        if inline and (spec.key != "url" or _has_credentials(inline, password_only=True)):
-            # Still in the file when the environment overrides it.
-            self.inline_secrets.append(
-                _Origin(self.fields.file, m.value_line(key), field_path(where, key)))
-        from_env = self.environ.get(spec.env, "")
-        if from_env:
-            return from_env, _Origin(ENVIRONMENT, 0, spec.env)
-        if inline is not None:
-            return inline, _Origin(self.fields.file, m.value_line(key), field_path(where, key))
-        if file_name is not None:
-            origin = _Origin(self.fields.file, m.value_line(file_key), field_path(where, file_key))
-            value = self._read_secret_file(self.base / file_name, origin)
-            return None if value is None else (value, origin)
-        credentials = self.environ.get("CREDENTIALS_DIRECTORY", "")
-        if credentials:
-            path = Path(credentials) / spec.credential
-            # The unit's SetCredential= fallback is an empty credential: treat it as unset.
-            if path.exists() and path.read_bytes().strip():
-                origin = _Origin(str(path), 0, f"credential {spec.credential}")
-                value = self._read_secret_file(path, origin)
-                return None if value is None else (value, origin)
-        return None
-
-    def _read_secret_file(self, path: Path, origin: _Origin) -> str | None:
-        """The secret held in ``path`` without surrounding whitespace; None after a problem."""
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            reason = "is not UTF-8 text"
-        except OSError as exc:
-            reason = f"cannot be read: {exc.strerror or exc}"
-        else:
-            if value:
-                return value
-            reason = "is empty"
-        self.problems.append(Problem(origin.file, origin.line,
-                                     f"{origin.label}: the secret file {path} {reason}"))
-        return None
-
-
-def _url_scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme.lower()
-    except ValueError:
-        return ""
-
-
-def _has_credentials(url: str, *, password_only: bool = False) -> bool:
-    """Whether the URL carries a password (or, unless ``password_only``, a user name)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.password is not None or (not password_only and parts.username is not None)
-
-
-def _given(value: T | None, default: T) -> T:
-    """``value`` when the file set it validly, else the setting's default."""
-    return default if value is None else value
+    def _list(self, m: LineMap, f: Field[Any], where: str) -> tuple[str, ...] | None:
+        """A list of non-empty strings, each passing the field's ``valid``; null is empty."""
+        items = self.fields.string_list(m, f.name, where)
+        if items is None:
+            return None
+        checked = [self._checked(m, f, where, item, line) for item, line in items]
+        return tuple(item for item in checked if item is not None)

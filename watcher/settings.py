@@ -6,8 +6,11 @@ what the values mean. One dataclass per system; ``Config`` groups them.
 
 Two kinds, kept apart so that an operator's file and the code's knobs are never confused:
 
-- ``Config`` and its sections mirror the config file key for key (the README lists them;
-  ``watcher.config`` reads them).
+- ``Config`` and its sections mirror the config file key for key (the README lists them).
+  Each key is one ``setting()`` field holding its default, kind, unit and doc; the one
+  reader of ``watcher.config`` takes the allowed keys, defaults and checks from these
+  fields. Adding a key is adding such a field to its section (``section()`` adds a section),
+  plus its line in systemd/config.yaml and the docs' tables.
 - The ``*Tuning`` classes hold the knobs that are not in the file (timeouts, backoffs,
   batching delays). Their defaults are tuned here for every host: an adapter takes one as
   a constructor argument defaulting to the instance below (``LIBVIRT_TUNING``...), so a
@@ -16,33 +19,76 @@ Two kinds, kept apart so that an operator's file and the code's knobs are never 
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from watcher.core.address import parse_listen
 from watcher.core.backoff import Backoff
+from watcher.core.fleet import HOST_NAME_RULE, is_host_name
 from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
+
+KINDS = ("text", "choice", "count", "seconds", "size", "path", "file", "url", "list", "secret")
+"""How a key is written and checked; ``watcher.config`` has one reader per kind."""
+
+
+def setting(default: Any, kind: str = "text", *, doc: str, unit: str = "",
+            **options: Any) -> Any:
+    """One key of the config file: its default, kind, unit and why the default.
+
+    ``options`` refine the kind: ``empty_ok`` (text, url, secret), ``choices``, ``schemes``
+    (url, secret), ``zero_off`` (seconds: 0 turns it off), ``valid`` with ``expected`` (a
+    check of a non-empty text or of each list item), ``env`` and ``credential`` (secret).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of setting {kind!r}")
+    return field(default=default, repr=kind != "secret",
+                 metadata={"kind": kind, "unit": unit, "doc": doc, **options})
+
+
+def section(cls: type[Any]) -> Any:
+    """A section of the config file: a mapping read into ``cls``."""
+    return field(default_factory=cls, metadata={"kind": "section", "cls": cls})
+
+
+def _host_port(text: str) -> bool:
+    try:
+        parse_listen(text)
+    except ValueError:
+        return False
+    return True
+
+
+_LISTEN: dict[str, Any] = {"valid": _host_port, "empty_ok": True,
+                           "expected": 'host:port (or "" to disable the server)'}
+_VG_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
 class LibvirtSettings:
-    uri: str = "qemu:///system"
-    """Connection URI of the local hypervisor."""
+    uri: str = setting("qemu:///system", doc="Connection URI of the local hypervisor.")
 
 
 @dataclass(frozen=True)
 class S3Settings:
-    endpoint: str = "http://127.0.0.1:9000"
-    """Base URL of the MinIO/S3 server; ``https://`` enables TLS."""
-    access_key: str = field(default="", repr=False)
-    """Secret. From ``access_key``/``access_key_file``, $LVW_S3_ACCESS_KEY or the
-    ``s3-access-key`` systemd credential; never logged."""
-    secret_key: str = field(default="", repr=False)
-    """Secret. From ``secret_key``/``secret_key_file``, $LVW_S3_SECRET_KEY or the
-    ``s3-secret-key`` systemd credential; never logged."""
-    region: str = "us-east-1"
-    """Region used to sign requests; MinIO accepts any, us-east-1 is its default."""
+    endpoint: str = setting(
+        "http://127.0.0.1:9000", "url", schemes=("http", "https"),
+        no_credentials="s3.access_key and s3.secret_key",
+        doc="Base URL of the MinIO/S3 server; ``https://`` enables TLS.")
+    region: str = setting("us-east-1", doc=(
+        "Region used to sign requests; MinIO accepts any, us-east-1 is its default."))
+    access_key: str = setting(
+        "", "secret", env="LVW_S3_ACCESS_KEY", credential="s3-access-key", empty_ok=True,
+        doc="From ``access_key``/``access_key_file``, $LVW_S3_ACCESS_KEY or the "
+            "``s3-access-key`` systemd credential; never logged.")
+    secret_key: str = setting(
+        "", "secret", env="LVW_S3_SECRET_KEY", credential="s3-secret-key", empty_ok=True,
+        doc="From ``secret_key``/``secret_key_file``, $LVW_S3_SECRET_KEY or the "
+            "``s3-secret-key`` systemd credential; never logged.")
 
     @property
     def host(self) -> str:
@@ -56,31 +102,31 @@ class S3Settings:
 
 @dataclass(frozen=True)
 class AmqpSettings:
-    url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
-    """Secret (it holds the password). From ``url``/``url_file``, $LVW_AMQP_URL or the
-    ``amqp-url`` systemd credential; never logged."""
-    exchange: str = "minio-events"
-    """Exchange MinIO publishes bucket notifications to."""
-    exchange_type: str = "fanout"
-    """direct, fanout, topic or headers: the type MinIO declared the exchange with."""
-    routing_key: str = ""
-    """Binding key of this host's queue; MinIO publishes with its configured routing key."""
-    queue: str = ""
-    """Durable queue of this host; "" = ``libvirt-volume-watcher.<host.name>``."""
-    prefetch: int = 256
-    """Unacked messages the broker may send ahead; each is acked only after it was handled.
-
-    Large enough that the broker keeps streaming while acks travel back in batches (most
-    notifications name keys no policy knows and take microseconds each); downloads are
-    bounded separately by ``cache.max_concurrent_downloads``.
-    """
-    queue_type: str = "classic"
-    """classic or quorum. Classic is what a single broker runs best; quorum replicates the
-    queue across a broker cluster and dead-letters a message after ``delivery_limit``
-    deliveries, so a poison message cannot crash a consumer in a loop."""
-    delivery_limit: int = 5
-    """Quorum queues only: deliveries of one unsettled message before it is dead-lettered.
-    Five rides out a few consumer restarts (each redelivers) without looping for long."""
+    url: str = setting(
+        "amqp://guest:guest@127.0.0.1:5672/", "secret", env="LVW_AMQP_URL",
+        credential="amqp-url", schemes=("amqp", "amqps"),
+        doc="It holds the password. From ``url``/``url_file``, $LVW_AMQP_URL or the "
+            "``amqp-url`` systemd credential; never logged.")
+    exchange: str = setting("minio-events", doc="Exchange MinIO publishes bucket notifications to.")
+    exchange_type: str = setting(
+        "fanout", "choice", choices=("direct", "fanout", "topic", "headers"),
+        doc="The type MinIO declared the exchange with.")
+    routing_key: str = setting("", empty_ok=True, doc=(
+        "Binding key of this host's queue; MinIO publishes with its configured routing key."))
+    queue: str = setting("", empty_ok=True, doc=(
+        'Durable queue of this host; "" = ``libvirt-volume-watcher.<host.name>``.'))
+    prefetch: int = setting(256, "count", unit="messages", doc=(
+        "Unacked messages the broker may send ahead; each is acked only after it was handled. "
+        "Large enough that the broker keeps streaming while acks travel back in batches (most "
+        "notifications name keys no policy knows and take microseconds each); downloads are "
+        "bounded separately by ``cache.max_concurrent_downloads``."))
+    queue_type: str = setting("classic", "choice", choices=("classic", "quorum"), doc=(
+        "Classic is what a single broker runs best; quorum replicates the queue across a "
+        "broker cluster and dead-letters a message after ``delivery_limit`` deliveries, so a "
+        "poison message cannot crash a consumer in a loop."))
+    delivery_limit: int = setting(5, "count", unit="deliveries", doc=(
+        "Quorum queues only: deliveries of one unsettled message before it is dead-lettered. "
+        "Five rides out a few consumer restarts (each redelivers) without looping for long."))
 
     def queue_name(self, hostname: str | None = None) -> str:
         return self.queue or f"libvirt-volume-watcher.{hostname or socket.gethostname()}"
@@ -88,54 +134,55 @@ class AmqpSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    dir: Path = Path("/var/lib/libvirt-volume-watcher/cache")
-    """Directory of the content-addressed cache; it holds whole base images."""
-    max_size: int = 100 * 1024**3
-    """Bytes; past this, least-recently-used entries no policy pins are evicted. 100 GiB
-    holds a few versions each of a dozen typical base images."""
-    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
-    """Bytes; an image whose virtual size is larger is refused (reason ``virtual_size``).
-    A small file can claim petabytes; 4 TiB is far above any base image."""
-    max_concurrent_downloads: int = 2
-    """Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."""
-    stale_sidecar_hold: float = 3600.0
-    """Seconds a download refused for a checksum mismatch is held (in ``held/``, one per
-    image, counted in ``max_size``) so that a corrected sidecar commits it without a second
-    transfer; 0 = not held. An hour covers a pipeline that uploads the sidecar last."""
+    dir: Path = setting(Path("/var/lib/libvirt-volume-watcher/cache"), "path",
+                        doc="Directory of the content-addressed cache; it holds whole base images.")
+    max_size: int = setting(100 * 1024**3, "size", unit="bytes", doc=(
+        "Past this, least-recently-used entries no policy pins are evicted. 100 GiB holds a "
+        "few versions each of a dozen typical base images."))
+    max_virtual_size: int = setting(DEFAULT_MAX_VIRTUAL_SIZE, "size", unit="bytes", doc=(
+        "An image whose virtual size is larger is refused (reason ``virtual_size``). A small "
+        "file can claim petabytes; 4 TiB is far above any base image."))
+    max_concurrent_downloads: int = setting(2, "count", unit="downloads", doc=(
+        "Images downloaded at once; bounds bandwidth and temp space during a burst of uploads."))
+    stale_sidecar_hold: float = setting(3600.0, "seconds", unit="seconds", zero_off=True, doc=(
+        "How long a download refused for a checksum mismatch is held (in ``held/``, one per "
+        "image, counted in ``max_size``) so that a corrected sidecar commits it without a "
+        "second transfer; 0 = not held. An hour covers a pipeline that uploads the sidecar "
+        "last."))
 
 
 @dataclass(frozen=True)
 class PoliciesSettings:
-    dir: Path = Path("/etc/libvirt-volume-watcher/policies")
-    """Directory of ``*.yaml``/``*.yml`` policy files, read in name order on start and SIGHUP."""
+    dir: Path = setting(Path("/etc/libvirt-volume-watcher/policies"), "path", doc=(
+        "Directory of ``*.yaml``/``*.yml`` policy files, read in name order on start/SIGHUP."))
 
 
 @dataclass(frozen=True)
 class HttpSettings:
-    listen: str = "127.0.0.1:9700"
-    """``host:port`` (``[v6addr]:port`` for IPv6, ``:port`` for every interface) for
-    /metrics, /healthz and /readyz; port 0 picks a free port; "" disables the server.
-    Loopback by default: metrics are for the local agent unless an operator opens them."""
+    listen: str = setting("127.0.0.1:9700", **_LISTEN, doc=(
+        "``host:port`` (``[v6addr]:port`` for IPv6, ``:port`` for every interface) for "
+        '/metrics, /healthz and /readyz; port 0 picks a free port; "" disables the server. '
+        "Loopback by default: metrics are for the local agent unless an operator opens them."))
 
 
 @dataclass(frozen=True)
 class ApiSettings:
     """The predecessor's HTTP job API, on its own listener (see README: HTTP API)."""
 
-    listen: str = ""
-    """``host:port`` of the API listener; "" (the default) = no API. Separate from
-    ``http.listen``, so probes and scrapes never share a port with clients' traffic."""
-    tokens_file: Path | None = None
-    """File of API tokens, one per line (``#`` starts a comment); re-read on SIGHUP.
-    Clients send ``Authorization: Bearer T`` or ``X-API-Token: T``."""
-    tls_cert: Path | None = None
-    """PEM certificate (chain) of the API; with ``tls_key`` the API speaks HTTPS only."""
-    tls_key: Path | None = None
-    """PEM private key of ``tls_cert``."""
-    client_ca: Path | None = None
-    """PEM CA bundle; a client certificate it signed also authenticates (mTLS). Needs TLS."""
-    pool: str = ""
-    """libvirt storage pool holding the API's volumes; required with ``listen``."""
+    listen: str = setting("", **_LISTEN, doc=(
+        '``host:port`` of the API listener; "" (the default) = no API. Separate from '
+        "``http.listen``, so probes and scrapes never share a port with clients' traffic."))
+    tokens_file: Path | None = setting(None, "file", doc=(
+        "File of API tokens, one per line (``#`` starts a comment); re-read on SIGHUP. "
+        "Clients send ``Authorization: Bearer T`` or ``X-API-Token: T``."))
+    tls_cert: Path | None = setting(None, "file", doc=(
+        "PEM certificate (chain) of the API; with ``tls_key`` the API speaks HTTPS only."))
+    tls_key: Path | None = setting(None, "file", doc="PEM private key of ``tls_cert``.")
+    client_ca: Path | None = setting(None, "file", doc=(
+        "PEM CA bundle; a client certificate it signed also authenticates (mTLS). Needs TLS."))
+    pool: str = setting("", empty_ok=True, valid=lambda name: "/" not in name,
+                        expected="a libvirt pool name (no '/')",
+                        doc="libvirt storage pool of the API's volumes; required with listen.")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -143,42 +190,49 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str | None = None
-    """One of ``LOG_LEVELS``; None = ``run --log-level`` (default info). Unlike the rest of
-    the config, a SIGHUP applies a changed level to the running daemon."""
+    level: str | None = setting(None, "choice", choices=LOG_LEVELS, doc=(
+        "None = ``run --log-level`` (default info). Unlike the rest of the config, a SIGHUP "
+        "applies a changed level to the running daemon."))
 
 
 @dataclass(frozen=True)
 class StateSettings:
-    dir: Path = Path("/var/lib/libvirt-volume-watcher")
-    """Directory of durable state (the API's job database); the unit's StateDirectory."""
+    dir: Path = setting(Path("/var/lib/libvirt-volume-watcher"), "path", doc=(
+        "Directory of durable state (the API's job database); the unit's StateDirectory."))
 
 
 @dataclass(frozen=True)
 class VolumesSettings:
-    allow: tuple[str, ...] = ()
-    """Path globs a root disk may resolve to; empty = volumes of libvirt 'logical' pools only."""
-    lvm_vgs: tuple[str, ...] = ()
-    """Volume groups whose LVs are allowed in addition to ``allow``."""
+    allow: tuple[str, ...] = setting(
+        (), "list", valid=lambda glob: glob.startswith("/"),
+        expected="an absolute path glob such as /dev/vg0/*",
+        doc="Path globs a root disk may resolve to; empty = libvirt 'logical' pools only.")
+    lvm_vgs: tuple[str, ...] = setting(
+        (), "list", valid=lambda name: bool(_VG_NAME.match(name)) and name not in (".", ".."),
+        expected="a volume group name (letters, digits, + _ . -)",
+        doc="Volume groups whose LVs are allowed in addition to ``allow``.")
 
 
 @dataclass(frozen=True)
 class ReprovisionSettings:
-    max_concurrent: int = 2
-    """Volume writes running at once; two keep a disk busy without starving the others."""
+    max_concurrent: int = setting(2, "count", unit="writes", doc=(
+        "Volume writes running at once; two keep a disk busy without starving the others."))
 
 
 @dataclass(frozen=True)
 class TracingSettings:
-    otlp_endpoint: str = ""
-    """OTLP/HTTP endpoint for spans; "" = no export."""
+    otlp_endpoint: str = setting("", "url", schemes=("http", "https"), empty_ok=True,
+                                 doc='OTLP/HTTP endpoint for spans; "" = no export.')
 
 
 @dataclass(frozen=True)
 class HostSettings:
-    name: str = ""
-    """This host's name in the fleet: its queue, its status object, the ``hosts:`` globs of
-    policies and the trace resource; "" = the machine's hostname, unique in most fleets."""
+    name: str = setting(
+        "", empty_ok=True, valid=is_host_name,
+        expected=f"{HOST_NAME_RULE} (it names a queue and an S3 key)",
+        doc="This host's name in the fleet: its queue, its status object, the ``hosts:`` "
+            'globs of policies and the trace resource; "" = the machine\'s hostname, unique '
+            "in most fleets.")
 
     @property
     def resolved(self) -> str:
@@ -187,38 +241,40 @@ class HostSettings:
 
 @dataclass(frozen=True)
 class FleetSettings:
-    status_bucket: str = ""
-    """Bucket for ``.libvirt-volume-watcher/hosts/<host>.json``; "" = no status written,
-    since a single host needs no fleet view and may lack write rights on any bucket."""
+    status_bucket: str = setting(
+        "", empty_ok=True, valid=lambda name: bool(_BUCKET_NAME.fullmatch(name)),
+        expected="an S3 bucket name (3-63 of a-z 0-9 . -)",
+        doc='Bucket for ``.libvirt-volume-watcher/hosts/<host>.json``; "" = none, since a '
+            "single host needs no fleet view and may lack write rights on any bucket.")
 
 
 @dataclass(frozen=True)
 class PrewarmSettings:
-    spread: float = 0.0
-    """Seconds; a host waits a fixed per-host delay in [0, spread) before downloading a new
-    version, so a fleet's downloads of one upload do not hit S3 in the same second. 0 (off)
-    suits a single host or a bucket that serves the whole fleet at once."""
+    spread: float = setting(0.0, "seconds", unit="seconds", zero_off=True, doc=(
+        "A host waits a fixed per-host delay in [0, spread) before downloading a new version, "
+        "so a fleet's downloads of one upload do not hit S3 in the same second. 0 (off) suits "
+        "a single host or a bucket that serves the whole fleet at once."))
 
 
 @dataclass(frozen=True)
 class Config:
-    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
-    s3: S3Settings = field(default_factory=S3Settings)
-    amqp: AmqpSettings = field(default_factory=AmqpSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    policies: PoliciesSettings = field(default_factory=PoliciesSettings)
-    http: HttpSettings = field(default_factory=HttpSettings)
-    reconcile_interval: float = 300.0
-    """Seconds between full sweeps of bucket and domains; bounds the cost of a missed event."""
-    volumes: VolumesSettings = field(default_factory=VolumesSettings)
-    reprovision: ReprovisionSettings = field(default_factory=ReprovisionSettings)
-    tracing: TracingSettings = field(default_factory=TracingSettings)
-    host: HostSettings = field(default_factory=HostSettings)
-    fleet: FleetSettings = field(default_factory=FleetSettings)
-    prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
-    api: ApiSettings = field(default_factory=ApiSettings)
-    state: StateSettings = field(default_factory=StateSettings)
-    log: LogSettings = field(default_factory=LogSettings)
+    libvirt: LibvirtSettings = section(LibvirtSettings)
+    s3: S3Settings = section(S3Settings)
+    amqp: AmqpSettings = section(AmqpSettings)
+    cache: CacheSettings = section(CacheSettings)
+    policies: PoliciesSettings = section(PoliciesSettings)
+    http: HttpSettings = section(HttpSettings)
+    reconcile_interval: float = setting(300.0, "seconds", unit="seconds", doc=(
+        "Between full sweeps of bucket and domains; bounds the cost of a missed event."))
+    volumes: VolumesSettings = section(VolumesSettings)
+    reprovision: ReprovisionSettings = section(ReprovisionSettings)
+    tracing: TracingSettings = section(TracingSettings)
+    host: HostSettings = section(HostSettings)
+    fleet: FleetSettings = section(FleetSettings)
+    prewarm: PrewarmSettings = section(PrewarmSettings)
+    api: ApiSettings = section(ApiSettings)
+    state: StateSettings = section(StateSettings)
+    log: LogSettings = section(LogSettings)
     source: Path | None = None
     """The file this config was read from."""
 
