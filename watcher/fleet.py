@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from watcher import __version__, telemetry
 from watcher.adapters.fleet_status import FleetStatusStore
-from watcher.cache import CacheStore, Source
+from watcher.cache import Cache, Source
 from watcher.core.errors import ImageRejected, NotUploadedYet, UnsafeName
 from watcher.core.fleet import spread_delay, status_document
 from watcher.core.policy import PolicySet
@@ -42,12 +42,12 @@ BeforeDownload = Callable[[Source], Awaitable[None]]
 class FleetMember:
     """Spread and status for one host; ``run`` is the status writer task."""
 
-    def __init__(self, config: Config, cache: CacheStore, policies: Callable[[], PolicySet],
+    def __init__(self, config: Config, cache: Cache, policies: Callable[[], PolicySet],
                  stop: asyncio.Event, *, tuning: FleetTuning = FLEET_TUNING) -> None:
         self.host = config.host.resolved
         self.spread = config.prewarm.spread
         self.reconcile_interval = config.reconcile_interval
-        self._cache = cache
+        self.cache = cache
         self._policies = policies
         self._stop = stop
         self._min_write_interval = tuning.min_write_interval
@@ -132,7 +132,7 @@ class FleetMember:
         """This host's status now; the store's index is in memory, so no I/O."""
         cached = {}
         for name in sorted(self._policies().images):
-            entry = self._cache.current(name)
+            entry = self.cache.current(name)
             if entry is not None:
                 cached[name] = entry.digest
         return status_document(

@@ -54,7 +54,7 @@ class CacheEntry:
     durable: bool = True
     """False while the data may still sit in the page cache only (a pre-warm commits before
     its fsync); such an entry is fsynced before a volume is written from it, and re-hashed
-    after a restart (``CacheStore.recover``). Records without the field are durable."""
+    after a restart (``CacheDir.recover``). Records without the field are durable."""
 
     def record(self) -> dict[str, Any]:
         data = asdict(self)

@@ -88,7 +88,7 @@ class EntryPinned(Exception):
         self.images = images
 
 
-class CacheStore:
+class CacheDir:
     """The cache directory: records, refs, commits, removals, leftovers, verification."""
 
     def __init__(self, directory: Path, *, max_size: int) -> None:
@@ -134,12 +134,9 @@ class CacheStore:
         for d in (self.objects, self.refs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
-    async def recover(self) -> int:
-        """The daemon's start-up: create the layout, remove leftovers, read the records,
-        hash again every entry still marked unsynced; returns files removed."""
-        return await self.in_worker(self._recover)
-
-    def _recover(self) -> int:
+    def recover(self) -> int:
+        """Create the layout, remove leftovers, read the records, hash again every entry
+        still marked unsynced; returns files removed."""
         self.prepare()
         removed = self.remove_leftovers()
         self.load()
@@ -162,8 +159,11 @@ class CacheStore:
                 removed += 1
         return removed
 
-    def load(self) -> None:
-        """Read every record and ref (without the lock: a reader changes nothing)."""
+    def load(self, *, create: bool = False) -> None:
+        """Read every record and ref (without the lock: a reader changes nothing); with
+        ``create``, make the layout first."""
+        if create:
+            self.prepare()
         generation = self._lock.generation()  # before reading: a change meanwhile shows later
         self._publish(self._read_all(), generation)
 

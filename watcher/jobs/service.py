@@ -56,7 +56,7 @@ from watcher import telemetry
 from watcher.adapters import qemu_img
 from watcher.adapters.jobstore import FINISHED, JobRecord, JobStore
 from watcher.adapters.qemu_img import WriteImageFunction
-from watcher.cache import CacheEntry, ImageWarmer
+from watcher.cache import Cache, CacheEntry
 from watcher.core.api_requests import FetchRequest, ImageRef, ProvisionRequest
 from watcher.core.api_shapes import Stage
 from watcher.core.backoff import Backoff
@@ -159,7 +159,7 @@ class ApiJobs:
     def __init__(
         self,
         store: JobStore,
-        images: ImageWarmer,
+        images: Cache,
         calls: StorageCalls,
         pool: str,
         submit: Callable[[str], None],

@@ -35,7 +35,7 @@ from watcher.adapters import write_markers
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import Cache
 from watcher.config import load_config, load_policy_dir
 from watcher.core.decide import count_by_state, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
@@ -138,14 +138,14 @@ class Daemon:
         """Seconds the whole stop may take (every drain shares them)."""
         self.policies = PolicyStore(config.policies.dir, host=config.host.resolved)
         self.s3 = S3Store(config.s3)
-        self.store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
-        # The warmer is "the cache" to jobs: it hands out current images, fetching if need be.
-        self.cache = ImageWarmer(
-            self.store, self.s3, max_virtual_size=config.cache.max_virtual_size,
+        # To jobs the cache hands out current images, fetching them if need be.
+        self.cache = Cache(
+            config.cache.dir, self.s3, max_size=config.cache.max_size,
+            max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
             policies=self.policies.get, stale_sidecar_hold=config.cache.stale_sidecar_hold)
         self.stop_requested = asyncio.Event()
-        self.fleet = FleetMember(config, self.store, self.policies.get, self.stop_requested)
+        self.fleet = FleetMember(config, self.cache, self.policies.get, self.stop_requested)
         self._warms = Coalescer()
         self.prewarm = Prewarmer(self.cache, self.policies.get, self._warms,
                                  context_from_amqp_headers, self.fleet)
@@ -223,7 +223,7 @@ class Daemon:
         return checks
 
     def status_line(self) -> str:
-        entries = self.store.count  # kept by the store: no record is read
+        entries = self.cache.count  # kept in memory: no record is read
         jobs = self.reprovisioner.running_jobs if self.reprovisioner else 0
         jobs += self.api_jobs.running if self.api_jobs else 0
         return f"{entries} images cached, {jobs} jobs running"
@@ -252,7 +252,7 @@ class Daemon:
         await self.cache.evict()
         if self.reprovisioner is not None:  # also the goldens of entries another process removed
             await self.reprovisioner.remove_orphan_goldens(
-                {entry.digest for entry in self.store.entries()})
+                {entry.digest for entry in self.cache.entries()})
         self.fleet.reconciled(outdated)
         self.reconciles += 1
         log.info("reconciled", images=images,
@@ -345,7 +345,7 @@ class Daemon:
         while not self.stop_requested.is_set():
             await wait_any(self.stop_requested, timeout=5.0)
             try:
-                await self.store.refreshed()
+                await self.cache.refreshed()
                 await self.cache.sweep_held()
             except Exception:
                 telemetry.report_unexpected(log, "watchdog")
@@ -377,7 +377,7 @@ class Daemon:
         """Run until SIGTERM (or ``stop_requested``); returns the process exit code."""
         if handle_signals:
             self.install_signal_handlers()
-        removed = await self.store.recover()
+        removed = await self.cache.recover()
         stale = await asyncio.to_thread(write_markers.stale_markers_removed)
         if stale:
             log.info("write markers of stopped processes removed", markers=stale)
@@ -464,7 +464,7 @@ class Daemon:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.warning("task ended with an error during shutdown", task=name,
                             error=repr(task.exception()))
-        self.store.close()
+        self.cache.release()
         if self.api_jobs is not None:
             self.api_jobs.store.close()
         if self.http is not None:
