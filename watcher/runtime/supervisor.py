@@ -27,7 +27,7 @@ import gc
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
@@ -36,10 +36,9 @@ from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
 from watcher.cache import Cache
-from watcher.config import load_config, load_policy_dir
+from watcher.config import load_config
 from watcher.core.decide import count_by_state, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
-from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.fleet import FleetMember
 from watcher.http import HttpServer
@@ -53,6 +52,7 @@ from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.keyed import KeyedWorker
 from watcher.runtime.observability import context_from_amqp_headers, set_log_level
+from watcher.runtime.policies import PolicyStore
 from watcher.runtime.sdnotify import SystemdNotifier
 from watcher.settings import RUNTIME_TUNING, Config
 
@@ -87,41 +87,6 @@ class StopDeadline:
 
     def elapsed(self) -> float:
         return self._clock() - self.started
-
-
-@dataclass
-class PolicyStore:
-    """The policies in force; a failed reload keeps the previous ones."""
-
-    directory: Any
-    current: PolicySet = field(default_factory=PolicySet)
-    loaded: bool = False
-    host: str | None = None
-    """This host's name, for the policies' ``hosts:`` globs."""
-
-    def load(self) -> bool:
-        try:
-            policies = load_policy_dir(self.directory)
-        except ConfigError as err:
-            telemetry.policy_reloads.labels(result="failed").inc()
-            for problem in err.problems:
-                log.error("policy error", problem=str(problem))
-            log.error("policies not loaded; keeping the previous ones" if self.loaded
-                      else "policies not loaded", problems=len(err.problems))
-            return False
-        except Exception:
-            telemetry.policy_reloads.labels(result="failed").inc()
-            telemetry.report_unexpected(log, "reload", directory=str(self.directory))
-            return False
-        self.current = policies if self.host is None else policies.on_host(self.host)
-        self.loaded = True
-        telemetry.policy_reloads.labels(result="ok").inc()
-        telemetry.policy_images.set(len(policies.images))
-        log.info("policies loaded", images=len(policies.images), rules=len(policies.rules))
-        return True
-
-    def get(self) -> PolicySet:
-        return self.current
 
 
 JOB_DATABASE = "jobs.sqlite3"
