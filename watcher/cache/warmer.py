@@ -96,7 +96,8 @@ class Cache:
 
     def pinned_digests(self, image_names: Collection[str]) -> set[str]:
         """Digests that are the current version of one of ``image_names``."""
-        return self._dir.pinned_digests(image_names)
+        return {entry.digest for name in image_names
+                if (entry := self._dir.current(name)) is not None}
 
     # ---- the directory, on its worker thread --------------------------------------------
 
