@@ -21,7 +21,7 @@ from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_policy_dir
 from watcher.core.address import parse_listen
 from watcher.core.decide import UNMATCHED, is_outdated, listed_state
-from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
+from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.fleet import host_matches
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import PolicySet
@@ -278,10 +278,9 @@ def _cache_for(config: Config, *, create: bool = False) -> Any:
     from watcher.cache import Cache
 
     policies = load_policy_dir(config.policies.dir).on_host(config.host.resolved)
-    # stale_sidecar_hold=0: a command ends at once, so a refused download is not held.
     cache = Cache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
-                  max_virtual_size=config.cache.max_virtual_size,
-                  policies=lambda: policies, stale_sidecar_hold=0)
+                  max_virtual_size=config.cache.max_virtual_size, policies=lambda: policies,
+                  stale_sidecar_hold=0)  # a command ends at once: nothing is held
     asyncio.run(cache.load(create=create))
     return cache, policies
 
@@ -414,11 +413,8 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         if image is None:
             print(f"error: no policy defines an image named {args.image!r}", file=sys.stderr)
             return 1
-        try:
+        try:  # an image not uploaded yet is an error main() reports
             entry = asyncio.run(cache.ensure(image))
-        except NotUploadedYet as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
         finally:
             cache.release()
         print(f"{image.name}: {entry.digest} cached ({format_size(entry.size)}, "
@@ -436,13 +432,12 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
     from watcher.cache.held import read_held
 
     held = read_held(config.cache.dir)
-    # Held downloads too, unless a live process holds one.
-    leftovers = asyncio.run(cache.remove_leftovers())
+    leftovers = asyncio.run(cache.remove_leftovers())  # held too, unless a live one holds it
     still_held = {(h.image, h.etag) for h in read_held(config.cache.dir)}
     for h in held:
-        verdict = "kept (a running daemon holds it)" if (h.image, h.etag) in still_held \
-            else "removed"
-        print(f"held download of {h.image} ({h.digest}): {verdict}")
+        kept = (h.image, h.etag) in still_held
+        print(f"held download of {h.image} ({h.digest}): "
+              f"{'kept (a running daemon holds it)' if kept else 'removed'}")
     removed = asyncio.run(cache.prune(_kept(policies)))
     for digest in removed:
         print(f"removed {digest}")

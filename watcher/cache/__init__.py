@@ -6,9 +6,8 @@ clean-up, verification, an in-memory index, all blocking) and fetching into them
 and are tested apart. Outside this package only ``Cache`` is used, never ``CacheDir``.
 """
 
-from watcher.cache.download import FetchProgress
 from watcher.cache.entry import CacheEntry, Source, VerifyResult
 from watcher.cache.store import EntryPinned
 from watcher.cache.warmer import Cache
 
-__all__ = ["Cache", "CacheEntry", "EntryPinned", "FetchProgress", "Source", "VerifyResult"]
+__all__ = ["Cache", "CacheEntry", "EntryPinned", "Source", "VerifyResult"]

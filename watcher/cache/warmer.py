@@ -77,7 +77,7 @@ class Cache:
         self.on_evicted: Callable[[list[str]], Awaitable[object]] | None = None
         """Awaited with the digests ``evict`` removed (their golden LVs go with them)."""
 
-    # ---- reading (memory only: the index the last read or change published) -----------
+    # ---- reading (memory only) ---------------------------------------------------------
 
     @property
     def count(self) -> int:
@@ -102,13 +102,11 @@ class Cache:
     # ---- the directory, on its worker thread --------------------------------------------
 
     async def load(self, *, create: bool = False) -> None:
-        """Read the records; with ``create``, make the layout first (for a process that
-        writes, such as ``cache warm``). Reading creates, changes and removes nothing."""
+        """Read the records, creating nothing unless ``create`` (a process that writes)."""
         await self._dir.in_worker(self._dir.load, create=create)
 
     async def recover(self) -> int:
-        """The daemon's start-up: create the layout, remove leftovers, read the records,
-        hash again every entry still marked unsynced; returns files removed."""
+        """The daemon's start-up (``CacheDir.recover``); returns files removed."""
         return await self._dir.in_worker(self._dir.recover)
 
     async def refreshed(self) -> None:
@@ -116,8 +114,7 @@ class Cache:
         await self._dir.refreshed()
 
     async def remove_leftovers(self) -> int:
-        """Remove what a crash left (``cache prune``); returns files removed. Temp files a
-        live process still holds are kept."""
+        """Remove what a crash left, sparing what a live process locks; files removed."""
         return await self._dir.in_worker(self._dir.remove_leftovers)
 
     async def remove(self, digest: str, keep_images: Collection[str]) -> CacheEntry | None:
@@ -138,8 +135,7 @@ class Cache:
         return await self._dir.in_worker(self._dir.remove_corrupt)
 
     def release(self) -> None:
-        """Stop waiting for the lock and end the worker thread; the daemon's last step,
-        once no job may change the cache any more (``close`` comes first)."""
+        """End the worker thread, once no job may change the cache (after ``close``)."""
         self._dir.close()
 
     # ---- warming ----------------------------------------------------------------------------
