@@ -4,8 +4,8 @@ Hosts never talk to each other; pre-warming runs each warm through ``FleetMember
 so that each host, on its own:
 
 - waits its fixed per-host share of ``prewarm.spread`` before downloading a new version
-  (the warmer's ``before_download``), so a hundred hosts do not fetch one upload in the
-  same second. Only pre-warming waits: a reprovision asks the warmer directly and
+  (the cache's ``before_download``), so a hundred hosts do not fetch one upload in the
+  same second. Only pre-warming waits: a reprovision asks the cache directly and
   downloads at once;
 - keeps what ``fleet status`` shows (images warming, failed with their reason, outdated
   domains) and writes it to ``fleet.status_bucket`` after every change and every
@@ -129,7 +129,7 @@ class FleetMember:
         self._due.set()
 
     def document(self) -> dict[str, Any]:
-        """This host's status now; the store's index is in memory, so no I/O."""
+        """This host's status now; the cache's index is in memory, so no I/O."""
         cached = {}
         for name in sorted(self._policies().images):
             entry = self.cache.current(name)

@@ -1,6 +1,6 @@
 """What a cache entry is: a verified, inspected image file and the record describing it.
 
-Why it exists: the store, the warmer, the reprovisioner and the CLI all hand entries
+Why it exists: ``CacheDir``, ``Cache``, the reprovisioner and the CLI all hand entries
 around; the record format (small JSON an operator can ``cat``) is defined once, here.
 """
 

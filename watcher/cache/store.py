@@ -1,8 +1,9 @@
 """The content-addressed cache on disk, and an in-memory index of it.
 
 Why it exists: every host keeps the images its policies name ready on local disk, so a
-reprovision never waits on the network, and an image is trusted only once. This module
-owns the layout and its rules; fetching images is the warmer's business.
+reprovision never waits on the network, and an image is trusted only once. ``CacheDir``
+owns the layout and when it changes (the files themselves: ``watcher.cache.records``);
+fetching images is ``Cache``'s business.
 
 Layout under ``cache.dir``::
 
@@ -20,7 +21,7 @@ a temp file. Records are small JSON files so an operator can read them with ``ca
 A pre-warm may commit its entry before the data is on stable storage, marked
 ``"durable": false``: its bytes were verified in memory, but a crash of the machine may
 lose or tear what the page cache held. Such an entry is fsynced and marked durable before
-a volume is written from it (``sync_data`` then ``mark_durable``; the warmer's
+a volume is written from it (``sync_data`` then ``mark_durable``; ``Cache``'s
 ``durable``), and one still marked at start-up is hashed again (``recover``) and removed
 when its bytes no longer match.
 
@@ -111,7 +112,7 @@ class CacheDir:
     # ---- the worker thread --------------------------------------------------------------
 
     async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking method on the store's worker thread; changes run one at a time."""
+        """Run a blocking method on the directory's worker thread; changes run one at a time."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="cache-store")
         loop = asyncio.get_running_loop()

@@ -264,7 +264,7 @@ class Cache:
         """Evict least-recently-used entries that no policy image needs, then held
         downloads, oldest first, until both fit max_size."""
         if self._dir.total_bytes + self.held.total_bytes <= self._dir.max_size:
-            return []  # fits: no need to queue behind the lock (the store checks again)
+            return []  # fits: no need to queue behind the lock (the directory checks again)
         removed = await self._dir.in_worker(self._dir.evict, self._images_to_keep())
         if removed and self.on_evicted is not None:
             await self.on_evicted(removed)
