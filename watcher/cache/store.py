@@ -21,14 +21,13 @@ a temp file. Records are small JSON files so an operator can read them with ``ca
 A pre-warm may commit its entry before the data is on stable storage, marked
 ``"durable": false``: its bytes were verified in memory, but a crash of the machine may
 lose or tear what the page cache held. Such an entry is fsynced and marked durable before
-a volume is written from it (``sync_data`` then ``mark_durable``; ``Cache``'s
-``durable``), and one still marked at start-up is hashed again (``recover``) and removed
-when its bytes no longer match.
+a volume is written from it (``sync_data``, ``mark_durable``; ``Cache.durable``), and one
+still marked at start-up is hashed again (``recover``), removed if its bytes differ.
 
 Records are read once (``load``) into an immutable index that lookups, listings and
 counts use without touching the disk; every change writes the files, then publishes a
 new index. Another process (``cache prune``) may change the directory too: every change
-renews the generation in ``.lock``, and a store that finds a generation it did not
+renews the generation in ``.lock``, and a ``CacheDir`` that finds a generation it did not
 publish reads the records again, under the lock (``refresh``, and before any change).
 
 Every method blocks: ``Cache`` (``watcher.cache.warmer``) runs them on the directory's one
