@@ -11,7 +11,7 @@ server. The variants take turns in a shuffled order each round, each from a cold
   did before it handed writing, hashing and writeback to a second thread (``filesink``);
 - unsynced download: ``S3Store.download(durable=False)``, what a pre-warm runs: the
   receiving thread writes, a second one hashes, nothing is flushed;
-- cache: ``ImageWarmer.ensure`` on a fresh cache, as a job calls it (stat, sidecar,
+- cache: ``Cache.ensure`` on a fresh cache, as a job calls it (stat, sidecar,
   download + SHA-256 with writeback, fsync, inspection, atomic rename);
 - daemon: the daemon (without libvirt) running; the clock starts when a MinIO-shaped
   notification is published and stops when the verified entry's record exists (polled
@@ -69,7 +69,7 @@ from watcher import telemetry
 from watcher.adapters.filesink import fsync_path
 from watcher.adapters.qemu_img import inspect_image_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import Cache
 from watcher.core.policy import ImageSpec
 
 SOURCE_KEY = "images/source.qcow2"
@@ -111,9 +111,8 @@ def _plain(here: World, key: str, dest: Path, *, durable: bool = False) -> float
 
 
 async def _cache(here: World, key: str, cache_dir: Path) -> tuple[float, float]:
-    store = CacheStore(cache_dir, max_size=100 * 1024**3)
-    store.prepare()
-    cache = ImageWarmer(store, S3Store(here.s3_settings()))
+    cache = Cache(cache_dir, S3Store(here.s3_settings()), max_size=100 * 1024**3)
+    await cache.load(create=True)
     spec = ImageSpec(name="bench", bucket=here.bucket, key=key, prefix=None,
                      format="qcow2", checksum_required=False)
     with Stopwatch() as sw:
@@ -229,7 +228,7 @@ def bench(options: Options) -> list[Table]:
         ("one thread: `get_object`, SHA-256 and write in turn, fsync", "one thread",
          one_thread, None),
         ("`S3Store.download(durable=False)`: hashed, not flushed", "unsynced", unsynced, None),
-        ("`ImageWarmer.ensure` (download, hash, fsync, inspect)", "cache", cached, None),
+        ("`Cache.ensure` (download, hash, fsync, inspect)", "cache", cached, None),
         ("daemon: publish -> verified entry (unsynced until just after)", "", daemon, 1.05),
         ("  of which its download (the daemon's `download_duration_seconds`)", "",
          transfers, None),

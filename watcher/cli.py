@@ -21,7 +21,7 @@ from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_policy_dir
 from watcher.core.address import parse_listen
 from watcher.core.decide import UNMATCHED, is_outdated, listed_state
-from watcher.core.errors import ConfigError, NotUploadedYet, WatcherError
+from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.fleet import host_matches
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import PolicySet
@@ -272,21 +272,24 @@ def _local(listen: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _cache_for(config: Config) -> Any:
-    """The cache store, read (read-only: nothing is created), and the policies."""
-    from watcher.cache import CacheStore
+def _cache_for(config: Config, *, create: bool = False) -> Any:
+    """The cache, read (nothing is created unless ``create``), and the policies."""
+    from watcher.adapters.s3 import S3Store
+    from watcher.cache import Cache
 
     policies = load_policy_dir(config.policies.dir).on_host(config.host.resolved)
-    store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
-    store.load()
-    return store, policies
+    cache = Cache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
+                  max_virtual_size=config.cache.max_virtual_size, policies=lambda: policies,
+                  stale_sidecar_hold=0)  # a command ends at once: nothing is held
+    asyncio.run(cache.load(create=create))
+    return cache, policies
 
 
 def _explain(config: Config, domain: str, *, as_json: bool) -> int:
     from watcher.explain import explain
 
-    store, policies = _cache_for(config)
-    answer = asyncio.run(explain(config, policies, store, domain))
+    cache, policies = _cache_for(config)
+    answer = asyncio.run(explain(config, policies, cache, domain))
     if as_json:
         print(json.dumps(answer.as_json(), indent=2))
     else:
@@ -303,8 +306,8 @@ def _status_of(config: Config, domain: str, *, as_json: bool) -> int:
     from watcher.explain import explain
     from watcher.follow import write_progress
 
-    store, policies = _cache_for(config)
-    answer = asyncio.run(explain(config, policies, store, domain))
+    cache, policies = _cache_for(config)
+    answer = asyncio.run(explain(config, policies, cache, domain))
     state = answer.parsed
     listen = config.http.listen
     written = (write_progress(f"http://{_local(listen)}/metrics", answer.domain)
@@ -397,7 +400,7 @@ def _print_entries(entries: list[dict[str, Any]]) -> None:
 
 
 def _cache(config: Config, args: argparse.Namespace) -> int:
-    cache, policies = _cache_for(config)
+    cache, policies = _cache_for(config, create=args.cache_command in ("warm", "prune"))
     if args.cache_command == "list":
         rows = _cache_rows(config, cache, policies)
         if args.json:
@@ -410,26 +413,15 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         if image is None:
             print(f"error: no policy defines an image named {args.image!r}", file=sys.stderr)
             return 1
-        from watcher.adapters.s3 import S3Store
-        from watcher.cache import ImageWarmer
-
-        cache.prepare()
-        # stale_sidecar_hold=0: this process ends now, so a refused download is not held.
-        warmer = ImageWarmer(cache, S3Store(config.s3),
-                             max_virtual_size=config.cache.max_virtual_size,
-                             policies=lambda: policies, stale_sidecar_hold=0)
-        try:
-            entry = asyncio.run(warmer.ensure(image))
-        except NotUploadedYet as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        try:  # an image not uploaded yet is an error main() reports
+            entry = asyncio.run(cache.ensure(image))
         finally:
-            cache.close()
+            cache.release()
         print(f"{image.name}: {entry.digest} cached ({format_size(entry.size)}, "
               f"virtual {format_size(entry.virtual_size)})")
         return 0
     if args.cache_command == "verify":
-        results = cache.verify()
+        results = asyncio.run(cache.verify())
         for r in results:
             print(f"{r.digest}: {r.detail}")
         bad = [r for r in results if not r.ok]
@@ -439,19 +431,18 @@ def _cache(config: Config, args: argparse.Namespace) -> int:
         return 1 if bad else 0
     from watcher.cache.held import read_held
 
-    cache.prepare()
     held = read_held(config.cache.dir)
-    leftovers = cache.remove_leftovers()  # held downloads too, unless a live process holds one
+    leftovers = asyncio.run(cache.remove_leftovers())  # held too, unless a live one holds it
     still_held = {(h.image, h.etag) for h in read_held(config.cache.dir)}
     for h in held:
-        verdict = "kept (a running daemon holds it)" if (h.image, h.etag) in still_held \
-            else "removed"
-        print(f"held download of {h.image} ({h.digest}): {verdict}")
-    removed = cache.prune(_kept(policies))
+        kept = (h.image, h.etag) in still_held
+        print(f"held download of {h.image} ({h.digest}): "
+              f"{'kept (a running daemon holds it)' if kept else 'removed'}")
+    removed = asyncio.run(cache.prune(_kept(policies)))
     for digest in removed:
         print(f"removed {digest}")
     if args.corrupt:
-        for r in cache.remove_corrupt():
+        for r in asyncio.run(cache.remove_corrupt()):
             print(f"removed {r.digest}: {r.detail}")
             removed.append(r.digest)
     print(f"{len(removed)} entries removed, {leftovers} leftover files removed")

@@ -4,8 +4,8 @@ Hosts never talk to each other; pre-warming runs each warm through ``FleetMember
 so that each host, on its own:
 
 - waits its fixed per-host share of ``prewarm.spread`` before downloading a new version
-  (the warmer's ``before_download``), so a hundred hosts do not fetch one upload in the
-  same second. Only pre-warming waits: a reprovision asks the warmer directly and
+  (the cache's ``before_download``), so a hundred hosts do not fetch one upload in the
+  same second. Only pre-warming waits: a reprovision asks the cache directly and
   downloads at once;
 - keeps what ``fleet status`` shows (images warming, failed with their reason, outdated
   domains) and writes it to ``fleet.status_bucket`` after every change and every
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from watcher import __version__, telemetry
 from watcher.adapters.fleet_status import FleetStatusStore
-from watcher.cache import CacheStore, Source
+from watcher.cache import Cache, Source
 from watcher.core.errors import ImageRejected, NotUploadedYet, UnsafeName
 from watcher.core.fleet import spread_delay, status_document
 from watcher.core.policy import PolicySet
@@ -42,12 +42,12 @@ BeforeDownload = Callable[[Source], Awaitable[None]]
 class FleetMember:
     """Spread and status for one host; ``run`` is the status writer task."""
 
-    def __init__(self, config: Config, cache: CacheStore, policies: Callable[[], PolicySet],
+    def __init__(self, config: Config, cache: Cache, policies: Callable[[], PolicySet],
                  stop: asyncio.Event, *, tuning: FleetTuning = FLEET_TUNING) -> None:
         self.host = config.host.resolved
         self.spread = config.prewarm.spread
         self.reconcile_interval = config.reconcile_interval
-        self._cache = cache
+        self.cache = cache
         self._policies = policies
         self._stop = stop
         self._min_write_interval = tuning.min_write_interval
@@ -129,10 +129,10 @@ class FleetMember:
         self._due.set()
 
     def document(self) -> dict[str, Any]:
-        """This host's status now; the store's index is in memory, so no I/O."""
+        """This host's status now; the cache's index is in memory, so no I/O."""
         cached = {}
         for name in sorted(self._policies().images):
-            entry = self._cache.current(name)
+            entry = self.cache.current(name)
             if entry is not None:
                 cached[name] = entry.digest
         return status_document(

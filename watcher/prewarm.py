@@ -4,7 +4,7 @@ Why it exists: this is the job that runs on every AMQP message, so it decides qu
 (most notifications name objects no policy refers to: counted, acked, nothing more),
 runs the warms that remain one image at a time with duplicates coalesced, and reports
 each image's failures once when they start and once when they recover. The runtime
-builds its parts (the warmer, the coalescer, the trace-context reader, this host's
+builds its parts (the cache, the coalescer, the trace-context reader, this host's
 ``FleetMember``, which spreads downloads and tracks the status) and passes them in.
 """
 
@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from watcher import telemetry
-from watcher.cache import CacheEntry
-from watcher.cache.warmer import ImageWarmer
+from watcher.cache import Cache, CacheEntry
 from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
     ImageRejected,
@@ -46,11 +45,11 @@ class Coalescing(Protocol):
 class Prewarmer:
     """Keeps policy images warm on notifications and reconcile passes."""
 
-    def __init__(self, warmer: ImageWarmer, policies: Callable[[], PolicySet],
+    def __init__(self, cache: Cache, policies: Callable[[], PolicySet],
                  coalescer: Coalescing,
                  trace_parent: Callable[[Mapping[str, object]], Context],
                  fleet: FleetMember) -> None:
-        self.warmer = warmer
+        self.cache = cache
         self.fleet = fleet
         self._policies = policies
         self._coalescer = coalescer
@@ -107,7 +106,7 @@ class Prewarmer:
             return
         bound = log.bind(image=image.name, trigger=trigger)
         try:
-            entry = await self.fleet.warm(image.name, lambda before: self.warmer.ensure(
+            entry = await self.fleet.warm(image.name, lambda before: self.cache.ensure(
                 image, before_download=before, durable=False))
         except NotUploadedYet as err:
             # Either object may come first; the missing one's own event retriggers.
@@ -115,14 +114,14 @@ class Prewarmer:
             bound.info(f"waiting for {what}", detail=str(err))
             return
         except ImageRejected:
-            self._failing_images.add(image.name)  # the warmer logged it, with the object
+            self._failing_images.add(image.name)  # the cache logged it, with the object
             return
         except UnsafeName as err:
             self._failing_images.add(image.name)
             bound.warning("image refused", reason="unsafe_name", error=str(err))
             return
         except TemporaryError:
-            self._failing_images.add(image.name)  # the warmer logged the download failure
+            self._failing_images.add(image.name)  # the cache logged the download failure
             raise
         except Exception:
             self._failing_images.add(image.name)

@@ -28,7 +28,7 @@ from testsupport.polling import wait_for
 from testsupport.proxy import Proxy, address_of
 from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import Cache
 from watcher.cache import warmer as warmer_module
 from watcher.config import load_config, load_policy_dir
 from watcher.core.errors import ImageRejected
@@ -41,14 +41,14 @@ CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code in the
 MiB = 1024 * 1024
 
 
-def open_cache(env: Env, **options: int) -> ImageWarmer:
-    """The warmer over a fresh store, as the daemon builds them."""
+async def open_cache(env: Env, **options: int) -> Cache:
+    """A fresh cache, as the daemon builds it."""
     config = load_config(env.config_path)
     policies = load_policy_dir(config.policies.dir)
-    store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
-    store.prepare()
-    store.load()
-    return ImageWarmer(store, S3Store(config.s3), policies=lambda: policies, **options)
+    cache = Cache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
+                  policies=lambda: policies, **options)
+    await cache.load(create=True)
+    return cache
 
 
 DOWNLOADS = "volume_watcher_downloads_total"
@@ -64,7 +64,7 @@ async def test_the_same_bytes_under_two_keys_are_stored_once(env: Env, tmp_path:
     image = make_qcow2(tmp_path / "same.qcow2")
     digest = env.upload_with_sidecar("a/one.qcow2", image)
     env.upload_with_sidecar("b/two.qcow2", image)
-    cache = open_cache(env)
+    cache = await open_cache(env)
     first = await cache.ensure(ImageSpec("one", env.bucket, "a/one.qcow2", None, "qcow2"))
     second = await cache.ensure(ImageSpec("two", env.bucket, "b/two.qcow2", None, "qcow2"))
     assert first.digest == second.digest == digest
@@ -79,7 +79,7 @@ async def test_concurrent_requests_for_one_image_share_one_download(
         env: Env, tmp_path: Path) -> None:
     env.upload_with_sidecar("img.qcow2", make_qcow2(tmp_path / "i.qcow2", size="64M",
                                                      fill_mib=32))
-    cache = open_cache(env)
+    cache = await open_cache(env)
     spec = ImageSpec("img", env.bucket, "img.qcow2", None, "qcow2")
     before = downloads()
     entries = await asyncio.gather(*(cache.ensure(spec) for _ in range(5)))
@@ -91,7 +91,7 @@ async def test_an_optional_checksum_image_is_cached_under_its_computed_digest(
         env: Env, tmp_path: Path) -> None:
     image = make_qcow2(tmp_path / "nosidecar.qcow2")
     env.upload_file("plain.qcow2", image)
-    cache = open_cache(env)
+    cache = await open_cache(env)
     spec = ImageSpec("plain", env.bucket, "plain.qcow2", None, "qcow2", checksum_required=False)
     entry = await cache.ensure(spec)
     assert entry.digest == sha256_file(image)
@@ -107,7 +107,7 @@ async def test_a_prefix_image_is_the_newest_object_under_the_prefix(
     time.sleep(1.1)  # S3 timestamps have one-second resolution
     newest = env.upload_with_sidecar("debian/12/2026-11.qcow2",
                                      make_qcow2(tmp_path / "b.qcow2", seed=2))
-    cache = open_cache(env)
+    cache = await open_cache(env)
     entry = await cache.ensure(ImageSpec("debian", env.bucket, None, "debian/12/", "qcow2"))
     assert entry.digest == newest and entry.key == "debian/12/2026-11.qcow2"
 
@@ -129,7 +129,7 @@ def tree(root: Path) -> dict[str, tuple[bool, int, int]]:
 async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
         env: Env, tmp_path: Path) -> None:
     env.upload_with_sidecar("big.qcow2", make_qcow2(tmp_path / "big.qcow2", size="16M"))
-    cache = open_cache(env, max_virtual_size=8 * 1024**2)
+    cache = await open_cache(env, max_virtual_size=8 * 1024**2)
     with pytest.raises(ImageRejected) as caught:
         await cache.ensure(ImageSpec("big", env.bucket, "big.qcow2", None, "qcow2"))
     assert caught.value.reason == "virtual_size"
@@ -139,7 +139,7 @@ async def test_an_image_above_max_virtual_size_is_refused_and_not_cached(
 async def test_rejected_versions_are_remembered_up_to_a_bound_the_oldest_forgotten_first(
         env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warmer_module, "REJECTED_KEPT", 2)
-    cache = open_cache(env, max_virtual_size=8 * 1024**2)
+    cache = await open_cache(env, max_virtual_size=8 * 1024**2)
     images = [ImageSpec(f"big{n}", env.bucket, f"big{n}.qcow2", None, "qcow2") for n in range(3)]
     for n in range(3):
         qcow2 = make_qcow2(tmp_path / f"big{n}.qcow2", size="16M", seed=n)
@@ -278,7 +278,7 @@ async def test_read_only_commands_change_nothing_in_a_cache_with_leftovers(
         env: Env, tmp_path: Path) -> None:
     env.write_policy({"img": {"bucket": env.bucket, "key": "img.qcow2", "format": "qcow2"}})
     digest = env.upload_with_sidecar("img.qcow2", make_qcow2(tmp_path / "img.qcow2"))
-    await open_cache(env).ensure(ImageSpec("img", env.bucket, "img.qcow2", None, "qcow2"))
+    await (await open_cache(env)).ensure(ImageSpec("img", env.bucket, "img.qcow2", None, "qcow2"))
     (env.cache_dir / "tmp" / "crashed.part").write_bytes(b"half a download")
     (env.cache_dir / "tmp" / "crashed.json").write_text("{")
     (env.cache_dir / "objects" / f"{'e' * 64}.qcow2").write_bytes(b"never committed")
@@ -310,7 +310,7 @@ async def test_read_only_commands_report_an_empty_cache_without_creating_it(env:
 
 async def test_prune_and_start_up_remove_stale_leftovers_but_not_a_locked_download(
         env: Env) -> None:
-    cache = open_cache(env).store
+    cache = await open_cache(env)
     stale = env.cache_dir / "tmp" / "crashed.part"
     stale.write_bytes(b"half a download")
     orphan = env.cache_dir / "objects" / f"{'e' * 64}.qcow2"

@@ -25,7 +25,7 @@ from testsupport.metrics import metric_async, metric_grows, metric_now
 from testsupport.polling import wait_for
 from testsupport.services import make_qcow2, minio_event, publish, ready_count, sha256_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import Cache
 from watcher.config import load_config
 from watcher.core.errors import UnsafeName
 from watcher.core.policy import ImageSpec
@@ -71,8 +71,8 @@ async def test_the_cache_refuses_an_image_name_that_is_not_an_identifier_before_
     key = "images/hostile.qcow2"
     env.upload_with_sidecar(key, make_qcow2(tmp_path / "v1.qcow2"))
     settings = load_config(env.config_path)
-    cache = ImageWarmer(CacheStore(env.cache_dir, max_size=1 << 30), S3Store(settings.s3))
-    cache.store.prepare()
+    cache = Cache(env.cache_dir, S3Store(settings.s3), max_size=1 << 30)
+    await cache.load(create=True)
     before = files_under(tmp_path)
     image = ImageSpec(name=name, bucket=env.bucket, key=key, prefix=None, format="qcow2")
     with pytest.raises(UnsafeName):

@@ -24,7 +24,7 @@ from tests.integration.harness import Env
 from testsupport.daemon import DaemonProcess
 from testsupport.services import make_qcow2, sha256_file
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
+from watcher.cache import Cache
 from watcher.config import load_config, load_policy_dir
 from watcher.core.policy import ImageSpec
 
@@ -32,20 +32,20 @@ pytestmark = pytest.mark.integration
 KEY = "images/base.qcow2"
 # The daemon, with the background sync of unsynced entries turned off.
 WITHOUT_BACKGROUND_SYNC = (sys.executable, "-c", (
-    "from watcher.cache.warmer import ImageWarmer\n"
-    "ImageWarmer._sync_in_background = lambda self, entry: None\n"
+    "from watcher.cache import Cache\n"
+    "Cache._sync_in_background = lambda self, entry: None\n"
     "from watcher.cli import main\n"
     "raise SystemExit(main())"))
 
 
-def open_cache(env: Env) -> ImageWarmer:
-    """The warmer over a store freshly read from disk, as a new process would build it."""
+async def open_cache(env: Env) -> Cache:
+    """The cache freshly read from disk, as a new process would build it."""
     config = load_config(env.config_path)
     policies = load_policy_dir(config.policies.dir)
-    store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
-    store.prepare()
-    store.load()
-    return ImageWarmer(store, S3Store(config.s3), policies=lambda: policies)
+    cache = Cache(config.cache.dir, S3Store(config.s3), max_size=config.cache.max_size,
+                  policies=lambda: policies)
+    await cache.load(create=True)
+    return cache
 
 
 def record(env: Env, digest: str) -> dict[str, object]:
@@ -71,7 +71,7 @@ def drop_caches() -> None:
 async def test_a_pre_warm_commits_unsynced_and_ensure_returns_the_entry_durable(
         env: Env, tmp_path: Path) -> None:
     digest = env.upload_with_sidecar(KEY, make_qcow2(tmp_path / "i.qcow2"))
-    cache = open_cache(env)
+    cache = await open_cache(env)
     warmed = await cache.ensure(spec(env), durable=False)
     assert warmed.digest == digest and not warmed.durable  # committed before the fsync
     # The job paths' call: the same entry, fsynced and marked durable (now, or by the
@@ -85,7 +85,7 @@ async def test_a_pre_warm_commits_unsynced_and_ensure_returns_the_entry_durable(
 async def test_another_process_hashes_an_unsynced_entry_before_using_it(
         env: Env, tmp_path: Path) -> None:
     digest = env.upload_with_sidecar(KEY, make_qcow2(tmp_path / "i.qcow2"))
-    first = open_cache(env)
+    first = await open_cache(env)
     entry = await first.ensure(spec(env), durable=False)
     await first.close()
     # What a crash of the machine before the background sync would leave: the record
@@ -96,7 +96,7 @@ async def test_another_process_hashes_an_unsynced_entry_before_using_it(
         fh.seek(70_000)
         fh.write(b"torn")
 
-    second = open_cache(env)
+    second = await open_cache(env)
     stale = second.get(digest)
     assert stale is not None and not stale.durable
     assert await second.durable(stale) is None  # hashed, found corrupt, removed

@@ -172,7 +172,7 @@ async def test_every_failure_records_a_reason_and_one_warning_naming_rule_and_st
     log = Log()
     job = Reprovisioner(hypervisor, Images(tmp_path / "image"),  # type: ignore[arg-type]
                         lambda: POLICIES, Volumes(tmp_path), log, write_image=write_image)
-    job.images = Images(tmp_path / "image", case.fetch_error)
+    job.cache = Images(tmp_path / "image", case.fetch_error)
     await job("uuid-1")
 
     final = hypervisor.states[-1]

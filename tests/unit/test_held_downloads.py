@@ -24,7 +24,7 @@ from watcher.cache.held import (
     read_held,
     remove_held_leftovers,
 )
-from watcher.cache.store import CacheStore
+from watcher.cache.store import CacheDir
 from watcher.core.cache_rules import HeldSlot, holds_to_drop
 
 A, B, C = HeldSlot("a", 100, 10.0), HeldSlot("b", 200, 20.0), HeldSlot("c", 300, 30.0)
@@ -120,14 +120,14 @@ V1, V2 = Source("vm", "images/base.qcow2", "e1"), Source("vm", "images/base.qcow
 
 
 async def hold(held: HeldDownloads, source: Source, data: bytes, digest: str) -> PartFile:
-    part = await asyncio.to_thread(held.store.new_part)
+    part = await asyncio.to_thread(held.cache_dir.new_part)
     part.path.write_bytes(data)
     assert await held.hold("base", "qcow2", source, part, digest, len(data))
     return part
 
 
 async def test_a_newer_refused_version_replaces_the_held_one(tmp_path: Path) -> None:
-    store = CacheStore(tmp_path, max_size=1 << 30)
+    store = CacheDir(tmp_path, max_size=1 << 30)
     store.prepare()
     held = HeldDownloads(store, 3600)
     await hold(held, V1, b"one", "a" * 64)
@@ -142,7 +142,7 @@ async def test_a_newer_refused_version_replaces_the_held_one(tmp_path: Path) -> 
 
 
 async def test_a_taken_download_is_safe_from_the_next_hold_of_its_image(tmp_path: Path) -> None:
-    store = CacheStore(tmp_path, max_size=1 << 30)
+    store = CacheDir(tmp_path, max_size=1 << 30)
     store.prepare()
     held = HeldDownloads(store, 3600)
     await hold(held, V1, b"one", "a" * 64)
@@ -156,7 +156,7 @@ async def test_a_taken_download_is_safe_from_the_next_hold_of_its_image(tmp_path
 
 
 async def test_a_hold_expires_and_a_drop_spares_a_newer_hold(tmp_path: Path) -> None:
-    store = CacheStore(tmp_path, max_size=1 << 30)
+    store = CacheDir(tmp_path, max_size=1 << 30)
     store.prepare()
     held = HeldDownloads(store, 1e-6)
     await hold(held, V1, b"one", "a" * 64)

@@ -13,15 +13,13 @@ from typing import Any
 import pytest
 
 from watcher.core.errors import ImageRejected
+from watcher.core.formats import TAIL_BYTES, VMDK_DESCRIPTOR_WINDOW, detect_format
 from watcher.core.inspect import (
     DEFAULT_MAX_VIRTUAL_SIZE,
     HEADER_BYTES,
-    TAIL_BYTES,
-    VMDK_DESCRIPTOR_WINDOW,
     HeaderFacts,
     check_header,
     crosscheck,
-    detect_format,
 )
 from watcher.core.policy import ImageFormat
 

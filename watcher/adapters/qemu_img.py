@@ -24,10 +24,10 @@ from typing import Protocol
 
 from watcher.adapters.filesink import fsync_path
 from watcher.core.errors import ImageRejected, ImageWriteError
+from watcher.core.formats import TAIL_BYTES
 from watcher.core.inspect import (
     DEFAULT_MAX_VIRTUAL_SIZE,
     HEADER_BYTES,
-    TAIL_BYTES,
     ImageFacts,
     check_header,
     crosscheck,

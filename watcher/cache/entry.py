@@ -1,6 +1,6 @@
 """What a cache entry is: a verified, inspected image file and the record describing it.
 
-Why it exists: the store, the warmer, the reprovisioner and the CLI all hand entries
+Why it exists: ``CacheDir``, ``Cache``, the reprovisioner and the CLI all hand entries
 around; the record format (small JSON an operator can ``cat``) is defined once, here.
 """
 
@@ -54,7 +54,7 @@ class CacheEntry:
     durable: bool = True
     """False while the data may still sit in the page cache only (a pre-warm commits before
     its fsync); such an entry is fsynced before a volume is written from it, and re-hashed
-    after a restart (``CacheStore.recover``). Records without the field are durable."""
+    after a restart (``CacheDir.recover``). Records without the field are durable."""
 
     def record(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,8 +1,8 @@
 """The cache's file primitives: the lock between processes, owned temp files, atomic JSON.
 
-Why it exists: the store's rules (an entry appears only by atomic rename, a crash leaves
+Why it exists: the directory's rules (an entry appears only by atomic rename, a crash leaves
 at most a temp file, clean-up never takes a live download's file) rest on a few careful
-uses of ``flock``, ``O_EXCL`` and ``rename``. They live here, apart from what the store
+uses of ``flock``, ``O_EXCL`` and ``rename``. They live here, apart from what ``CacheDir``
 decides with them. Everything here blocks: the daemon calls it from a worker thread.
 """
 

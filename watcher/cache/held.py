@@ -41,7 +41,7 @@ from watcher.core.paths import image_file, is_digest, is_image_name
 from watcher.settings import CacheSettings
 
 if TYPE_CHECKING:
-    from watcher.cache.store import CacheStore
+    from watcher.cache.store import CacheDir
 
 HELD_DIR = "held"
 """Under ``cache.dir``: ``<image>.part`` (the data) and ``<image>.json`` (its record)."""
@@ -130,9 +130,9 @@ class HeldDownload:
 class HeldDownloads:
     """The downloads this process holds aside, by image name; their files and records."""
 
-    def __init__(self, store: CacheStore, hold_seconds: float = DEFAULT_HOLD) -> None:
-        self.store = store
-        self.dir = store.dir / HELD_DIR
+    def __init__(self, cache_dir: CacheDir, hold_seconds: float = DEFAULT_HOLD) -> None:
+        self.cache_dir = cache_dir
+        self.dir = cache_dir.dir / HELD_DIR
         self.hold_seconds = hold_seconds
         """0: a refused download is not held (its bytes are removed at once)."""
         self._by_image: dict[str, HeldDownload] = {}
@@ -164,11 +164,11 @@ class HeldDownloads:
         since = time.monotonic()
         self._by_image[image] = HeldDownload(record, part, since, since + self.hold_seconds)
         try:
-            await self.store.in_worker(self._write, part, record)
+            await self.cache_dir.in_worker(self._write, part, record)
         except OSError as err:
             self._by_image.pop(image, None)
             if old is not None:
-                await self.store.in_worker(self._remove, old)
+                await self.cache_dir.in_worker(self._remove, old)
             self._publish_bytes()
             self.log.warning("refused download not held", image=image, error=str(err))
             return False
@@ -191,7 +191,7 @@ class HeldDownloads:
         del self._by_image[held.record.image]
         self._publish_bytes()
         try:
-            await self.store.in_worker(self._unslot, held)
+            await self.cache_dir.in_worker(self._unslot, held)
         except OSError as err:  # its file is gone: the caller downloads again
             held.part.release()
             self.log.warning("held download lost", image=held.record.image, error=str(err))
@@ -205,7 +205,7 @@ class HeldDownloads:
         if held is None or (held_before is not None and held.since >= held_before):
             return
         del self._by_image[image]
-        await self.store.in_worker(self._remove, held)
+        await self.cache_dir.in_worker(self._remove, held)
         self._publish_bytes()
         self.log.info("held download dropped", image=image, digest=held.record.digest,
                       version=held.record.etag, size=held.record.size, reason=reason)
@@ -230,17 +230,17 @@ class HeldDownloads:
 
     def _write(self, part: PartFile, record: HeldRecord) -> None:
         # Under the cache lock, as every record: clean-up never takes a record being staged.
-        with self.store.locked():
+        with self.cache_dir.locked():
             self.dir.mkdir(exist_ok=True)
             part.move(image_file(self.dir, record.image, ".part"))
             write_json(image_file(self.dir, record.image, ".json"), record.record(),
-                       self.store.tmp)
+                       self.cache_dir.tmp)
 
     def _unslot(self, held: HeldDownload) -> None:
         """Out of ``held/<image>.part``, so that a newer refused version of the image can be
         held there while this one is inspected and committed from its own path."""
         self._remove_record(held.record)
-        held.part.move(self.store.tmp / f"{uuid.uuid4().hex}.part")
+        held.part.move(self.cache_dir.tmp / f"{uuid.uuid4().hex}.part")
 
     def _remove(self, held: HeldDownload) -> None:
         self._remove_record(held.record)
@@ -253,8 +253,8 @@ class HeldDownloads:
             path.unlink(missing_ok=True)
 
     def _publish_bytes(self) -> None:
-        self.store.held_bytes = self.total_bytes
-        telemetry.cache_bytes.set(self.store.total_bytes + self.store.held_bytes)
+        self.cache_dir.held_bytes = self.total_bytes
+        telemetry.cache_bytes.set(self.cache_dir.total_bytes + self.cache_dir.held_bytes)
 
 
 def _stamp(moment: datetime) -> str:

@@ -1,8 +1,8 @@
-"""The store's in-memory index: what the records and refs on disk say, at one generation.
+"""The cache directory's in-memory index: what the records and refs on disk say, at one generation.
 
 Why it exists: lookups, listings and counts run on the event loop, so they must not
 touch the disk; the index answers them. A published index is never changed (readers on
-the loop can hold it while the store's worker thread builds the next one from a draft).
+the loop can hold it while the directory's worker thread builds the next one from a draft).
 """
 
 from __future__ import annotations

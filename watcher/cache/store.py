@@ -1,8 +1,9 @@
 """The content-addressed cache on disk, and an in-memory index of it.
 
 Why it exists: every host keeps the images its policies name ready on local disk, so a
-reprovision never waits on the network, and an image is trusted only once. This module
-owns the layout and its rules; fetching images is the warmer's business.
+reprovision never waits on the network, and an image is trusted only once. ``CacheDir``
+owns the layout and when it changes (the files themselves: ``watcher.cache.records``);
+fetching images is ``Cache``'s business.
 
 Layout under ``cache.dir``::
 
@@ -20,24 +21,22 @@ a temp file. Records are small JSON files so an operator can read them with ``ca
 A pre-warm may commit its entry before the data is on stable storage, marked
 ``"durable": false``: its bytes were verified in memory, but a crash of the machine may
 lose or tear what the page cache held. Such an entry is fsynced and marked durable before
-a volume is written from it (``sync_data`` then ``mark_durable``; the warmer's
-``durable``), and one still marked at start-up is hashed again (``recover``) and removed
-when its bytes no longer match.
+a volume is written from it (``sync_data``, ``mark_durable``; ``Cache.durable``), and one
+still marked at start-up is hashed again (``recover``), removed if its bytes differ.
 
 Records are read once (``load``) into an immutable index that lookups, listings and
 counts use without touching the disk; every change writes the files, then publishes a
 new index. Another process (``cache prune``) may change the directory too: every change
-renews the generation in ``.lock``, and a store that finds a generation it did not
+renews the generation in ``.lock``, and a ``CacheDir`` that finds a generation it did not
 publish reads the records again, under the lock (``refresh``, and before any change).
 
-Blocking methods do the disk work; the daemon runs them on the store's one worker thread
-(``in_worker``), so the event loop never waits on a disk, an fsync or another process's
-lock, and changes are applied in order. Reading (``load``, lookups, ``verify``) creates,
-changes and removes nothing, so ``status`` and ``cache list`` are safe while the daemon
-runs. Leftovers of a crash are removed only by ``remove_leftovers`` (the daemon at
-start-up, ``cache prune``), under the cache lock, and never a temp file whose owner
-still holds its lock: a running download, or one kept aside until a newer sidecar
-matches it.
+Every method blocks: ``Cache`` (``watcher.cache.warmer``) runs them on the directory's one
+worker thread (``in_worker``), so the event loop never waits on a disk, an fsync or another
+process's lock, and changes apply in order. Reading (``load``, lookups, ``verify``)
+creates, changes and removes nothing, so ``status`` and ``cache list`` are safe while the
+daemon runs. Only ``remove_leftovers`` (start-up, ``cache prune``) removes what a crash
+left, under the lock, sparing any temp file its owner still locks: a running download,
+or one kept aside until a newer sidecar matches it.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from watcher import telemetry
 from watcher.adapters.filesink import fsync_path
@@ -58,23 +57,24 @@ from watcher.cache.files import (
     CacheLock,
     LockHandle,
     PartFile,
-    listdir,
-    read_json,
-    remove_unless_locked,
-    sha256_file,
     stat_key,
-    write_json,
 )
-from watcher.cache.held import remove_held_leftovers
 from watcher.cache.index import Draft, Index, Ref
+from watcher.cache.records import (
+    read_all,
+    rehash,
+    remove_crash_leftovers,
+    remove_files,
+    write_record,
+    write_ref,
+)
 from watcher.core.cache_rules import (
     UseRecord,
     choose_evictions,
     is_cache_hit,
     use_to_record,
 )
-from watcher.core.errors import UnsafeName
-from watcher.core.paths import digest_file, image_file, is_digest, is_image_name
+from watcher.core.paths import image_file
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -88,7 +88,7 @@ class EntryPinned(Exception):
         self.images = images
 
 
-class CacheStore:
+class CacheDir:
     """The cache directory: records, refs, commits, removals, leftovers, verification."""
 
     def __init__(self, directory: Path, *, max_size: int) -> None:
@@ -111,7 +111,7 @@ class CacheStore:
     # ---- the worker thread --------------------------------------------------------------
 
     async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking method on the store's worker thread; changes run one at a time."""
+        """Run a blocking method on the directory's worker thread; changes run one at a time."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="cache-store")
         loop = asyncio.get_running_loop()
@@ -134,12 +134,9 @@ class CacheStore:
         for d in (self.objects, self.refs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
-    async def recover(self) -> int:
-        """The daemon's start-up: create the layout, remove leftovers, read the records,
-        hash again every entry still marked unsynced; returns files removed."""
-        return await self.in_worker(self._recover)
-
-    def _recover(self) -> int:
+    def recover(self) -> int:
+        """Create the layout, remove leftovers, read the records, hash again every entry
+        still marked unsynced; returns files removed."""
         self.prepare()
         removed = self.remove_leftovers()
         self.load()
@@ -162,10 +159,13 @@ class CacheStore:
                 removed += 1
         return removed
 
-    def load(self) -> None:
-        """Read every record and ref (without the lock: a reader changes nothing)."""
+    def load(self, *, create: bool = False) -> None:
+        """Read every record and ref (without the lock: a reader changes nothing); with
+        ``create``, make the layout first."""
+        if create:
+            self.prepare()
         generation = self._lock.generation()  # before reading: a change meanwhile shows later
-        self._publish(self._read_all(), generation)
+        self._publish(read_all(self.objects, self.refs, self.log), generation)
 
     async def refreshed(self) -> None:
         """Re-read the records if another process changed them since they were read."""
@@ -176,7 +176,7 @@ class CacheStore:
         if self._lock.generation() == self._index.generation:
             return
         with self._lock.held() as held:
-            self._publish(self._read_all(), held.mark())
+            self._publish(read_all(self.objects, self.refs, self.log), held.mark())
 
     def remove_leftovers(self) -> int:
         """Remove what a crash left behind, under the cache lock; returns files removed.
@@ -186,17 +186,8 @@ class CacheStore:
         """
         if not self.dir.is_dir():
             return 0
-        removed = 0
         with self._lock.held():
-            # Every other temp file (records being written) is written under this lock.
-            for leftover in listdir(self.tmp):
-                removed += remove_unless_locked(leftover)
-            removed += remove_held_leftovers(self.dir)
-            # A data file without its record was never committed (crash between the renames).
-            for data in listdir(self.objects):
-                if data.suffix != ".json" and not data.with_suffix(".json").exists():
-                    data.unlink(missing_ok=True)
-                    removed += 1
+            removed = remove_crash_leftovers(self.dir, self.objects, self.tmp)
         if removed:
             self.log.info("removed leftover temporary files", count=removed)
         return removed
@@ -223,9 +214,6 @@ class CacheStore:
         ref = self._index.refs.get(image_name)
         return self.get(ref.digest) if ref else None
 
-    def ref(self, image_name: str) -> Ref | None:
-        return self._index.refs.get(image_name)
-
     def ref_path(self, image_name: str) -> Path:
         """Where an image's ref lives; ``UnsafeName`` for a name that is no identifier."""
         return image_file(self.refs, image_name, ".json")
@@ -242,19 +230,9 @@ class CacheStore:
             return entry
         return None
 
-    def pinned_digests(self, image_names: Collection[str]) -> set[str]:
-        """Digests that are the current version of one of ``image_names``."""
-        return {entry.digest for name in image_names
-                if (entry := self.current(name)) is not None}
-
     def use_to_record(self, entry: CacheEntry, image_name: str, source: Source) -> UseRecord:
-        latest = self.get(entry.digest) or entry
-        ref = self.ref(image_name)
-        return use_to_record(
-            source=source, entry_sources=latest.sources, entry_image=latest.image,
-            image=image_name, ref_digest=ref.digest if ref else None,
-            ref_etag=ref.etag if ref else None, digest=entry.digest,
-            seconds_since_use=age_seconds(latest.last_used_at))
+        return _todo(self.get(entry.digest) or entry, self._index.refs.get(image_name),
+                     image_name, source)
 
     # ---- changes (blocking) ----------------------------------------------------------------
 
@@ -292,12 +270,7 @@ class CacheStore:
             latest = draft.entries.get(digest)
             if latest is None:
                 return None  # removed by another process meanwhile
-            ref = draft.refs.get(image_name)
-            todo = use_to_record(
-                source=source, entry_sources=latest.sources, entry_image=latest.image,
-                image=image_name, ref_digest=ref.digest if ref else None,
-                ref_etag=ref.etag if ref else None, digest=digest,
-                seconds_since_use=age_seconds(latest.last_used_at))
+            todo = _todo(latest, draft.refs.get(image_name), image_name, source)
             if not todo.record:
                 return latest
             updated = replace(latest, last_used_at=now_stamp(), image=image_name,
@@ -362,7 +335,7 @@ class CacheStore:
         """
         seen = stat_key(entry.path)
         if seen is None or seen != self._written_here.get(entry.digest):
-            result, seen = _check(entry)
+            result, seen = rehash(entry)
             if not result.ok:
                 return seen, result.detail
         fsync_path(entry.path)
@@ -396,14 +369,14 @@ class CacheStore:
 
     def verify(self) -> list[VerifyResult]:
         """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""
-        return [_check(entry)[0] for entry in self.entries()]
+        return [rehash(entry)[0] for entry in self.entries()]
 
     def remove_corrupt(self) -> list[VerifyResult]:
         """Re-hash every entry: remove the corrupt ones (fetched again when needed), stamp
         ``verified_at`` on the others. Hashes outside the cache lock; returns the corrupt."""
         corrupt = []
         for entry in self.entries():
-            result, seen = _check(entry)
+            result, seen = rehash(entry)
             with self._changing() as draft:
                 # Act only on the file that was hashed: it may have been replaced meanwhile.
                 now = draft.entries.get(entry.digest)
@@ -429,7 +402,7 @@ class CacheStore:
         """
         with self._lock.held() as held:
             if held.mark() != self._index.generation:
-                self._publish(self._read_all(), held.mark())
+                self._publish(read_all(self.objects, self.refs, self.log), held.mark())
             draft = Draft.of(self._index)
             try:
                 yield draft
@@ -449,64 +422,29 @@ class CacheStore:
         telemetry.cache_entries.set(len(index.entries))
         telemetry.cache_bytes.set(index.total_bytes + self.held_bytes)
 
-    def _read_all(self) -> tuple[dict[str, CacheEntry], dict[str, Ref]]:
-        entries = {}
-        for record in self.objects.glob("*.json"):
-            entry = self._read_entry(record)
-            if entry is not None:
-                entries[entry.digest] = entry
-        refs = {}
-        for path in self.refs.glob("*.json"):
-            data = self._read_json(path)
-            if data and is_image_name(path.stem) and is_digest(data.get("digest")):
-                etag = data.get("etag")
-                refs[path.stem] = Ref(str(data["digest"]), str(etag) if etag else None)
-        return entries, refs
-
-    def _read_entry(self, record: Path) -> CacheEntry | None:
-        data = self._read_json(record)
-        if not data:
-            return None
-        try:
-            return CacheEntry.from_record(self.objects, data)
-        except (TypeError, KeyError, ValueError, UnsafeName) as err:
-            self.log.warning("unreadable cache record ignored", record=str(record), error=str(err))
-            return None
-
-    def _read_json(self, path: Path) -> dict[str, Any] | None:
-        return read_json(path, lambda p, err: self.log.warning(
-            "unreadable cache file ignored", file=str(p), error=str(err)))
-
     def _write_record(self, entry: CacheEntry, draft: Draft) -> None:
         draft.changed = True
-        write_json(digest_file(self.objects, entry.digest, ".json"), entry.record(), self.tmp)
+        write_record(self.objects, self.tmp, entry)
         draft.put(entry)
 
     def _write_ref(self, image_name: str, entry: CacheEntry, source: Source,
                    draft: Draft) -> None:
         draft.changed = True
-        write_json(self.ref_path(image_name), {
-            "digest": entry.digest, "bucket": source.bucket, "key": source.key,
-            "etag": source.etag, "resolved_at": now_stamp()}, self.tmp)
+        write_ref(self.ref_path(image_name), self.tmp, entry.digest, source)
         draft.refs[image_name] = Ref(entry.digest, source.etag)
 
     def _remove(self, entry: CacheEntry, draft: Draft) -> None:
         draft.drop(entry.digest)
-        # Record first: without it the entry no longer exists, even if unlinking data fails.
-        digest_file(self.objects, entry.digest, ".json").unlink(missing_ok=True)
-        entry.path.unlink(missing_ok=True)
-
-
-def _check(entry: CacheEntry) -> tuple[VerifyResult, tuple[int, ...] | None]:
-    seen = stat_key(entry.path)
-    try:
-        digest = sha256_file(entry.path)
-    except OSError as err:
-        return VerifyResult(entry.digest, False, f"unreadable: {err}"), seen
-    if digest != entry.digest:
-        return VerifyResult(entry.digest, False, f"content hashes to {digest}"), seen
-    return VerifyResult(entry.digest, True, "ok"), seen
+        remove_files(self.objects, entry)
 
 
 def _merge(old: Collection[Source], new: Collection[Source]) -> tuple[Source, ...]:
     return tuple(dict.fromkeys([*old, *new]))
+
+
+def _todo(latest: CacheEntry, ref: Ref | None, image_name: str, source: Source) -> UseRecord:
+    return use_to_record(
+        source=source, entry_sources=latest.sources, entry_image=latest.image,
+        image=image_name, ref_digest=ref.digest if ref else None,
+        ref_etag=ref.etag if ref else None, digest=latest.digest,
+        seconds_since_use=age_seconds(latest.last_used_at))

@@ -1,39 +1,35 @@
-"""Fetching an image into the cache: resolve, sidecar, download, verify, inspect, commit.
+"""``Cache``, the cache's async face: images fetched into it, and its reads and changes.
 
-Why it exists: a policy image names an S3 object (or a prefix), not a digest. Turning it
-into a verified cache entry takes the network (the current object, its sidecar, the
-bytes), qemu-img (inspection) and memory across calls: object versions already rejected
-are not downloaded again, a download whose sidecar was stale is held aside for a newer
-one (``watcher.cache.held``: one per image, bounded), and concurrent requests for the
-same bytes share one download. The files themselves are the store's
+Why it exists: everything outside ``watcher.cache`` (jobs, HTTP routes, the fleet, the
+supervisor, the command line) uses the cache through this one object, so none of them
+has to remember which calls block, and every change runs on the directory's one worker
+thread (``CacheDir.in_worker``), in order. Most of it is fetching: a policy image names
+an S3 object (or a prefix), not a digest. Turning it into a verified entry takes the
+network (the current object, its sidecar, the bytes), qemu-img (inspection) and memory
+across calls: object versions already rejected are not downloaded again, a download
+whose sidecar was stale is held aside for a newer one (``watcher.cache.held``: one per
+image, bounded), and concurrent requests for the same bytes share one download (the
+transfer itself is ``watcher.cache.download``). The files are the directory's
 (``watcher.cache.store``); every disk write goes through it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
+from pathlib import Path
 
 from watcher import telemetry
 from watcher.adapters.qemu_img import inspect_image_file
-from watcher.adapters.s3 import DownloadResult, ObjectInfo, S3Store
-from watcher.cache.entry import CacheEntry, Source, now_stamp
-from watcher.cache.files import PartFile
+from watcher.adapters.s3 import ObjectInfo, S3Store
+from watcher.cache.download import Downloader, FetchProgress
+from watcher.cache.entry import CacheEntry, Source, VerifyResult, now_stamp
 from watcher.cache.flights import SingleFlight
 from watcher.cache.held import DEFAULT_HOLD, HeldDownloads
-from watcher.cache.store import CacheStore
-from watcher.core.errors import (
-    ImageRejected,
-    ObjectUnavailable,
-    PermanentError,
-    SidecarUnavailable,
-    TemporaryError,
-)
+from watcher.cache.store import CacheDir
+from watcher.core.errors import ImageRejected, ObjectUnavailable, SidecarUnavailable
 from watcher.core.inspect import DEFAULT_MAX_VIRTUAL_SIZE
 from watcher.core.paths import digest_file
 from watcher.core.policy import SIDECAR_SUFFIX, ImageSpec, PolicySet
@@ -47,67 +43,100 @@ SYNC_GRACE = 5.0
 """Seconds ``close`` waits for background fsyncs of unsynced entries before cancelling."""
 
 
-@dataclass
-class FetchProgress:
-    """One object being fetched: bytes downloaded so far, then verification.
-
-    Read by API job status (``GET /api/v1/jobs/{id}``): progress comes from the transfer
-    itself, never from elapsed time.
-    """
-
-    total: int
-    """Bytes of the object, as S3 listed it."""
-    done: int = 0
-    started: float = field(default_factory=time.monotonic)
-    stage: str = "downloading"
-    """``downloading``, then ``verifying`` (hash check and inspection) until committed."""
-
-    def add(self, count: int) -> None:
-        self.done += count  # from the download thread: one int store, atomic in CPython
-
-
-class ImageWarmer:
-    """Keeps the current version of every policy image in the store, verified."""
+class Cache:
+    """The cache in ``directory``: policy images kept current and verified, and its entries."""
 
     def __init__(
         self,
-        store: CacheStore,
+        directory: Path,
         s3: S3Store,
         *,
+        max_size: int,
         max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
         max_concurrent_downloads: int = 2,
         policies: Callable[[], PolicySet] | None = None,
         stale_sidecar_hold: float = DEFAULT_HOLD,
     ) -> None:
-        self.store = store
-        self.s3 = s3
+        self._dir = CacheDir(directory, max_size=max_size)
         self.max_virtual_size = max_virtual_size
         self._policies = policies
-        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._flights = SingleFlight()
         self._syncs = SingleFlight()  # durable(): one fsync (or re-hash) per entry at a time
         self._background: set[asyncio.Task[CacheEntry | None]] = set()
         self.log = telemetry.get_logger(component="cache")
-        self.held = HeldDownloads(store, stale_sidecar_hold)
+        self.held = HeldDownloads(self._dir, stale_sidecar_hold)
         """Downloads whose sidecar did not match yet, kept (and locked) for a newer one."""
         # Object versions already rejected: not downloaded again until they change.
         self._rejected: dict[Source, ImageRejected] = {}
         self._problems = RepeatFilter()
+        self._downloader = Downloader(s3, self._dir.new_part, problems=self._problems,
+                                      max_concurrent=max_concurrent_downloads)
+        self.s3 = s3
         self.fetching: dict[tuple[str, str], FetchProgress] = {}
         """Objects being fetched right now, by (bucket, key)."""
         self.on_evicted: Callable[[list[str]], Awaitable[object]] | None = None
         """Awaited with the digests ``evict`` removed (their golden LVs go with them)."""
 
-    # ---- reading: the store's, for callers that warm and read (the reprovisioner) -------
+    # ---- reading (memory only) ---------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return self._dir.count
 
     def current(self, image_name: str) -> CacheEntry | None:
-        return self.store.current(image_name)
+        """The last known current version of an image, without touching the network."""
+        return self._dir.current(image_name)
 
     def get(self, digest: str) -> CacheEntry | None:
-        return self.store.get(digest)
+        return self._dir.get(digest)
 
     def entries(self) -> list[CacheEntry]:
-        return self.store.entries()
+        """Every committed entry, oldest use first."""
+        return self._dir.entries()
+
+    def pinned_digests(self, image_names: Collection[str]) -> set[str]:
+        """Digests that are the current version of one of ``image_names``."""
+        return {entry.digest for name in image_names
+                if (entry := self._dir.current(name)) is not None}
+
+    # ---- the directory, on its worker thread --------------------------------------------
+
+    async def load(self, *, create: bool = False) -> None:
+        """Read the records, creating nothing unless ``create`` (a process that writes)."""
+        await self._dir.in_worker(self._dir.load, create=create)
+
+    async def recover(self) -> int:
+        """The daemon's start-up (``CacheDir.recover``); returns files removed."""
+        return await self._dir.in_worker(self._dir.recover)
+
+    async def refreshed(self) -> None:
+        """Re-read the records if another process changed them since they were read."""
+        await self._dir.refreshed()
+
+    async def remove_leftovers(self) -> int:
+        """Remove what a crash left, sparing what a live process locks; files removed."""
+        return await self._dir.in_worker(self._dir.remove_leftovers)
+
+    async def remove(self, digest: str, keep_images: Collection[str]) -> CacheEntry | None:
+        """Remove the entry ``digest``: the removed entry, or None when there is none;
+        ``EntryPinned`` when it is the current version of one of ``keep_images``."""
+        return await self._dir.in_worker(self._dir.remove, digest, keep_images)
+
+    async def prune(self, keep_images: Collection[str]) -> list[str]:
+        """Remove every entry that is not the current version of one of ``keep_images``."""
+        return await self._dir.in_worker(self._dir.prune, keep_images)
+
+    async def verify(self) -> list[VerifyResult]:
+        """Re-hash every entry; read-only: a corrupt entry is reported, not removed."""
+        return await self._dir.in_worker(self._dir.verify)
+
+    async def remove_corrupt(self) -> list[VerifyResult]:
+        """Re-hash every entry, remove the corrupt ones and return them."""
+        return await self._dir.in_worker(self._dir.remove_corrupt)
+
+    def release(self) -> None:
+        """End the worker thread, once no job may change the cache (after ``close``)."""
+        self._dir.close()
 
     # ---- warming ----------------------------------------------------------------------------
 
@@ -133,7 +162,7 @@ class ImageWarmer:
         when S3 is unreachable.
         """
         # Refused before any download: the name becomes a file name once the image is cached.
-        self.store.ref_path(image.name)
+        self._dir.ref_path(image.name)
         asked = time.monotonic()  # a download held after this may be newer than our answer
         with telemetry.tracer.start_as_current_span("warm", attributes={"image": image.name}):
             obj = await self._resolve(image)
@@ -144,12 +173,12 @@ class ImageWarmer:
                 # The same bytes will fail the same way; a new upload has a new ETag.
                 self._report_rejection(image, source, digest, known_bad)
                 raise known_bad
-            await self.store.refreshed()  # another process may have changed the cache
-            hit = self.store.lookup(digest, source)
+            await self._dir.refreshed()  # another process may have changed the cache
+            hit = self._dir.lookup(digest, source)
             if hit is None and before_download is not None:
                 await before_download(source)
-                await self.store.refreshed()
-                hit = self.store.lookup(digest, source)
+                await self._dir.refreshed()
+                hit = self._dir.lookup(digest, source)
             if hit is not None:
                 used = await self._use(hit, image, source)
                 if used is not None:
@@ -195,15 +224,15 @@ class ImageWarmer:
 
     async def _make_durable(self, digest: str) -> CacheEntry | None:
         while True:
-            current = self.store.get(digest)
+            current = self._dir.get(digest)
             if current is None or current.durable:
                 return current
-            seen, problem = await asyncio.to_thread(self.store.sync_data, current)
+            seen, problem = await asyncio.to_thread(self._dir.sync_data, current)
             if problem is not None:
-                await self.store.in_worker(self.store.discard, digest, seen, problem)
+                await self._dir.in_worker(self._dir.discard, digest, seen, problem)
                 return None
-            synced = await self.store.in_worker(self.store.mark_durable, digest, seen)
-            if synced is not None or self.store.get(digest) is None:
+            synced = await self._dir.in_worker(self._dir.mark_durable, digest, seen)
+            if synced is not None or self._dir.get(digest) is None:
                 return synced
             # The file was replaced while it was synced (another process): sync the new one.
 
@@ -234,12 +263,12 @@ class ImageWarmer:
     async def evict(self) -> list[str]:
         """Evict least-recently-used entries that no policy image needs, then held
         downloads, oldest first, until both fit max_size."""
-        if self.store.total_bytes + self.held.total_bytes <= self.store.max_size:
-            return []  # fits: no need to queue behind the lock (the store checks again)
-        removed = await self.store.in_worker(self.store.evict, self._images_to_keep())
+        if self._dir.total_bytes + self.held.total_bytes <= self._dir.max_size:
+            return []  # fits: no need to queue behind the lock (the directory checks again)
+        removed = await self._dir.in_worker(self._dir.evict, self._images_to_keep())
         if removed and self.on_evicted is not None:
             await self.on_evicted(removed)
-        await self.held.sweep(room=max(0, self.store.max_size - self.store.total_bytes))
+        await self.held.sweep(room=max(0, self._dir.max_size - self._dir.total_bytes))
         return removed
 
     async def sweep_held(self) -> None:
@@ -254,10 +283,10 @@ class ImageWarmer:
     async def _use(self, entry: CacheEntry, image: ImageSpec,
                    source: Source) -> CacheEntry | None:
         """Record a use (LRU time, source, ref); None if the entry went meanwhile."""
-        todo = self.store.use_to_record(entry, image.name, source)
+        todo = self._dir.use_to_record(entry, image.name, source)
         if not (todo.record or todo.ref):
-            return self.store.get(entry.digest) or entry  # a duplicate: nothing to write
-        return await self.store.in_worker(self.store.record_use, entry.digest, image.name,
+            return self._dir.get(entry.digest) or entry  # a duplicate: nothing to write
+        return await self._dir.in_worker(self._dir.record_use, entry.digest, image.name,
                                           source)
 
     async def _resolve(self, image: ImageSpec) -> ObjectInfo:
@@ -305,7 +334,8 @@ class ImageWarmer:
             telemetry.cache_misses.inc()
             progress = self.fetching[(obj.bucket, obj.key)] = FetchProgress(obj.size)
             try:
-                part, digest, size = await self._download(image, obj, progress, durable)
+                part, digest, size = await self._downloader.download(image, obj, progress,
+                                                                      durable)
             except BaseException:
                 self.fetching.pop((obj.bucket, obj.key), None)
                 raise
@@ -323,14 +353,14 @@ class ImageWarmer:
                     part.path, image.format, max_virtual_size=self.max_virtual_size)
             now = now_stamp()
             entry = CacheEntry(
-                digest=digest, path=digest_file(self.store.objects, digest, f".{image.format}"),
+                digest=digest, path=digest_file(self._dir.objects, digest, f".{image.format}"),
                 format=image.format, virtual_size=facts.virtual_size, size=size,
                 image=image.name, bucket=obj.bucket, key=obj.key, etag=obj.etag,
                 sources=(source,), created_at=now, last_used_at=now, verified_at=now,
                 checksum="sidecar" if expected is not None else "computed",
                 durable=durable,
             )
-            entry = await self.store.in_worker(self.store.commit, part.path, entry)
+            entry = await self._dir.in_worker(self._dir.commit, part.path, entry)
         except ImageRejected as err:
             self._rejected_now(image, source, err, digest)
             raise
@@ -361,50 +391,6 @@ class ImageWarmer:
         self._report_rejection(image, source, digest, err)
         return err
 
-    async def _download(self, image: ImageSpec, obj: ObjectInfo, progress: FetchProgress,
-                        durable: bool) -> tuple[PartFile, str, int]:
-        part = await asyncio.to_thread(self.store.new_part)
-        started = time.monotonic()
-        async with self._downloads:
-            transfer_started = time.monotonic()  # the histogram leaves out the queueing
-            telemetry.jobs_in_progress.labels(kind="download").inc()
-            try:
-                with telemetry.tracer.start_as_current_span(
-                        "download", attributes={"bucket": obj.bucket, "key": obj.key}):
-                    result = await self._transfer(obj, part, progress, durable)
-            except BaseException as err:
-                telemetry.downloads.labels(result="failed").inc()
-                part.release()
-                if isinstance(err, Exception):
-                    self._report_download_failure(image, obj, err)
-                raise
-            finally:
-                telemetry.jobs_in_progress.labels(kind="download").dec()
-        telemetry.downloads.labels(result="ok").inc()
-        telemetry.download_seconds.observe(time.monotonic() - transfer_started)
-        self.log.info("downloaded", image=image.name, key=obj.key, bytes=result.size,
-                      seconds=round(time.monotonic() - started, 3), resumed=result.resumed)
-        return part, result.sha256, result.size
-
-    async def _transfer(self, obj: ObjectInfo, part: PartFile, progress: FetchProgress,
-                        durable: bool) -> DownloadResult:
-        """The download in a thread; cancelling this stops the thread and waits for it."""
-        stop = threading.Event()
-
-        def on_bytes(count: int) -> None:
-            telemetry.download_bytes.inc(count)
-            progress.add(count)
-
-        transfer = asyncio.ensure_future(asyncio.to_thread(
-            self.s3.download, obj.bucket, obj.key, part.path,
-            expected_etag=obj.etag, on_bytes=on_bytes, stop=stop, durable=durable))
-        try:
-            return await asyncio.shield(transfer)
-        except asyncio.CancelledError:
-            stop.set()  # the thread ends at its next chunk and removes the file
-            await asyncio.gather(transfer, return_exceptions=True)
-            raise
-
     # ---- reporting ----------------------------------------------------------------------------
 
     def _report_rejection(self, image: ImageSpec, source: Source, digest: str | None,
@@ -415,26 +401,3 @@ class ImageWarmer:
             self.log.warning("image rejected", image=image.name, bucket=source.bucket,
                              key=source.key, version=source.etag, digest=digest,
                              reason=err.reason, error=str(err), repeats_unlogged=repeats)
-
-    def _report_download_failure(self, image: ImageSpec, obj: ObjectInfo,
-                                 err: Exception) -> None:
-        reason = failure_reason(err)
-        source = Source(obj.bucket, obj.key, obj.etag)
-        repeats = self._problems.admit((source, reason), time.monotonic())
-        if repeats is not None:
-            self.log.warning("image download failed", image=image.name, bucket=obj.bucket,
-                             key=obj.key, version=obj.etag, reason=reason,
-                             error=f"{type(err).__name__}: {err}", repeats_unlogged=repeats)
-
-
-def failure_reason(err: BaseException) -> str:
-    """A short stable word for a failed download: the errno name (``ENOSPC``) when the
-    cause was an OS error, else whether it was temporary or permanent."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return errno.errorcode.get(cause.errno, f"errno {cause.errno}")
-        cause = cause.__cause__
-    if isinstance(err, TemporaryError):
-        return "temporary"
-    return "permanent" if isinstance(err, PermanentError) else type(err).__name__

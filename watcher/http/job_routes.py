@@ -21,7 +21,7 @@ from aiohttp import web
 from opentelemetry import propagate
 
 from watcher import telemetry
-from watcher.cache import EntryPinned, ImageWarmer
+from watcher.cache import Cache, EntryPinned
 from watcher.core.api_requests import (
     BadRequest,
     BodyTooLarge,
@@ -53,7 +53,7 @@ log = telemetry.get_logger(component="http", listener="api")
 class JobRoutes:
     """Handlers bound to the daemon's jobs service, cache and policies."""
 
-    def __init__(self, jobs: ApiJobs, cache: ImageWarmer, uploader: Uploader, s3_endpoint: str,
+    def __init__(self, jobs: ApiJobs, cache: Cache, uploader: Uploader, s3_endpoint: str,
                  keep_images: Callable[[], Collection[str]]) -> None:
         self.jobs = jobs
         self.cache = cache
@@ -160,9 +160,8 @@ class JobRoutes:
         if digest in self.jobs.digests_in_use():
             raise ApiError(HTTPStatus.CONFLICT,
                            f"{digest} is being written onto a volume by a running job")
-        store = self.cache.store
         try:
-            removed = await store.in_worker(store.remove, digest, frozenset(self.keep_images()))
+            removed = await self.cache.remove(digest, frozenset(self.keep_images()))
         except EntryPinned as exc:
             raise ApiError(HTTPStatus.CONFLICT, f"{exc}; a policy needs it "
                            "(it would be fetched again at once)") from None

@@ -56,7 +56,7 @@ from watcher import telemetry
 from watcher.adapters import qemu_img
 from watcher.adapters.jobstore import FINISHED, JobRecord, JobStore
 from watcher.adapters.qemu_img import WriteImageFunction
-from watcher.cache import CacheEntry, ImageWarmer
+from watcher.cache import Cache, CacheEntry
 from watcher.core.api_requests import FetchRequest, ImageRef, ProvisionRequest
 from watcher.core.api_shapes import Stage
 from watcher.core.backoff import Backoff
@@ -159,7 +159,7 @@ class ApiJobs:
     def __init__(
         self,
         store: JobStore,
-        images: ImageWarmer,
+        cache: Cache,
         calls: StorageCalls,
         pool: str,
         submit: Callable[[str], None],
@@ -169,7 +169,7 @@ class ApiJobs:
         retry: Backoff = RETRY,
     ) -> None:
         self.store = store
-        self.images = images
+        self.cache = cache
         self.calls = calls
         self.pool = pool
         self.submit = submit
@@ -443,7 +443,7 @@ class ApiJobs:
             live.fetching = (image.bucket, image.key)
 
         try:
-            entry = await self.images.ensure(spec, before_download=downloading)
+            entry = await self.cache.ensure(spec, before_download=downloading)
         except NotUploadedYet as exc:
             raise PermanentError(f"{exc}: the image and its .sha256 sidecar must both be in "
                                  "the bucket") from exc
@@ -490,7 +490,7 @@ class ApiJobs:
     def _read_transfer(self, live: Live) -> None:
         if live.fetching is None:
             return
-        progress = self.images.fetching.get(live.fetching)
+        progress = self.cache.fetching.get(live.fetching)
         if progress is None:
             return
         if live.stage != "downloading":

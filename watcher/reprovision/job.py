@@ -76,7 +76,7 @@ class Reprovisioner:
     def __init__(
         self,
         hypervisor: DomainWatcher,
-        images: ImageSource,
+        cache: ImageSource,
         policies: Callable[[], PolicySet],
         volumes: VolumeRules,
         log: Any = None,
@@ -84,7 +84,7 @@ class Reprovisioner:
         write_image: WriteImageFunction = qemu_img.write_image,
     ) -> None:
         self.hypervisor = hypervisor
-        self.images = images
+        self.cache = cache
         self.policies = policies
         self.volumes = volumes
         self.log = log if log is not None else telemetry.get_logger(component="reprovision")
@@ -151,7 +151,7 @@ class Reprovisioner:
             span.set_attribute("image", action.image)
             try:
                 try:
-                    entry = await self.images.ensure(policies.images[action.image])
+                    entry = await self.cache.ensure(policies.images[action.image])
                 except NotUploadedYet as exc:
                     raise TemporaryError(f"image not available yet: {exc}") from exc
                 span.set_attribute("digest", entry.digest)
@@ -234,7 +234,7 @@ class Reprovisioner:
         made: list[str] = []
         if pools:
             # A golden is a volume write: it starts from data on stable storage.
-            durable = await self.images.durable(entry)
+            durable = await self.cache.durable(entry)
             if durable is None:
                 return made  # corrupt after a crash: removed, fetched again at the next warm
             entry = durable

@@ -27,7 +27,7 @@ import gc
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
@@ -35,11 +35,10 @@ from watcher.adapters import write_markers
 from watcher.adapters.amqp import BucketEventConsumer
 from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
-from watcher.cache import CacheStore, ImageWarmer
-from watcher.config import load_config, load_policy_dir
+from watcher.cache import Cache
+from watcher.config import load_config
 from watcher.core.decide import count_by_state, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
-from watcher.core.policy import PolicySet
 from watcher.core.waiting import wait_any
 from watcher.fleet import FleetMember
 from watcher.http import HttpServer
@@ -53,6 +52,7 @@ from watcher.prewarm import Prewarmer
 from watcher.runtime.coalesce import Coalescer
 from watcher.runtime.keyed import KeyedWorker
 from watcher.runtime.observability import context_from_amqp_headers, set_log_level
+from watcher.runtime.policies import PolicyStore
 from watcher.runtime.sdnotify import SystemdNotifier
 from watcher.settings import RUNTIME_TUNING, Config
 
@@ -89,41 +89,6 @@ class StopDeadline:
         return self._clock() - self.started
 
 
-@dataclass
-class PolicyStore:
-    """The policies in force; a failed reload keeps the previous ones."""
-
-    directory: Any
-    current: PolicySet = field(default_factory=PolicySet)
-    loaded: bool = False
-    host: str | None = None
-    """This host's name, for the policies' ``hosts:`` globs."""
-
-    def load(self) -> bool:
-        try:
-            policies = load_policy_dir(self.directory)
-        except ConfigError as err:
-            telemetry.policy_reloads.labels(result="failed").inc()
-            for problem in err.problems:
-                log.error("policy error", problem=str(problem))
-            log.error("policies not loaded; keeping the previous ones" if self.loaded
-                      else "policies not loaded", problems=len(err.problems))
-            return False
-        except Exception:
-            telemetry.policy_reloads.labels(result="failed").inc()
-            telemetry.report_unexpected(log, "reload", directory=str(self.directory))
-            return False
-        self.current = policies if self.host is None else policies.on_host(self.host)
-        self.loaded = True
-        telemetry.policy_reloads.labels(result="ok").inc()
-        telemetry.policy_images.set(len(policies.images))
-        log.info("policies loaded", images=len(policies.images), rules=len(policies.rules))
-        return True
-
-    def get(self) -> PolicySet:
-        return self.current
-
-
 JOB_DATABASE = "jobs.sqlite3"
 """The API's job database, in ``state.dir``."""
 
@@ -138,14 +103,14 @@ class Daemon:
         """Seconds the whole stop may take (every drain shares them)."""
         self.policies = PolicyStore(config.policies.dir, host=config.host.resolved)
         self.s3 = S3Store(config.s3)
-        self.store = CacheStore(config.cache.dir, max_size=config.cache.max_size)
-        # The warmer is "the cache" to jobs: it hands out current images, fetching if need be.
-        self.cache = ImageWarmer(
-            self.store, self.s3, max_virtual_size=config.cache.max_virtual_size,
+        # To jobs the cache hands out current images, fetching them if need be.
+        self.cache = Cache(
+            config.cache.dir, self.s3, max_size=config.cache.max_size,
+            max_virtual_size=config.cache.max_virtual_size,
             max_concurrent_downloads=config.cache.max_concurrent_downloads,
             policies=self.policies.get, stale_sidecar_hold=config.cache.stale_sidecar_hold)
         self.stop_requested = asyncio.Event()
-        self.fleet = FleetMember(config, self.store, self.policies.get, self.stop_requested)
+        self.fleet = FleetMember(config, self.cache, self.policies.get, self.stop_requested)
         self._warms = Coalescer()
         self.prewarm = Prewarmer(self.cache, self.policies.get, self._warms,
                                  context_from_amqp_headers, self.fleet)
@@ -223,7 +188,7 @@ class Daemon:
         return checks
 
     def status_line(self) -> str:
-        entries = self.store.count  # kept by the store: no record is read
+        entries = self.cache.count  # kept in memory: no record is read
         jobs = self.reprovisioner.running_jobs if self.reprovisioner else 0
         jobs += self.api_jobs.running if self.api_jobs else 0
         return f"{entries} images cached, {jobs} jobs running"
@@ -252,7 +217,7 @@ class Daemon:
         await self.cache.evict()
         if self.reprovisioner is not None:  # also the goldens of entries another process removed
             await self.reprovisioner.remove_orphan_goldens(
-                {entry.digest for entry in self.store.entries()})
+                {entry.digest for entry in self.cache.entries()})
         self.fleet.reconciled(outdated)
         self.reconciles += 1
         log.info("reconciled", images=images,
@@ -345,7 +310,7 @@ class Daemon:
         while not self.stop_requested.is_set():
             await wait_any(self.stop_requested, timeout=5.0)
             try:
-                await self.store.refreshed()
+                await self.cache.refreshed()
                 await self.cache.sweep_held()
             except Exception:
                 telemetry.report_unexpected(log, "watchdog")
@@ -377,7 +342,7 @@ class Daemon:
         """Run until SIGTERM (or ``stop_requested``); returns the process exit code."""
         if handle_signals:
             self.install_signal_handlers()
-        removed = await self.store.recover()
+        removed = await self.cache.recover()
         stale = await asyncio.to_thread(write_markers.stale_markers_removed)
         if stale:
             log.info("write markers of stopped processes removed", markers=stale)
@@ -464,7 +429,7 @@ class Daemon:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.warning("task ended with an error during shutdown", task=name,
                             error=repr(task.exception()))
-        self.store.close()
+        self.cache.release()
         if self.api_jobs is not None:
             self.api_jobs.store.close()
         if self.http is not None:
