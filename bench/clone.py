@@ -137,12 +137,12 @@ class LvmClock:
     """Wraps the LVM adapter's command runner: time spent in LVM commands, and how many."""
 
     def __init__(self) -> None:
-        from watcher.adapters import lvm
+        from watcher.adapters.lvm import report
 
         self.seconds = 0.0
         self.commands: Counter[str] = Counter()
         self.by_command: dict[str, float] = {}
-        original = lvm._run
+        original = report.run
 
         async def timed(argv: Sequence[str]) -> str:
             started = time.perf_counter()
@@ -155,7 +155,7 @@ class LvmClock:
                     self.by_command[argv[0]] = (self.by_command.get(argv[0], 0.0)
                                                 + time.perf_counter() - started)
 
-        lvm._run = timed
+        report.run = timed  # every LVM command starts in report.run
 
     def reset(self) -> None:
         self.seconds = 0.0

@@ -28,6 +28,7 @@ from tests.lvm.conftest import LVM_ENV, VolumeGroup, sh
 from tests.lvm.test_lvm import MiB, fill_random, images_match, make_qcow2, sha256_of
 from watcher.adapters import lvm
 from watcher.adapters.hypervisor import DomainFacts
+from watcher.adapters.lvm import clones as lvm_clones
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
 from watcher.core.domain import DomainState, parse_state, render_state
@@ -310,12 +311,13 @@ def crash_child(vg: str, image: str, state_file: str, crash_at: str) -> None:
 
     if crash_at != "making-golden":  # that one dies at the golden's rename, once written
         asyncio.run(job.prepare_goldens("ubuntu", entry))
+        # Patched where the clone path looks them up: the clones module.
         if crash_at == "after-rename":
-            lvm.clone_lv = die  # type: ignore[assignment]
+            lvm_clones.clone_lv = die  # type: ignore[assignment]
         if crash_at == "before-grow":
-            lvm.extend_to = die  # type: ignore[assignment]
+            lvm_clones.extend_to = die  # type: ignore[assignment]
     else:
-        lvm.rename_lv = die  # type: ignore[assignment]
+        lvm_clones.rename_lv = die  # type: ignore[attr-defined,assignment]
     if crash_at == "before-record":
         original_set = host.set_state
 
