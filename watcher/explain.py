@@ -31,8 +31,9 @@ from watcher.core.domain import (
     render_state,
     root_disk,
 )
-from watcher.core.plan import ExtendLv, GrowVolume, Plan, TargetFacts, plan, volume_refusal
+from watcher.core.plan import TargetFacts, plan, volume_refusal
 from watcher.core.policy import PolicySet
+from watcher.core.steps import ExtendLv, GrowVolume, Plan
 from watcher.core.units import format_size
 from watcher.reprovision.facts import gather, resolve_target
 from watcher.settings import Config

@@ -16,8 +16,9 @@ from watcher.adapters import lvm
 from watcher.core.domain import DomainState, RootDiskSource
 from watcher.core.errors import ImageWriteError, TemporaryImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo
-from watcher.core.plan import ImageFacts, JobFacts, Plan, PoolVolume, TargetFacts, plan
+from watcher.core.plan import ImageFacts, JobFacts, PoolVolume, TargetFacts, plan
 from watcher.core.policy import DomainRule
+from watcher.core.steps import Plan
 from watcher.reprovision.execute import Deferred, Executor, Refused, WriteFailed
 
 MiB = 1 << 20

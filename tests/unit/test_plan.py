@@ -8,7 +8,9 @@ import pytest
 
 from watcher.core.domain import DomainSnapshot, DomainState, Fail, RootDiskSource, decide
 from watcher.core.lvm_rules import GOLDEN_TAG, OWNER_TAG, LvInfo, SwapLeftover, digest_tag
-from watcher.core.plan import (
+from watcher.core.plan import ImageFacts, JobFacts, PoolVolume, TargetFacts, plan, size_plan
+from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.core.steps import (
     ActivateLv,
     CheckShutOff,
     CloneGolden,
@@ -18,25 +20,18 @@ from watcher.core.plan import (
     ExtendLv,
     GrowClone,
     GrowVolume,
-    ImageFacts,
-    JobFacts,
     MakeGolden,
     MarkProvisioned,
     MarkProvisioning,
     Plan,
-    PoolVolume,
     Refusal,
     RemoveLv,
     RenameLv,
     Snapshot,
     StartDomain,
     SwapOut,
-    TargetFacts,
     WriteImage,
-    plan,
-    size_plan,
 )
-from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -7,15 +7,21 @@ from dataclasses import replace
 import pytest
 
 from watcher.core.lvm_rules import LvInfo
-from watcher.core.plan import Discard, ExtendLv, GrowVolume, ImageFacts, Refusal
-from watcher.core.volume_plan import (
+from watcher.core.plan import ImageFacts
+from watcher.core.steps import (
     CheckUnused,
     CreateVolume,
+    Discard,
+    ExtendLv,
+    GrowVolume,
+    Refusal,
+    VolumePlan,
+    WriteVolume,
+)
+from watcher.core.volume_plan import (
     DiskUserFact,
     ExistingVolume,
     VolumeJobFacts,
-    VolumePlan,
-    WriteVolume,
     plan_volume_job,
     usage_refusal,
 )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from watcher.core.plan import (
+from watcher.core.policy import DomainRule, PolicySet
+from watcher.core.steps import (
     ActivateLv,
     CheckShutOff,
     CloneGolden,
@@ -32,7 +33,6 @@ from watcher.core.plan import (
     SwapOut,
     WriteImage,
 )
-from watcher.core.policy import DomainRule, PolicySet
 
 FAILURE_STEPS = ("check", "resolve", "fetch", "record", "grow", "snapshot", "write",
                  "golden", "clone", "recover", "start")

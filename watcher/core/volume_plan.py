@@ -26,7 +26,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from watcher.core.lvm_rules import LvInfo, refusal_reason
-from watcher.core.plan import Discard, ExtendLv, GrowVolume, ImageFacts, Refusal
+from watcher.core.plan import ImageFacts
+from watcher.core.steps import (
+    CheckUnused,
+    CreateVolume,
+    Discard,
+    ExtendLv,
+    GrowVolume,
+    Refusal,
+    VolumePlan,
+    VolumeStep,
+    WriteVolume,
+)
 
 WRITABLE_POOL_TYPES = frozenset({"logical", "dir", "fs", "netfs"})
 """libvirt pool types whose volumes are LVs or plain files the job can write."""
@@ -70,57 +81,6 @@ class VolumeJobFacts:
     openers: tuple[str, ...] = ()
     """What holds the volume open: ``process 1234``, or a device stacked on it
     (``/dev/loop3``, a device-mapper device) or a mount point."""
-
-
-# ---- steps ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CreateVolume:
-    """Create the volume: through libvirt's storage API, or ``lvcreate`` in a bare VG."""
-
-    pool: str
-    volume: str
-    size: int
-    via: Literal["libvirt", "lvcreate"]
-
-    def __str__(self) -> str:
-        return f"create volume {self.pool}/{self.volume} of {self.size} bytes ({self.via})"
-
-
-@dataclass(frozen=True)
-class CheckUnused:
-    """No domain that is not shut off uses the volume and no process has it open.
-
-    Before the write a user means the job fails with the volume untouched; after the
-    write it means the volume's content is undefined, and the job says so.
-    """
-
-    when: Literal["before write", "after write"]
-
-    def __str__(self) -> str:
-        return f"check unused {self.when}"
-
-
-@dataclass(frozen=True)
-class WriteVolume:
-    """Write the image onto the job's volume (its path is known once it exists)."""
-
-    target_is_zero: bool
-
-    def __str__(self) -> str:
-        return "write volume" + (" (target is zero)" if self.target_is_zero else "")
-
-
-VolumeStep = CreateVolume | GrowVolume | ExtendLv | Discard | CheckUnused | WriteVolume
-
-
-@dataclass(frozen=True)
-class VolumePlan:
-    steps: tuple[VolumeStep, ...]
-
-    def describe(self) -> list[str]:
-        return [str(step) for step in self.steps]
 
 
 # ---- the decision --------------------------------------------------------------------------

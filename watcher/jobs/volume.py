@@ -26,16 +26,22 @@ from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.cache import CacheEntry
 from watcher.core.errors import PermanentError
 from watcher.core.lvm_rules import LvInfo
-from watcher.core.plan import Discard, ExtendLv, GrowVolume, ImageFacts, Refusal
-from watcher.core.volume_plan import (
+from watcher.core.plan import ImageFacts
+from watcher.core.steps import (
     CheckUnused,
     CreateVolume,
-    DiskUserFact,
-    ExistingVolume,
-    VolumeJobFacts,
+    Discard,
+    ExtendLv,
+    GrowVolume,
+    Refusal,
     VolumePlan,
     VolumeStep,
     WriteVolume,
+)
+from watcher.core.volume_plan import (
+    DiskUserFact,
+    ExistingVolume,
+    VolumeJobFacts,
     plan_volume_job,
     usage_refusal,
 )

@@ -27,7 +27,8 @@ from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.core.domain import DomainState
 from watcher.core.errors import PermanentError, PermanentImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
-from watcher.core.plan import (
+from watcher.core.plan import JobFacts
+from watcher.core.steps import (
     ActivateLv,
     CheckShutOff,
     CloneGolden,
@@ -37,7 +38,6 @@ from watcher.core.plan import (
     ExtendLv,
     GrowClone,
     GrowVolume,
-    JobFacts,
     MakeGolden,
     MarkProvisioned,
     MarkProvisioning,
