@@ -5,6 +5,7 @@ cancelled, resumed) and what it does to its volume (``volume``: facts, plan, ste
 for different reasons and are tested apart.
 """
 
-from watcher.jobs.service import ApiJobs, JobEnded, JobNotFound, api_image_name
+from watcher.jobs.names import api_image_name
+from watcher.jobs.service import ApiJobs, JobEnded, JobNotFound
 
 __all__ = ["ApiJobs", "JobEnded", "JobNotFound", "api_image_name"]

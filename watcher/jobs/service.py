@@ -17,34 +17,19 @@ domain metadata. This module is the job's life between the routes
 - At start-up every job that was ``pending`` or ``running`` runs (again): a running one
   is started over from its first step. Finished jobs are pruned after ``KEEP_FINISHED``.
 
-Decisions where the contract is silent (docs/http-api.md):
-
-- a job without a ``correlation_id`` has none in its status (absent, as the predecessor
-  answers), and its log lines carry the job id as one;
-- the stages are the predecessor's: ``initializing`` until the job runs,
-  ``checking_cache`` while the image's object and sidecar are looked up,
-  ``downloading`` (its percent counts the transfer; verification ends it at 100),
-  ``creating_volume`` while the volume is found, created or grown, ``converting``
-  (qemu-img's own progress), then ``finalizing`` (the after-write checks; a completed job
-  reads ``finalizing`` at 100);
-- S3 or libvirt being unreachable (a ``TemporaryError``) is retried by the job engine,
-  as every unit of work is: the job goes back to ``pending`` (``message``: ``retrying:
-  ...``) and its key is run again after the engine's backoff, holding no write slot while
-  it waits, so a tag-triggered reprovision is never held back by it. The attempt that
-  spends ``retry.attempts`` fails the job with the last error;
-- a cancelled job is stored ``cancelled`` with what state the volume was left in; its
-  status reads ``failed`` with ``error: cancelled`` (``watcher.core.api_shapes``).
+Where the contract is silent, docs/http-api.md gives what was decided (a job without a
+correlation id, the stage words, temporary failures retried by the engine with no write
+slot held, a cancelled job read as ``failed``); ``watcher.core.api_shapes`` shapes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +53,8 @@ from watcher.core.errors import (
 )
 from watcher.core.plan import ImageFacts
 from watcher.core.policy import ImageSpec
+from watcher.jobs.names import api_image_name, fetch_key, volume_key
+from watcher.jobs.progress import PROGRESS_EVERY, Live, left_behind, read_transfer
 from watcher.jobs.volume import (
     StorageCalls,
     VolumeExecutor,
@@ -76,8 +63,6 @@ from watcher.jobs.volume import (
     gather,
 )
 
-PROGRESS_EVERY = 2.0
-"""Seconds between progress writes to the job database while a stage runs."""
 KEEP_FINISHED = 7 * 86400.0
 """Seconds a finished job stays readable (then pruned)."""
 RETRY = Backoff(base=1.0, cap=30.0, attempts=6)
@@ -98,51 +83,6 @@ class JobEnded(Exception):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def api_image_name(image: ImageRef) -> str:
-    """The cache's name for an image an API request names by URL (an identifier)."""
-    return "api-" + hashlib.sha256(f"{image.bucket}/{image.key}".encode()).hexdigest()[:16]
-
-
-def volume_key(pool: str, volume: str) -> str:
-    return f"volume {pool}/{volume}"
-
-
-def fetch_key(image: ImageRef) -> str:
-    return f"fetch {image.bucket}/{image.key}"
-
-
-@dataclass
-class Live:
-    """A running job's progress, in memory; ``GET`` reads it, the database lags behind."""
-
-    stage: Stage = "initializing"
-    percent: float = 0.0
-    bytes_processed: int = 0
-    bytes_total: int = 0
-    eta_sec: float | None = None
-    stage_started: float = field(default_factory=time.monotonic)
-    saved: float = 0.0
-    fetching: tuple[str, str] | None = None
-    """(bucket, key) while the stage reads the warmer's transfer progress."""
-
-    def begin(self, stage: Stage, total: int = 0) -> None:
-        self.stage, self.percent, self.bytes_processed = stage, 0.0, 0
-        self.bytes_total, self.eta_sec = total, None
-        self.stage_started = time.monotonic()
-
-    def advance(self, done: int, total: int) -> None:
-        self.bytes_processed, self.bytes_total = done, total
-        self.percent = round(100.0 * done / total, 1) if total > 0 else 0.0
-        elapsed = time.monotonic() - self.stage_started
-        if done > 0 and total >= done and elapsed > 0:
-            self.eta_sec = round((total - done) * elapsed / done, 1)
-
-    def fields(self) -> dict[str, Any]:
-        return {"stage": self.stage, "percent": self.percent,
-                "bytes_processed": self.bytes_processed, "bytes_total": self.bytes_total,
-                "eta_sec": self.eta_sec}
 
 
 @dataclass
@@ -210,7 +150,7 @@ class ApiJobs:
         if running is None or record.status in FINISHED:
             return record
         live = running.live
-        self._read_transfer(live)
+        read_transfer(live, self.cache.fetching)
         return replace(record, **live.fields())
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -235,7 +175,7 @@ class ApiJobs:
             ended = self.store.get(job_id)
             assert ended is not None
             raise JobEnded(ended)
-        self._count(finished)
+        telemetry.api_jobs.labels(kind=finished.kind, result=finished.status).inc()
         return finished
 
     def version(self, job_id: str) -> int:
@@ -330,7 +270,7 @@ class ApiJobs:
         with (structlog.contextvars.bound_contextvars(job_id=record.job_id,
                                                        correlation_id=_correlation(record)),
               telemetry.tracer.start_as_current_span(f"api job {record.kind}", context=context)
-              as span, self._in_progress()):
+              as span, telemetry.jobs_in_progress.labels(kind="api").track_inprogress()):
             span.set_attribute("job_id", record.job_id)
             span.set_attribute("correlation_id", _correlation(record))
             log = self.log.bind(kind=record.kind, image_url=record.request["image_url"])
@@ -352,21 +292,20 @@ class ApiJobs:
                 running = self._running.get(record.job_id)
                 if running is None or not running.cancelled:
                     raise
-                state = _left(record, live, target)
+                state = left_behind(record, live, target)
                 self._finish(record, "cancelled", live, began, log, error=state)
                 span.set_attribute("result", "cancelled")
                 return
             except PermanentError as exc:
-                state = (_left(record, live, target) if record.kind == "provision" else
-                         "no volume is written by a fetch")
-                self._finish(record, "failed", live, began, log, error=f"{exc}; {state}")
+                self._finish(record, "failed", live, began, log,
+                             error=f"{exc}; {left_behind(record, live, target)}")
                 span.set_attribute("result", "failed")
                 return
             except Exception as exc:
                 telemetry.report_unexpected(log, "api", job_id=record.job_id)
                 self._finish(record, "failed", live, began, log,
                              error=f"unexpected error ({type(exc).__name__}); "
-                                   f"{_left(record, live, target)}")
+                                   f"{left_behind(record, live, target)}")
                 span.set_attribute("result", "failed")
                 return
             live.begin("finalizing")
@@ -487,19 +426,6 @@ class ApiJobs:
             live.saved = now
             self.store.update(record.job_id, **live.fields())
 
-    def _read_transfer(self, live: Live) -> None:
-        if live.fetching is None:
-            return
-        progress = self.cache.fetching.get(live.fetching)
-        if progress is None:
-            return
-        if live.stage != "downloading":
-            return
-        if progress.stage == "verifying":  # the transfer is over: hashed, now inspected
-            live.advance(progress.total, progress.total)
-        else:
-            live.advance(progress.done, progress.total)
-
     def _finish(self, record: JobRecord, status: str, live: Live, began: float, log: Any,
                 *, error: str | None = None, **fields: Any) -> None:
         self._attempts.pop(record.job_id, None)
@@ -509,36 +435,12 @@ class ApiJobs:
         seconds = time.monotonic() - began
         telemetry.api_job_seconds.labels(kind=record.kind).observe(seconds)
         if finished is not None:
-            self._count(finished)
+            telemetry.api_jobs.labels(kind=finished.kind, result=finished.status).inc()
         line = log.info if status == "completed" else log.warning
         line("api job finished", result=status, seconds=round(seconds, 3), error=error,
              volume_path=fields.get("volume_path"), cache_hit=fields.get("cache_hit"))
-
-    def _count(self, record: JobRecord) -> None:
-        telemetry.api_jobs.labels(kind=record.kind, result=record.status).inc()
-
-    @contextlib.contextmanager
-    def _in_progress(self) -> Iterator[None]:
-        telemetry.jobs_in_progress.labels(kind="api").inc()
-        try:
-            yield
-        finally:
-            telemetry.jobs_in_progress.labels(kind="api").dec()
 
 
 def _correlation(record: JobRecord) -> str:
     """The id a job's log lines and spans carry: the client's, else the job's own."""
     return record.correlation_id or record.job_id
-
-
-def _left(record: JobRecord, live: Live, target: VolumeTarget) -> str:
-    """What state the job left its volume in, for ``error``."""
-    if record.kind != "provision":
-        return "no volume is written by a fetch"
-    shown = f"{target.pool}/{target.volume}"
-    if not target.touched:
-        return f"volume {shown} was not changed"
-    if target.wrote:
-        return (f"volume {shown} holds a partial image ({live.bytes_processed} of "
-                f"{live.bytes_total} bytes written); run the job again before using it")
-    return f"volume {shown} was created or grown but not written"
