@@ -183,11 +183,12 @@ def _print_host_scope(config: Config) -> None:
 
 
 def _run(config: Config, log_format: str, log_level: str) -> int:
+    from watcher.runtime.allocator import tune_allocator
     from watcher.runtime.observability import configure_logging, configure_tracing
     from watcher.runtime.supervisor import Daemon
 
-    configure_logging(json=None if log_format == "auto" else log_format == "json",
-                      level=log_level)
+    tune_allocator()  # before any thread starts
+    configure_logging(json=None if log_format == "auto" else log_format == "json", level=log_level)
     provider = configure_tracing(config.tracing, host_name=config.host.resolved)
 
     async def main_loop() -> int:
