@@ -16,8 +16,10 @@ bucket does) and, every ``LVW_SOAK_CYCLE`` seconds, one cycle of real work runs:
 Every 5 s a sampler reads the daemon's RSS, open fds and threads from ``/proc`` and its
 ``cache_bytes`` gauge, and the cache directory's bytes on disk. At the end: every
 notification published was received and none was dead-lettered or left in the queue;
-the last quarter's RSS, fds and threads are at most 1.02x the second quarter's (mean
-RSS, the most of fds and threads); the cache directory never held more than
+the last quarter's mean RSS and ``cache_bytes`` are at most 1.02x the second quarter's,
+and its fds and threads at most one more than the second quarter's most (a worker pool
+reaching its bound late is not growth; a leak adds one every cycle); the cache
+directory never held more than
 ``cache.max_size`` plus one image. The figures go to ``LVW_SOAK_REPORT`` (JSON; default
 ``soak-report.json`` in the test's temp dir) and are printed.
 
@@ -129,9 +131,15 @@ class Figures:
         return {
             "rss": statistics.mean(s.rss_kib for s in last) / statistics.mean(
                 s.rss_kib for s in second),
-            "fds": max(s.fds for s in last) / max(s.fds for s in second),
-            "threads": max(s.threads for s in last) / max(s.threads for s in second),
+            "cache_bytes": statistics.mean(s.cache_bytes for s in last) / max(
+                1.0, statistics.mean(s.cache_bytes for s in second)),
         }
+
+    def new_handles(self) -> dict[str, int]:
+        """fds and threads the last quarter had beyond the second quarter's most."""
+        second, last = self.quarter(2), self.quarter(4)
+        return {"fds": max(s.fds for s in last) - max(s.fds for s in second),
+                "threads": max(s.threads for s in last) - max(s.threads for s in second)}
 
     def summary(self) -> dict[str, Any]:
         second, last = self.quarter(2), self.quarter(4)
@@ -155,6 +163,7 @@ class Figures:
                               max((s.threads for s in last), default=0)],
             "cache_dir_mib_max": max((s.cache_dir_bytes for s in self.samples), default=0) / MiB,
             "growth": self.growth() if second and last else {},
+            "new_handles": self.new_handles() if second and last else {},
         }
 
 
@@ -441,3 +450,5 @@ def test_a_long_run_under_steady_load_loses_nothing_and_does_not_grow(
     assert largest <= MAX_SIZE + IMAGE_FILL_MIB * MiB + MiB, largest  # one image in flight
     growth = figures.growth()
     assert all(value <= GROWTH_LIMIT for value in growth.values()), growth
+    # A worker pool that reaches its bound once adds one thread; a leak adds one a cycle.
+    assert all(value <= 1 for value in figures.new_handles().values()), figures.new_handles()
