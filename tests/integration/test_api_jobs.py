@@ -31,6 +31,7 @@ from tests.integration.test_reprovision import (
 )
 from testsupport.api import api_daemon, ready
 from testsupport.daemon import DaemonProcess
+from testsupport.openapi import check_answer
 from testsupport.services import delete_amqp, sha256_file
 
 pytestmark = pytest.mark.libvirt
@@ -219,6 +220,21 @@ def test_a_checksum_mismatch_fails_the_job_and_writes_nothing(api: ApiWorld) -> 
     assert failed["status"] == "failed"
     assert "sidecar says" in failed["error"]
     assert not (api.pool_dir / "never").exists()
+
+    # The refused download is held for a corrected sidecar: listed apart from the images.
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+    try:
+        conn.request("GET", "/api/v1/cache/images", headers={"Authorization": f"Bearer {TOKEN}"})
+        answer = conn.getresponse()
+        status, listed = answer.status, json.loads(answer.read())
+    finally:
+        conn.close()
+    check_answer("GET", "/api/v1/cache/images", status, dict(answer.getheaders()), listed)
+    assert status == 200 and listed["images"] == [] and listed["count"] == 0, listed
+    [held] = listed["held"]
+    assert held["checksum"] == sha256_file(path) and held["size"] == path.stat().st_size
+    assert held["source"] == f"s3://{api.env.bucket}/images/bad.qcow2", held
+    assert held["image"].startswith("api-") and held["expires_at"] > held["held_at"]
 
 
 def test_bad_requests_are_refused_in_the_predecessors_error_shape(api: ApiWorld) -> None:

@@ -145,6 +145,11 @@ class HeldDownloads:
     def images(self) -> list[str]:
         return sorted(self._by_image)
 
+    def records(self) -> list[HeldRecord]:
+        """What is held, oldest first."""
+        return sorted((h.record for h in self._by_image.values()),
+                      key=lambda r: (r.held_at, r.image))
+
     def find(self, source: Source) -> HeldDownload | None:
         return next((h for h in self._by_image.values() if h.record.source == source), None)
 

@@ -137,11 +137,16 @@ class JobRoutes:
             offset, limit = parse_paging(request.query)
         entries = sorted(self.cache.entries(), key=lambda e: (e.created_at, e.digest))
         page = entries[offset:offset + limit]
+        # Downloads refused by a stale sidecar are not images yet: listed apart (when any).
+        held = [{"image": r.image, "size": r.size, "checksum": r.digest,
+                 "source": f"s3://{r.bucket}/{r.key}", "held_at": r.held_at,
+                 "expires_at": r.expires_at} for r in self.cache.held.records()]
         return json_response({
             "images": [{"path": str(e.path), "size": e.size, "checksum": e.digest,
                         "image": e.image, "source": f"s3://{e.bucket}/{e.key}",
                         "mod_time": e.created_at} for e in page],
             "count": len(entries), "offset": offset, "limit": limit,
+            **({"held": held} if held else {}),
         })
 
     async def fetch_image(self, request: web.Request) -> web.Response:
