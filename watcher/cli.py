@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, check_config, load_config, load_policy_dir
 from watcher.core.address import parse_listen
-from watcher.core.decide import UNMATCHED, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
 from watcher.core.fleet import host_matches
 from watcher.core.paths import IMAGE_NAME_RULE, is_image_name
 from watcher.core.policy import PolicySet
+from watcher.core.triage import UNMATCHED, is_outdated, listed_state
 from watcher.core.units import format_size
 from watcher.settings import LOG_LEVELS, Config
 

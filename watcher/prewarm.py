@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from watcher import telemetry
 from watcher.cache import Cache, CacheEntry
-from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.errors import (
     ImageRejected,
     NotUploadedYet,
@@ -27,6 +26,7 @@ from watcher.core.errors import (
 )
 from watcher.core.events import parse_bucket_notification
 from watcher.core.policy import PolicySet
+from watcher.core.triage import WarmRequest, plan_warms
 from watcher.fleet import FleetMember
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from watcher.adapters.hypervisor.storage import DiskUser, PoolFacts
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
 from watcher.core.plan import ImageFacts
-from watcher.jobs.volume import VolumeExecutor, VolumeRefused, VolumeTarget, decide, gather
+from watcher.jobs.volume import VolumeExecutor, VolumeRefused, VolumeTarget, gather, plan_or_refuse
 from watcher.telemetry import get_logger
 
 pytestmark = pytest.mark.lvm
@@ -58,7 +58,7 @@ async def _job(vg: VolumeGroup, entry: CacheEntry, size: int, volume: str = "api
     calls: Any = NoPoolHere()
     facts = await gather(calls, vg.name, volume, size,
                          ImageFacts("api-test", entry.digest, entry.format, entry.virtual_size))
-    plan = decide(facts)
+    plan = plan_or_refuse(facts)
     target = VolumeTarget(vg.name, volume)
     return await VolumeExecutor(calls, write_image, entry, "job-1", target,
                                 get_logger(test="api-volume")).run(plan, facts.existing)

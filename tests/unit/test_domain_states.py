@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.core.decide import count_by_state
+from watcher.core.triage import count_by_state
 from watcher.telemetry import DOMAIN_STATES
 
 ZEROS = dict.fromkeys(DOMAIN_STATES, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.core.decide import is_outdated
+from watcher.core.triage import is_outdated
 
 OLD = "a" * 64
 NEW = "b" * 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.core.decide import UNMATCHED, listed_state
 from watcher.core.domain import (
     Action,
     DomainSnapshot,
@@ -17,6 +16,7 @@ from watcher.core.domain import (
     decide,
 )
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.core.triage import UNMATCHED, listed_state
 from watcher.reprovision.unmatched import UnmatchedNotes
 
 WEB = DomainRule("web-*", "ubuntu")

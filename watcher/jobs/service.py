@@ -59,8 +59,8 @@ from watcher.jobs.volume import (
     StorageCalls,
     VolumeExecutor,
     VolumeTarget,
-    decide,
     gather,
+    plan_or_refuse,
 )
 
 KEEP_FINISHED = 7 * 86400.0
@@ -350,7 +350,7 @@ class ApiJobs:
         facts = await gather(self.calls, target.pool, target.volume, size,
                              ImageFacts(api_image_name(image), entry.digest, entry.format,
                                         entry.virtual_size))
-        plan = decide(facts)
+        plan = plan_or_refuse(facts)
         log.info("api job planned", steps=plan.describe())
 
         def progress(percent: float) -> None:

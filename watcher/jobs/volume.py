@@ -135,7 +135,7 @@ async def gather(calls: StorageCalls, pool: str, volume: str, requested_size: in
     return replace(facts, existing=existing, users=users, openers=pids)
 
 
-def decide(facts: VolumeJobFacts) -> VolumePlan:
+def plan_or_refuse(facts: VolumeJobFacts) -> VolumePlan:
     """The plan, or ``VolumeRefused`` with the refusal's reason (nothing was touched)."""
     decision = plan_volume_job(facts)
     if isinstance(decision, Refusal):

@@ -37,8 +37,8 @@ from watcher.adapters.jobstore import JobStore
 from watcher.adapters.s3 import S3Store
 from watcher.cache import Cache
 from watcher.config import load_config
-from watcher.core.decide import count_by_state, is_outdated, listed_state
 from watcher.core.errors import ConfigError, WatcherError
+from watcher.core.triage import count_by_state, is_outdated, listed_state
 from watcher.core.waiting import wait_any
 from watcher.fleet import FleetMember
 from watcher.http import HttpServer

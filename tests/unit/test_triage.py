@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.core.decide import WarmRequest, plan_warms
 from watcher.core.events import ObjectEvent
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
+from watcher.core.triage import WarmRequest, plan_warms
 
 POLICIES = PolicySet(
     images={
