@@ -58,8 +58,9 @@ class Capacity(Protocol):
     def capacity(self) -> int: ...
 
 
-class DomainCalls(Protocol):
-    """The libvirt calls a plan makes (``DomainWatcher`` has them)."""
+class PlanCalls(Protocol):
+    """The libvirt calls a plan makes (``DomainWatcher`` has them; ``jobcalls.DomainCalls``
+    makes them)."""
 
     async def set_state(self, uuid: str, state: DomainState) -> None: ...
 
@@ -111,7 +112,7 @@ def _now() -> str:
 class Executor:
     """Runs one plan for one domain."""
 
-    hypervisor: DomainCalls
+    hypervisor: PlanCalls
     write_image: WriteImageFunction
     facts: JobFacts
     source: Path
