@@ -22,8 +22,9 @@ from watcher.adapters.hypervisor import VolumeFacts
 from watcher.adapters.hypervisor.storage import DiskUser, PoolFacts
 from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
+from watcher.core.errors import Refused
 from watcher.core.plan import ImageFacts
-from watcher.jobs.volume import VolumeExecutor, VolumeRefused, VolumeTarget, gather, plan_or_refuse
+from watcher.jobs.volume import VolumeExecutor, VolumeTarget, gather, plan_or_refuse
 from watcher.telemetry import get_logger
 
 pytestmark = pytest.mark.lvm
@@ -90,7 +91,7 @@ async def test_an_open_lv_is_refused_and_keeps_its_bytes(vg: VolumeGroup, tmp_pa
     before = sha256_of(path)
     holder = os.open(path, os.O_RDONLY)
     try:
-        with pytest.raises(VolumeRefused, match=r"open by (another process|process)"):
+        with pytest.raises(Refused, match=r"open by (another process|process)"):
             await _job(vg, entry, 16 * MiB, volume="busy")
     finally:
         os.close(holder)
@@ -100,6 +101,6 @@ async def test_an_open_lv_is_refused_and_keeps_its_bytes(vg: VolumeGroup, tmp_pa
 async def test_an_image_larger_than_the_size_asked_for_is_refused_before_lvcreate(
         vg: VolumeGroup, tmp_path: Path) -> None:
     image = make_qcow2(tmp_path, 64 * MiB, [(0, MiB)])
-    with pytest.raises(VolumeRefused, match="volume_size_gb of at least 1"):
+    with pytest.raises(Refused, match="volume_size_gb of at least 1"):
         await _job(vg, _entry(image, 64 * MiB), 32 * MiB, volume="small")
     assert "small" not in vg.lv_names()

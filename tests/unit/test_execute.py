@@ -14,12 +14,12 @@ import pytest
 
 from watcher.adapters import lvm
 from watcher.core.domain import DomainState, RootDiskSource
-from watcher.core.errors import ImageWriteError, TemporaryImageWriteError, WatcherError
+from watcher.core.errors import ImageWriteError, Refused, TemporaryImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo
 from watcher.core.plan import ImageFacts, JobFacts, PoolVolume, TargetFacts, plan
 from watcher.core.policy import DomainRule
 from watcher.core.steps import Plan
-from watcher.reprovision.execute import Deferred, Executor, Refused, WriteFailed
+from watcher.reprovision.execute import Deferred, Executor, WriteFailed
 
 MiB = 1 << 20
 DIGEST = "cd" * 32

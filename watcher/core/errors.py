@@ -17,6 +17,15 @@ class PermanentError(WatcherError):
     """Retrying cannot help: bad input, a corrupt or hostile image, a refused volume."""
 
 
+class Refused(PermanentError):
+    """A job will not (go on to) write a volume: the message is why, a domain's ``failed``
+    reason or an API job's error. ``touched`` says the volume was changed before it."""
+
+    def __init__(self, reason: str, *, touched: bool = False) -> None:
+        super().__init__(reason)
+        self.touched = touched
+
+
 class TemporaryError(WatcherError):
     """May succeed later: a network failure, a service that is down, a busy device."""
 

@@ -32,12 +32,11 @@ from watcher.core.api_requests import (
     parse_provision,
     parse_upload_headers,
 )
-from watcher.core.errors import PermanentError, TemporaryError
+from watcher.core.errors import PermanentError, Refused, TemporaryError
 from watcher.http.api import streams_body
 from watcher.http.replies import JSON, NO_STORE, ApiError, json_response
 from watcher.jobs import ApiJobs, JobEnded, JobNotFound
 from watcher.jobs.upload import Uploader, UploadRefused
-from watcher.jobs.volume import VolumeRefused
 
 MAX_UPLOAD_BYTES = 4 * 1024**3
 """Largest ``upload-content`` body: a seed ISO is a few hundred KiB."""
@@ -184,7 +183,7 @@ class JobRoutes:
             written = await self.uploader.upload(upload, _chunks(request))
         except UploadRefused as exc:
             raise ApiError(exc.status, str(exc)) from None
-        except VolumeRefused as exc:
+        except Refused as exc:
             raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         except TemporaryError as exc:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None

@@ -22,9 +22,9 @@ from watcher import telemetry
 from watcher.adapters import write_markers
 from watcher.adapters.filesink import fsync_path
 from watcher.core.api_requests import UploadRequest
-from watcher.core.errors import PermanentError
+from watcher.core.errors import PermanentError, Refused
 from watcher.core.volume_plan import WRITABLE_POOL_TYPES, usage_refusal
-from watcher.jobs.volume import StorageCalls, VolumeRefused, users_of
+from watcher.jobs.volume import StorageCalls, users_of
 
 WRITE_CHUNK = 1024**2
 """Bytes gathered from the body before one write to the volume."""
@@ -81,7 +81,7 @@ class Uploader:
             raise UploadRefused(409, str(exc)) from exc
         reason = usage_refusal(users, holders, shown)
         if reason is not None:
-            raise VolumeRefused(f"{reason}: it was used while being written; its content is "
+            raise Refused(f"{reason}: it was used while being written; its content is "
                                 "undefined", touched=True)
         self.log.info("volume content uploaded", pool=request.pool, volume=request.volume_name,
                       bytes=written, path=real)

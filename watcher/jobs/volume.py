@@ -24,7 +24,7 @@ from watcher.adapters.hypervisor import VolumeFacts
 from watcher.adapters.hypervisor.storage import DiskUser, PoolFacts
 from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.cache import CacheEntry
-from watcher.core.errors import PermanentError
+from watcher.core.errors import Refused
 from watcher.core.lvm_rules import LvInfo
 from watcher.core.plan import ImageFacts
 from watcher.core.steps import (
@@ -60,14 +60,6 @@ class StorageCalls(Protocol):
 
     async def domains_using(self, real_path: str, *, pool: str | None = None,
                             volume: str | None = None) -> list[DiskUser]: ...
-
-
-class VolumeRefused(PermanentError):
-    """The job will not (go on to) write the volume; the message says why and its state."""
-
-    def __init__(self, reason: str, *, touched: bool) -> None:
-        super().__init__(reason)
-        self.touched = touched
 
 
 @dataclass
@@ -124,7 +116,7 @@ async def gather(calls: StorageCalls, pool: str, volume: str, requested_size: in
             real = await asyncio.to_thread(os.path.realpath, path)
             lv = await lvm.lv_at(real)
             if lv is None:
-                raise VolumeRefused(f"{path} exists but LVM does not report it as an LV",
+                raise Refused(f"{path} exists but LVM does not report it as an LV",
                                     touched=False)
             existing = ExistingVolume(path, real, lv.size, None, lv)
     else:
@@ -136,10 +128,10 @@ async def gather(calls: StorageCalls, pool: str, volume: str, requested_size: in
 
 
 def plan_or_refuse(facts: VolumeJobFacts) -> VolumePlan:
-    """The plan, or ``VolumeRefused`` with the refusal's reason (nothing was touched)."""
+    """The plan, or ``Refused`` with the refusal's reason (nothing was touched)."""
     decision = plan_volume_job(facts)
     if isinstance(decision, Refusal):
-        raise VolumeRefused(decision.reason, touched=False)
+        raise Refused(decision.reason, touched=False)
     return decision
 
 
@@ -158,7 +150,7 @@ class VolumeExecutor:
     """Called once, right before the write starts (the job's stage becomes ``writing``)."""
 
     async def run(self, plan: VolumePlan, existing: ExistingVolume | None) -> str:
-        """Run every step; the volume's path. Raises ``VolumeRefused`` or a write failure."""
+        """Run every step; the volume's path. Raises ``Refused`` or a write failure."""
         if existing is not None:
             self.target.path, self.target.real_path = existing.path, existing.real_path
             self.target.lv = existing.lv
@@ -191,7 +183,7 @@ class VolumeExecutor:
             grown = await self.calls.grow_volume(step.path, step.size)
             target.touched = True
             if grown.capacity < step.size:
-                raise VolumeRefused(f"growing {step.path} to {step.size} bytes left "
+                raise Refused(f"growing {step.path} to {step.size} bytes left "
                                     f"{grown.capacity}", touched=True)
             self.log.info("volume grown", path=step.path, capacity=grown.capacity)
         elif isinstance(step, ExtendLv):
@@ -215,9 +207,9 @@ class VolumeExecutor:
         if reason is None:
             return
         if step.when == "after write":
-            raise VolumeRefused(f"{reason}: it was used while being written; its content "
+            raise Refused(f"{reason}: it was used while being written; its content "
                                 "is undefined", touched=True)
-        raise VolumeRefused(reason, touched=target.touched)
+        raise Refused(reason, touched=target.touched)
 
     async def _write(self, step: WriteVolume) -> None:
         assert self.target.real_path is not None

@@ -25,7 +25,7 @@ from watcher import telemetry
 from watcher.adapters import lvm, write_markers
 from watcher.adapters.qemu_img import WriteImageFunction
 from watcher.core.domain import DomainState
-from watcher.core.errors import PermanentError, PermanentImageWriteError, WatcherError
+from watcher.core.errors import PermanentError, PermanentImageWriteError, Refused, WatcherError
 from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
 from watcher.core.plan import JobFacts
 from watcher.core.steps import (
@@ -69,10 +69,6 @@ class PlanCalls(Protocol):
     async def grow_volume(self, path: str, capacity: int) -> Capacity: ...
 
     async def start(self, uuid: str) -> None: ...
-
-
-class Refused(PermanentError):
-    """The job will not (go on to) write this volume; the message is the ``failed`` reason."""
 
 
 class Deferred(WatcherError):

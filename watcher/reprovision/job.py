@@ -42,12 +42,18 @@ from watcher.core.domain import (
     parse_state,
     root_disk,
 )
-from watcher.core.errors import NotUploadedYet, PermanentError, TemporaryError, WatcherError
+from watcher.core.errors import (
+    NotUploadedYet,
+    PermanentError,
+    Refused,
+    TemporaryError,
+    WatcherError,
+)
 from watcher.core.failure import failure_reason, rule_fields, step_group
 from watcher.core.plan import TargetFacts, VolumeRules, plan, volume_refusal
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.core.steps import Plan, Refusal
-from watcher.reprovision.execute import Deferred, Executor, Refused
+from watcher.reprovision.execute import Deferred, Executor
 from watcher.reprovision.facts import gather, resolve_target
 from watcher.reprovision.goldens import Goldens
 from watcher.reprovision.unmatched import UnmatchedNotes
