@@ -141,8 +141,10 @@ def entry_for(image: Path, virtual_size: int) -> CacheEntry:
 
 
 def reprovisioner(host: Host, entry: CacheEntry, vg: str, *, clone: str = "auto",
-                  writer: CountingWriter | None = None) -> Reprovisioner:
-    rule = DomainRule("web*", "ubuntu", clone=clone)  # type: ignore[arg-type]
+                  writer: CountingWriter | None = None, **options: Any) -> Reprovisioner:
+    """The daemon's job for ``host``'s one domain, under a rule for ``entry``'s image
+    (``options``: more of the rule's fields, e.g. ``snapshot=``, ``grow=``)."""
+    rule = DomainRule("web*", "ubuntu", clone=clone, **options)  # type: ignore[arg-type]
     policies = PolicySet({"ubuntu": ImageSpec("ubuntu", "b", "k", None, "qcow2")}, (rule,))
     return Reprovisioner(cast(Any, host), Images(entry), lambda: policies, Volumes(vg),
                          write_image=writer or CountingWriter())

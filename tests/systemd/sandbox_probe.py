@@ -19,6 +19,7 @@ from pathlib import Path
 
 from watcher.adapters import lvm
 from watcher.adapters.qemu_img import qemu_img_info, write_image
+from watcher.core.lvm_rules import cow_snapshot_size
 
 MIB = 1024 * 1024
 MARK = b"libvirt-volume-watcher sandbox probe"
@@ -46,8 +47,8 @@ async def probe(lv_path: str, source: Path) -> list[str]:
     done.append(f"qemu-img info read {source.name} ({image.get('virtual-size')} bytes)")
     # A rollback snapshot around the write (lvcreate --snapshot, then lvremove), as a
     # reprovision with snapshot: does.
-    async with lvm.guarded_write(grown, 8 * MIB) as target_is_zero:
-        await write_image(source, "qcow2", Path(grown.path), target_is_zero=target_is_zero)
+    async with lvm.rollback_snapshot(grown, cow_snapshot_size(grown, 8 * MIB)):
+        await write_image(source, "qcow2", Path(grown.path))
     done.append("qemu-img convert wrote the LV inside a rollback snapshot")
     with open(grown.path, "rb") as device:
         head = device.read(len(MARK))

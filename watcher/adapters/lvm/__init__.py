@@ -16,7 +16,6 @@ from watcher.adapters.lvm.changes import (
     discard,
     extend,
     grow,
-    guarded_write,
     remove_lv,
     rename_lv,
     rollback_snapshot,
@@ -48,7 +47,7 @@ from watcher.core.lvm_rules import LvInfo, refusal_reason
 __all__ = [
     "MERGE_TIMEOUT", "ROLLBACK_SUFFIX", "CloneSwap", "LvInfo", "LvRefused", "LvmError",
     "activate", "clone_lv", "create_golden", "create_lv", "discard", "extend", "extend_to",
-    "find_golden", "goldens", "grow", "guarded_write", "lv_at", "lv_for_device", "lv_info",
+    "find_golden", "goldens", "grow", "lv_at", "lv_for_device", "lv_info",
     "lv_with_neighbours", "recognise", "refusal_reason", "remove_lv", "rename_lv",
     "rollback_snapshot", "swap_state", "swapping_in", "vg_exists", "vg_lvs",
 ]

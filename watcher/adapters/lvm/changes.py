@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 
 from watcher.adapters.lvm import report
-from watcher.core.lvm_rules import LvInfo, cow_snapshot_size
+from watcher.core.lvm_rules import LvInfo
 
 ROLLBACK_SUFFIX = "-vw-rollback"
 """Appended to an LV's name to name the snapshot that guards a write to it."""
@@ -119,26 +119,6 @@ async def rollback_snapshot(
         raise
     if not keep:
         await report.run(["lvremove", "--yes", snapshot.name])
-
-
-@contextlib.asynccontextmanager
-async def guarded_write(info: LvInfo | None, snapshot_size: int | None) -> AsyncIterator[bool]:
-    """Prepare an LV for a write; yields whether the writer may pass ``--target-is-zero``.
-
-    With ``snapshot_size`` (and an LV), a failure inside the block merges a rollback
-    snapshot back so the LV reads exactly as before, then re-raises; success removes it.
-    A thin LV is discarded first (after the snapshot exists: it still holds the old
-    blocks). The reprovision job runs these same pieces as separate steps of its plan.
-    """
-    if info is None:
-        yield False
-        return
-    guard = (rollback_snapshot(info, cow_snapshot_size(info, snapshot_size))
-             if snapshot_size else contextlib.nullcontext())
-    async with guard:
-        if info.is_thin:
-            await discard(info.path)
-        yield info.is_thin
 
 
 # ---- volumes of a VG used without a libvirt pool (the HTTP job API) ------------------------
