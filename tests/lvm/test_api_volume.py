@@ -24,7 +24,8 @@ from watcher.adapters.qemu_img import write_image
 from watcher.cache import CacheEntry
 from watcher.core.errors import Refused
 from watcher.core.plan import ImageFacts
-from watcher.jobs.volume import VolumeExecutor, VolumeTarget, gather, plan_or_refuse
+from watcher.executor import Executor, Target
+from watcher.jobs.volume import gather, plan_or_refuse
 from watcher.telemetry import get_logger
 
 pytestmark = pytest.mark.lvm
@@ -60,9 +61,13 @@ async def _job(vg: VolumeGroup, entry: CacheEntry, size: int, volume: str = "api
     facts = await gather(calls, vg.name, volume, size,
                          ImageFacts("api-test", entry.digest, entry.format, entry.virtual_size))
     plan = plan_or_refuse(facts)
-    target = VolumeTarget(vg.name, volume)
-    return await VolumeExecutor(calls, write_image, entry, "job-1", target,
-                                get_logger(test="api-volume")).run(plan, facts.existing)
+    existing = facts.existing
+    target = (Target(vg.name, volume) if existing is None else
+              Target(vg.name, volume, existing.path, existing.real_path, existing.lv))
+    await Executor(calls, write_image, facts.image, entry.path, target,
+                   get_logger(test="api-volume"), "job-1").run(plan)
+    assert target.path is not None
+    return target.path
 
 
 async def test_a_missing_lv_is_created_written_then_grown_and_never_shrunk(

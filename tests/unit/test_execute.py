@@ -1,25 +1,29 @@
-"""Running a plan: steps in order, the rollback guard around the write, errors that say
-whether the volume was rolled back. libvirt, LVM and qemu-img are fakes here; the LVM
+"""Running a plan, a domain's or an API job's, in the one executor: steps in order, the
+write marker, the rollback guard around the write, errors that say whether the volume
+was rolled back or touched. libvirt, LVM and qemu-img are fakes here; the LVM
 suite and the libvirt integration tests run the real ones."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from watcher.adapters import lvm
+from watcher.adapters import lvm, openers, write_markers
+from watcher.adapters.hypervisor import VolumeFacts
+from watcher.adapters.hypervisor.storage import DiskUser
 from watcher.core.domain import DomainState, RootDiskSource
 from watcher.core.errors import ImageWriteError, Refused, TemporaryImageWriteError, WatcherError
 from watcher.core.lvm_rules import LvInfo
 from watcher.core.plan import ImageFacts, JobFacts, PoolVolume, TargetFacts, plan
 from watcher.core.policy import DomainRule
 from watcher.core.steps import Plan
-from watcher.reprovision.execute import Deferred, Executor, WriteFailed
+from watcher.core.volume_plan import VolumeJobFacts, plan_volume_job
+from watcher.executor import Deferred, Executor, Target, WriteFailed
 
 MiB = 1 << 20
 DIGEST = "cd" * 32
@@ -52,6 +56,13 @@ class World:
         monkeypatch.setattr(lvm, "discard", self.discard)
         monkeypatch.setattr(lvm, "grow", self.grow)
         monkeypatch.setattr(lvm, "recognise", self.recognise)
+        monkeypatch.setattr(write_markers, "marked_writing", self.marked_writing)
+        monkeypatch.setattr(openers, "open_by", lambda path: [])
+        monkeypatch.setattr(openers, "kernel_holders", lambda path: [])
+        self.users: list[list[DiskUser]] = []
+        """What ``domains_using`` answers in turn (then nobody)."""
+        self.show_markers = False
+        """Log the write marker's taking and removal in ``calls`` too."""
 
     # the hypervisor
     async def set_state(self, uuid: str, state: DomainState) -> None:
@@ -92,6 +103,27 @@ class World:
         self.calls.append(f"recognise {path}")
         return LV
 
+    async def create_volume(self, pool: str, name: str, capacity: int) -> VolumeFacts:
+        self.calls.append(f"create volume {pool}/{name} {capacity}")
+        return VolumeFacts(f"/{pool}/{name}.img", name, pool, "dir", capacity, 0)
+
+    async def domains_using(self, real_path: str, *, pool: str | None = None,
+                            volume: str | None = None) -> list[DiskUser]:
+        self.calls.append(f"users of {real_path}")
+        return self.users.pop(0) if self.users else []
+
+    # the start interlock
+    @contextlib.contextmanager
+    def marked_writing(self, real_path: str, *, pool: str | None, volume: str | None,
+                       job_id: str) -> Iterator[Path]:
+        if self.show_markers:
+            self.calls.append(f"marker {real_path} for {job_id}")
+        try:
+            yield Path("/run/marker")
+        finally:
+            if self.show_markers:
+                self.calls.append("marker removed")
+
     # qemu-img
     async def write_image(self, source: Path, source_format: str, target: Path, *,
                           target_is_zero: bool = False,
@@ -110,7 +142,8 @@ class World:
         decided = plan(facts, rule, Volumes())
         assert isinstance(decided, Plan), decided
         log = Log()
-        await Executor(self, self.write_image, facts, Path("/cache/x"), log).run(decided)
+        await Executor.for_domain(self, self.write_image, facts, Path("/cache/x"),
+                                 log).run(decided)
 
 
 class Log:
@@ -265,8 +298,8 @@ async def run_clone(world: World, monkeypatch: pytest.MonkeyPatch, rule: DomainR
                      RootDiskSource("block", "vda", path=target.path), target=target)
     decided = plan(facts, rule, Volumes())
     assert isinstance(decided, Plan) and decided.clones, decided
-    await Executor(world, world.write_image, facts, Path("/cache/x"), Log(),
-                   goldens=fake).run(decided)  # type: ignore[arg-type]
+    await Executor.for_domain(world, world.write_image, facts, Path("/cache/x"), Log(),
+                              goldens=fake).run(decided)  # type: ignore[arg-type]
 
 
 async def test_a_clone_plan_runs_its_steps_in_order_and_records_before_removing_the_old_lv(
@@ -285,3 +318,68 @@ async def test_a_domain_started_before_the_record_gets_its_old_lv_back(
         await run_clone(world, monkeypatch, DomainRule("web*", "v2"))
     assert world.calls[-2:] == ["is shut off", "clone removed, old lv back"]
     assert not any(call.startswith("state provisioned") for call in world.calls)
+
+
+# ---- the write marker, and an API job's plan in the same executor ------------------------
+
+
+async def test_a_domain_plan_holds_the_write_marker_from_the_write_until_the_record(
+        world: World) -> None:
+    world.show_markers = True
+    await world.run(THICK, DomainRule("web*", "v2"))
+    write = world.calls.index("write /dev/dm-1 zero=False")
+    assert world.calls[write - 1] == "marker /dev/dm-1 for reprovision web1"
+    assert world.calls[write + 1:] == ["is shut off", "state provisioned v2", "marker removed"]
+
+
+async def test_a_failed_domain_plan_removes_the_marker_after_the_rollback(
+        world: World) -> None:
+    world.show_markers = True
+    world.shut_off = [True, False]
+    with pytest.raises(Refused):
+        await world.run(THICK, SNAPSHOT)
+    assert world.calls[-3:] == ["is shut off", "merged back", "marker removed"]
+
+
+def api_facts(**changes: Any) -> VolumeJobFacts:
+    facts = VolumeJobFacts("images", "pool", "web1", 128 * MiB,
+                           ImageFacts("api-0123", DIGEST, "qcow2", 64 * MiB), pool_type="dir")
+    return replace(facts, **changes)
+
+
+async def run_api(world: World, facts: VolumeJobFacts) -> Target:
+    decided = plan_volume_job(facts)
+    assert isinstance(decided, Plan), decided
+    target = Target(facts.pool, facts.volume)
+    await Executor(world, world.write_image, facts.image, Path("/cache/x"), target, Log(),
+                   "job-1").run(decided)
+    return target
+
+
+async def test_an_api_plan_runs_in_the_same_executor_under_the_marker(world: World) -> None:
+    world.show_markers = True
+    target = await run_api(world, api_facts())
+    assert world.calls == [
+        f"create volume images/web1 {128 * MiB}",
+        "marker /images/web1.img for job-1", "users of /images/web1.img",
+        "write /images/web1.img zero=True", "users of /images/web1.img", "marker removed"]
+    assert target.path == "/images/web1.img" and target.touched and target.wrote
+
+
+async def test_an_api_plan_refused_before_the_write_says_what_it_changed(
+        world: World) -> None:
+    world.show_markers = True
+    world.users = [[DiskUser("web1", "u-1", "running", False)]]
+    with pytest.raises(Refused, match=r"in use by domain web1 \(running\)") as refused:
+        await run_api(world, api_facts())
+    assert refused.value.touched is True  # it created the volume first
+    assert not any(call.startswith("write") for call in world.calls)
+    assert world.calls[-1] == "marker removed"
+
+
+async def test_a_volume_used_during_an_api_write_is_undefined_and_the_error_says_so(
+        world: World) -> None:
+    world.users = [[], [DiskUser("web1", "u-1", "running", False)]]
+    with pytest.raises(Refused, match="used while being written") as refused:
+        await run_api(world, api_facts())
+    assert refused.value.touched is True

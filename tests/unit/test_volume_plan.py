@@ -14,9 +14,9 @@ from watcher.core.steps import (
     Discard,
     ExtendLv,
     GrowVolume,
+    Plan,
     Refusal,
-    VolumePlan,
-    WriteVolume,
+    WriteImage,
 )
 from watcher.core.volume_plan import (
     DiskUserFact,
@@ -36,13 +36,13 @@ FILE = ExistingVolume("/pool/web1.img", "/pool/web1.img", 10 * GiB, "raw")
 DIR = VolumeJobFacts("images", "pool", "web1", 10 * GiB, IMAGE, pool_type="dir")
 LOGICAL = replace(DIR, pool="vg0", pool_type="logical")
 VG = VolumeJobFacts("vg0", "vg", "web1", 10 * GiB, IMAGE)
-AROUND_WRITE = (CheckUnused("before write"), WriteVolume(target_is_zero=False),
+AROUND_WRITE = (CheckUnused("before write"), WriteImage(None, target_is_zero=False),
                 CheckUnused("after write"))
 
 
 def steps(facts: VolumeJobFacts) -> tuple[object, ...]:
     decision = plan_volume_job(facts)
-    assert isinstance(decision, VolumePlan), decision
+    assert isinstance(decision, Plan), decision
     return decision.steps
 
 
@@ -54,7 +54,7 @@ def reason(facts: VolumeJobFacts) -> str:
 
 def test_a_missing_volume_of_a_dir_pool_is_created_and_written_as_zeroes_skipped() -> None:
     assert steps(DIR) == (CreateVolume("images", "web1", 10 * GiB, "libvirt"),
-                          CheckUnused("before write"), WriteVolume(target_is_zero=True),
+                          CheckUnused("before write"), WriteImage(None, target_is_zero=True),
                           CheckUnused("after write"))
 
 
@@ -82,8 +82,8 @@ def test_a_thin_lv_is_discarded_before_a_write_that_skips_zeroes() -> None:
     thin = ExistingVolume("/dev/vg0/web1", "/dev/dm-3", 10 * GiB, None,
                           replace(LV, is_thin=True, pool="pool0"))
     assert steps(replace(VG, existing=thin)) == (
-        CheckUnused("before write"), Discard("/dev/vg0/web1"), WriteVolume(target_is_zero=True),
-        CheckUnused("after write"))
+        CheckUnused("before write"), Discard("/dev/vg0/web1"),
+        WriteImage(None, target_is_zero=True), CheckUnused("after write"))
 
 
 @pytest.mark.parametrize(("facts", "expected"), [

@@ -15,7 +15,9 @@ from watcher.core.policy import DomainRule, PolicySet
 from watcher.core.steps import (
     ActivateLv,
     CheckShutOff,
+    CheckUnused,
     CloneGolden,
+    CreateVolume,
     Discard,
     DropPrevious,
     DropSnapshot,
@@ -42,7 +44,8 @@ write), then the plan's own steps."""
 
 _STEP_GROUPS: dict[type[Any], str] = {
     MarkProvisioning: "record", MarkProvisioned: "record", CheckShutOff: "check",
-    GrowVolume: "grow", ExtendLv: "grow", GrowClone: "grow",
+    CheckUnused: "check", CreateVolume: "grow", GrowVolume: "grow", ExtendLv: "grow",
+    GrowClone: "grow",
     Snapshot: "snapshot", DropSnapshot: "snapshot", Discard: "write", WriteImage: "write",
     MakeGolden: "golden", SwapOut: "clone", CloneGolden: "clone", DropPrevious: "clone",
     ActivateLv: "recover", RenameLv: "recover", RemoveLv: "recover", StartDomain: "start",

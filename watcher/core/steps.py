@@ -1,7 +1,8 @@
 """The one step vocabulary of a volume write, and the plan and refusal a decision returns.
 
 Why it exists: a decision (``watcher.core.plan`` for a tag, ``watcher.core.volume_plan``
-for an API job) returns steps an executor runs in order; naming every step once, here,
+for an API job) returns steps that one executor (``watcher.executor``) runs in order;
+naming every step once, here,
 keeps what is decided and what is done apart, and what logs, traces and tests read
 (``Plan.describe``) the same for both. Nothing here does I/O.
 """
@@ -85,14 +86,16 @@ class Discard:
 
 @dataclass(frozen=True)
 class WriteImage:
-    """Write the image onto ``path`` as raw data."""
+    """Write the image onto ``path`` as raw data (None: the job's own volume, whose path
+    is known once it exists)."""
 
-    path: str
+    path: str | None
     target_is_zero: bool
     """The target reads as zeroes (a discarded thin LV): zero ranges need not be written."""
 
     def __str__(self) -> str:
-        return f"write {self.path}" + (" (target is zero)" if self.target_is_zero else "")
+        return (f"write {self.path or 'volume'}"
+                + (" (target is zero)" if self.target_is_zero else ""))
 
 
 @dataclass(frozen=True)
@@ -227,40 +230,6 @@ class RemoveLv:
         return f"remove lv {self.lv} ({self.why})"
 
 
-Step = (MarkProvisioning | CheckShutOff | GrowVolume | ExtendLv | Snapshot | Discard
-        | WriteImage | DropSnapshot | MarkProvisioned | StartDomain | MakeGolden | SwapOut
-        | CloneGolden | GrowClone | DropPrevious | ActivateLv | RenameLv | RemoveLv)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The steps of one reprovision, in order."""
-
-    steps: tuple[Step, ...]
-    notes: tuple[str, ...] = ()
-    """Things worth a warning that do not stop the job."""
-    recovery: bool = False
-    """Only puts an interrupted swap right; the job then gathers its facts and plans again."""
-
-    @property
-    def clones(self) -> bool:
-        """The image is cloned from a golden LV, not written onto the volume."""
-        return any(isinstance(step, CloneGolden) for step in self.steps)
-
-    def describe(self) -> list[str]:
-        return [str(step) for step in self.steps]
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Nothing is written; ``reason`` becomes the ``failed`` element's reason."""
-
-    reason: str
-
-
-# ---- an API job's own steps (no domain) ----------------------------------------------------
-
-
 @dataclass(frozen=True)
 class CreateVolume:
     """Create the volume: through libvirt's storage API, or ``lvcreate`` in a bare VG."""
@@ -288,22 +257,33 @@ class CheckUnused:
         return f"check unused {self.when}"
 
 
-@dataclass(frozen=True)
-class WriteVolume:
-    """Write the image onto the job's volume (its path is known once it exists)."""
-
-    target_is_zero: bool
-
-    def __str__(self) -> str:
-        return "write volume" + (" (target is zero)" if self.target_is_zero else "")
-
-
-VolumeStep = CreateVolume | GrowVolume | ExtendLv | Discard | CheckUnused | WriteVolume
+Step = (MarkProvisioning | CheckShutOff | CreateVolume | CheckUnused | GrowVolume | ExtendLv
+        | Snapshot | Discard | WriteImage | DropSnapshot | MarkProvisioned | StartDomain
+        | MakeGolden | SwapOut | CloneGolden | GrowClone | DropPrevious | ActivateLv | RenameLv
+        | RemoveLv)
 
 
 @dataclass(frozen=True)
-class VolumePlan:
-    steps: tuple[VolumeStep, ...]
+class Plan:
+    """The steps of one job, in order: a reprovision's or an API job's."""
+
+    steps: tuple[Step, ...]
+    notes: tuple[str, ...] = ()
+    """Things worth a warning that do not stop the job."""
+    recovery: bool = False
+    """Only puts an interrupted swap right; the job then gathers its facts and plans again."""
+
+    @property
+    def clones(self) -> bool:
+        """The image is cloned from a golden LV, not written onto the volume."""
+        return any(isinstance(step, CloneGolden) for step in self.steps)
 
     def describe(self) -> list[str]:
         return [str(step) for step in self.steps]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Nothing is written; ``reason`` becomes the ``failed`` element's reason."""
+
+    reason: str

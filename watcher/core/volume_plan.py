@@ -3,7 +3,7 @@
 Why it exists: a job of the HTTP job API (DESIGN.md, "HTTP job API") writes an image
 onto a volume of ``api.pool`` that no domain's metadata names, so the domain-side plan
 (``watcher.core.plan``) does not apply; the checks do, and they are the same: this module
-decides once, on frozen facts, and an executor (``watcher.jobs.volume``) runs the steps.
+decides once, on frozen facts, and the one executor (``watcher.executor``) runs the steps.
 
 The rules, in the order they are checked (the first that applies is the refusal):
 
@@ -33,10 +33,10 @@ from watcher.core.steps import (
     Discard,
     ExtendLv,
     GrowVolume,
+    Plan,
     Refusal,
-    VolumePlan,
-    VolumeStep,
-    WriteVolume,
+    Step,
+    WriteImage,
 )
 
 WRITABLE_POOL_TYPES = frozenset({"logical", "dir", "fs", "netfs"})
@@ -112,7 +112,7 @@ def usage_refusal(users: tuple[DiskUserFact, ...], openers: tuple[str, ...],
     return None
 
 
-def plan_volume_job(facts: VolumeJobFacts) -> Refusal | VolumePlan:
+def plan_volume_job(facts: VolumeJobFacts) -> Refusal | Plan:
     """Refuse with a reason, or the ordered steps that write ``facts.image``."""
     reason = pool_refusal(facts)
     if reason is not None:
@@ -120,7 +120,7 @@ def plan_volume_job(facts: VolumeJobFacts) -> Refusal | VolumePlan:
     shown = f"{facts.pool}/{facts.volume}"
     existing = facts.existing
     image = facts.image
-    steps: list[VolumeStep] = []
+    steps: list[Step] = []
     if existing is None:
         if image.virtual_size > facts.requested_size:
             return Refusal(_too_small(image, facts.requested_size, shown))
@@ -128,9 +128,9 @@ def plan_volume_job(facts: VolumeJobFacts) -> Refusal | VolumePlan:
         steps.append(CreateVolume(facts.pool, facts.volume, facts.requested_size, via))
         # A new file of a directory pool is sparse: its unwritten ranges read as zeroes.
         zero = facts.pool_kind == "pool" and facts.pool_type != "logical"
-        steps += [CheckUnused("before write"), WriteVolume(target_is_zero=zero),
+        steps += [CheckUnused("before write"), WriteImage(None, target_is_zero=zero),
                   CheckUnused("after write")]
-        return VolumePlan(tuple(steps))
+        return Plan(tuple(steps))
 
     if existing.format not in (None, "raw"):
         return Refusal(f"volume {shown} has format {existing.format}; only raw volumes are "
@@ -154,8 +154,8 @@ def plan_volume_job(facts: VolumeJobFacts) -> Refusal | VolumePlan:
     thin = lv is not None and lv.is_thin
     if lv is not None and thin:
         steps.append(Discard(lv.path))
-    steps += [WriteVolume(target_is_zero=thin), CheckUnused("after write")]
-    return VolumePlan(tuple(steps))
+    steps += [WriteImage(None, target_is_zero=thin), CheckUnused("after write")]
+    return Plan(tuple(steps))
 
 
 def _too_small(image: ImageFacts, size: int, shown: str) -> str:

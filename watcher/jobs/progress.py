@@ -19,7 +19,7 @@ from watcher.core.api_shapes import Stage
 if TYPE_CHECKING:
     from watcher.adapters.jobstore import JobRecord
     from watcher.cache.download import FetchProgress
-    from watcher.jobs.volume import VolumeTarget
+    from watcher.executor import Target
 
 PROGRESS_EVERY = 2.0
 """Seconds between progress writes to the job database while a stage runs."""
@@ -70,7 +70,7 @@ def read_transfer(live: Live, fetching: Mapping[tuple[str, str], FetchProgress])
         live.advance(progress.done, progress.total)
 
 
-def left_behind(record: JobRecord, live: Live, target: VolumeTarget) -> str:
+def left_behind(record: JobRecord, live: Live, target: Target) -> str:
     """What state the job left its volume in, for ``error``."""
     if record.kind != "provision":
         return "no volume is written by a fetch"

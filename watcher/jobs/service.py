@@ -53,15 +53,10 @@ from watcher.core.errors import (
 )
 from watcher.core.plan import ImageFacts
 from watcher.core.policy import ImageSpec
+from watcher.executor import Executor, Target, WriteFailed
 from watcher.jobs.names import api_image_name, fetch_key, volume_key
 from watcher.jobs.progress import PROGRESS_EVERY, Live, left_behind, read_transfer
-from watcher.jobs.volume import (
-    StorageCalls,
-    VolumeExecutor,
-    VolumeTarget,
-    gather,
-    plan_or_refuse,
-)
+from watcher.jobs.volume import StorageCalls, gather, plan_or_refuse
 
 KEEP_FINISHED = 7 * 86400.0
 """Seconds a finished job stays readable (then pruned)."""
@@ -278,7 +273,7 @@ class ApiJobs:
             live.begin("checking_cache")
             self._changed(record.job_id)
             log.info("api job started", volume=record.request.get("volume_name"))
-            target = VolumeTarget(str(record.request.get("pool", self.pool)),
+            target = Target(str(record.request.get("pool", self.pool)),
                                   str(record.request.get("volume_name", "")))
             try:
                 result = await self._steps(record, live, target, log)
@@ -297,8 +292,9 @@ class ApiJobs:
                 span.set_attribute("result", "cancelled")
                 return
             except PermanentError as exc:
+                cause = exc.cause if isinstance(exc, WriteFailed) else exc  # no snapshot here
                 self._finish(record, "failed", live, began, log,
-                             error=f"{exc}; {left_behind(record, live, target)}")
+                             error=f"{cause}; {left_behind(record, live, target)}")
                 span.set_attribute("result", "failed")
                 return
             except Exception as exc:
@@ -332,7 +328,7 @@ class ApiJobs:
         self._changed(record.job_id)
         return True
 
-    async def _steps(self, record: JobRecord, live: Live, target: VolumeTarget,
+    async def _steps(self, record: JobRecord, live: Live, target: Target,
                      log: Any) -> dict[str, Any]:
         request = record.request
         image = ImageRef(request["bucket"], request["key"])
@@ -347,6 +343,7 @@ class ApiJobs:
         self._stage(record, live, "creating_volume", cache_hit=hit,
                     image_path=str(entry.path), digest=entry.digest)
         size = int(request["volume_size_gb"]) * 1024**3
+        assert target.pool is not None and target.volume is not None
         facts = await gather(self.calls, target.pool, target.volume, size,
                              ImageFacts(api_image_name(image), entry.digest, entry.format,
                                         entry.virtual_size))
@@ -357,11 +354,16 @@ class ApiJobs:
             live.advance(int(entry.virtual_size * percent / 100), entry.virtual_size)
             self._save_progress(record, live)
 
-        path = await VolumeExecutor(
-            self.calls, self.write_image, entry, record.job_id, target, log,
+        if facts.existing is not None:
+            found = facts.existing
+            target.path, target.real_path, target.lv = found.path, found.real_path, found.lv
+        await Executor(
+            self.calls, self.write_image, facts.image, entry.path, target, log, record.job_id,
             on_progress=progress,
             on_writing=lambda: self._stage(record, live, "converting", entry.virtual_size),
-        ).run(plan, facts.existing)
+        ).run(plan)
+        assert target.path is not None
+        path = target.path
         self._stage(record, live, "finalizing", entry.virtual_size)
         live.advance(entry.virtual_size, entry.virtual_size)
         telemetry.written_bytes.inc(entry.virtual_size)

@@ -24,7 +24,8 @@ from watcher.adapters.filesink import fsync_path
 from watcher.core.api_requests import UploadRequest
 from watcher.core.errors import PermanentError, Refused
 from watcher.core.volume_plan import WRITABLE_POOL_TYPES, usage_refusal
-from watcher.jobs.volume import StorageCalls, users_of
+from watcher.executor.calls import users_of
+from watcher.jobs.volume import StorageCalls
 
 WRITE_CHUNK = 1024**2
 """Bytes gathered from the body before one write to the volume."""

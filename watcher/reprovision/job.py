@@ -53,9 +53,8 @@ from watcher.core.failure import failure_reason, rule_fields, step_group
 from watcher.core.plan import TargetFacts, VolumeRules, plan, volume_refusal
 from watcher.core.policy import DomainRule, ImageSpec, PolicySet
 from watcher.core.steps import Plan, Refusal
-from watcher.reprovision.execute import Deferred, Executor
+from watcher.executor import Deferred, Executor, Goldens
 from watcher.reprovision.facts import gather, resolve_target
-from watcher.reprovision.goldens import Goldens
 from watcher.reprovision.unmatched import UnmatchedNotes
 from watcher.settings import REPROVISION_TUNING
 
@@ -176,8 +175,8 @@ class Reprovisioner:
                                       f"there after recovering it: {decision.describe()}")
                     log.info("reprovision planned", steps=decision.describe(),
                              recovery=decision.recovery)
-                    executor = Executor(self.hypervisor, self.write_image, facts, entry.path,
-                                        log, goldens=self.goldens)
+                    executor = Executor.for_domain(self.hypervisor, self.write_image, facts,
+                                                   entry.path, log, goldens=self.goldens)
                     await executor.run(decision)
                     if not decision.recovery:
                         break
