@@ -17,13 +17,8 @@ import pytest
 
 from watcher.cache.entry import Source
 from watcher.cache.files import PartFile
-from watcher.cache.held import (
-    HELD_DIR,
-    HeldDownloads,
-    HeldRecord,
-    read_held,
-    remove_held_leftovers,
-)
+from watcher.cache.held import HeldDownloads, HeldRecord, read_held
+from watcher.cache.records import HELD_DIR, remove_held_leftovers
 from watcher.cache.store import CacheDir
 from watcher.core.cache_rules import HeldSlot, holds_to_drop
 

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from watcher import telemetry
 from watcher.cache.entry import Source
-from watcher.cache.files import PartFile, listdir, read_json, remove_unless_locked, write_json
+from watcher.cache.files import PartFile, listdir, read_json, write_json
+from watcher.cache.records import HELD_DIR
 from watcher.core.cache_rules import HeldSlot, holds_to_drop
 from watcher.core.paths import image_file, is_digest, is_image_name
 from watcher.settings import CacheSettings
@@ -43,7 +44,6 @@ from watcher.settings import CacheSettings
 if TYPE_CHECKING:
     from watcher.cache.store import CacheDir
 
-HELD_DIR = "held"
 """Under ``cache.dir``: ``<image>.part`` (the data) and ``<image>.json`` (its record)."""
 DEFAULT_HOLD = CacheSettings().stale_sidecar_hold
 
@@ -98,22 +98,6 @@ def read_held(cache_dir: Path) -> list[HeldRecord]:
         if record.image == path.stem and image_file(directory, path.stem, ".part").exists():
             found.append(record)
     return sorted(found, key=lambda r: (r.held_at, r.image))
-
-
-def remove_held_leftovers(cache_dir: Path) -> int:
-    """Remove held data nobody holds a lock on (a crash's), and records without data;
-    returns files removed. Blocking; the caller holds the cache lock."""
-    directory = cache_dir / HELD_DIR
-    removed = 0
-    for path in listdir(directory):
-        if path.suffix == ".part":
-            removed += remove_unless_locked(path)
-    for path in listdir(directory):
-        if path.suffix == ".part":
-            continue
-        if path.suffix != ".json" or not path.with_suffix(".part").exists():
-            removed += remove_unless_locked(path)
-    return removed
 
 
 @dataclass

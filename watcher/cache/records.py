@@ -21,10 +21,12 @@ from watcher.cache.files import (
     stat_key,
     write_json,
 )
-from watcher.cache.held import remove_held_leftovers
 from watcher.cache.index import Ref
 from watcher.core.errors import UnsafeName
 from watcher.core.paths import digest_file, is_digest, is_image_name
+
+HELD_DIR = "held"
+"""Downloads held for a corrected sidecar (``watcher.cache.held``), under the cache dir."""
 
 
 def read_all(objects: Path, refs: Path, log: Any) -> tuple[dict[str, CacheEntry], dict[str, Ref]]:
@@ -79,6 +81,22 @@ def rehash(entry: CacheEntry) -> tuple[VerifyResult, tuple[int, ...] | None]:
     if digest != entry.digest:
         return VerifyResult(entry.digest, False, f"content hashes to {digest}"), seen
     return VerifyResult(entry.digest, True, "ok"), seen
+
+
+def remove_held_leftovers(cache_dir: Path) -> int:
+    """Remove held data nobody holds a lock on (a crash's), and records without data;
+    returns files removed. Blocking; the caller holds the cache lock."""
+    directory = cache_dir / HELD_DIR
+    removed = 0
+    for path in listdir(directory):
+        if path.suffix == ".part":
+            removed += remove_unless_locked(path)
+    for path in listdir(directory):
+        if path.suffix == ".part":
+            continue
+        if path.suffix != ".json" or not path.with_suffix(".part").exists():
+            removed += remove_unless_locked(path)
+    return removed
 
 
 def remove_crash_leftovers(directory: Path, objects: Path, tmp: Path) -> int:
