@@ -61,9 +61,8 @@ async def _job(vg: VolumeGroup, entry: CacheEntry, size: int, volume: str = "api
     facts = await gather(calls, vg.name, volume, size,
                          ImageFacts("api-test", entry.digest, entry.format, entry.virtual_size))
     plan = plan_or_refuse(facts)
-    existing = facts.existing
-    target = (Target(vg.name, volume) if existing is None else
-              Target(vg.name, volume, existing.path, existing.real_path, existing.lv))
+    target = Target(vg.name, volume)
+    target.found(facts.existing)
     await Executor(calls, write_image, facts.image, entry.path, target,
                    get_logger(test="api-volume"), "job-1").run(plan)
     assert target.path is not None

@@ -2,9 +2,8 @@
 
 Why it exists: a decision (``watcher.core.plan`` for a tag, ``watcher.core.volume_plan``
 for an API job) returns steps that one executor (``watcher.executor``) runs in order;
-naming every step once, here,
-keeps what is decided and what is done apart, and what logs, traces and tests read
-(``Plan.describe``) the same for both. Nothing here does I/O.
+naming every step once, here, keeps what is decided and what is done apart, and what logs,
+traces and tests read (``Plan.describe``) the same for both. Nothing here does I/O.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from watcher.core.steps import (
     SwapOut,
     WriteImage,
 )
-from watcher.core.volume_plan import usage_refusal
+from watcher.core.volume_plan import ExistingVolume, usage_refusal
 from watcher.executor.calls import PlanCalls, users_of
 from watcher.executor.goldens import Goldens
 
@@ -111,6 +111,11 @@ class Target:
     """A step changed the volume (created, grown, discarded or began writing it)."""
     wrote: bool = False
     """The write began: the volume may hold a partial image."""
+
+    def found(self, existing: ExistingVolume | None) -> None:
+        """Take the path and LV of the volume an API job's facts found (None: none yet)."""
+        if existing is not None:
+            self.path, self.real_path, self.lv = existing.path, existing.real_path, existing.lv
 
     @classmethod
     def of_domain(cls, facts: JobFacts) -> Target:

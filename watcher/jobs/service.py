@@ -354,9 +354,7 @@ class ApiJobs:
             live.advance(int(entry.virtual_size * percent / 100), entry.virtual_size)
             self._save_progress(record, live)
 
-        if facts.existing is not None:
-            found = facts.existing
-            target.path, target.real_path, target.lv = found.path, found.real_path, found.lv
+        target.found(facts.existing)
         await Executor(
             self.calls, self.write_image, facts.image, entry.path, target, log, record.job_id,
             on_progress=progress,
